@@ -1,0 +1,453 @@
+//! One function per subcommand, each using only the library's public API.
+
+use crate::{Cli, Command, KeyArgs, LockingArg, ModeArg};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+use tpmstate::image::{CreateOptions, Disk, Qcow2Disk};
+use tpmstate::migration::{ClaimOptions, Incoming};
+use tpmstate::store::{self, FormatOptions};
+use tpmstate::{ErrorKind, KeySource, LockMode, Locking, OpenOptions, Store};
+
+/// A failure with its exit-code class.
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub error: Box<dyn std::error::Error>,
+}
+
+macro_rules! failure_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Failure {
+            fn from(e: $t) -> Self {
+                Failure { kind: e.kind(), error: Box::new(e) }
+            }
+        }
+    )*};
+}
+failure_from!(
+    tpmstate::StoreError,
+    tpmstate::migration::MigrationError,
+    tpmstate::lock::LockError,
+    tpmstate::image::ImageError
+);
+
+fn usage(msg: String) -> Failure {
+    Failure {
+        kind: ErrorKind::Usage,
+        error: msg.into(),
+    }
+}
+
+fn io(path: &Path, e: std::io::Error) -> Failure {
+    Failure {
+        kind: ErrorKind::Io,
+        error: format!("{}: {e}", path.display()).into(),
+    }
+}
+
+/// An error and its causes, joined by ": " (without repeating a cause the
+/// message already includes).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+fn locking(l: LockingArg) -> Locking {
+    match l {
+        LockingArg::Auto => Locking::Auto,
+        LockingArg::On => Locking::On,
+        LockingArg::Off => Locking::Off,
+    }
+}
+
+fn key_source(k: &KeyArgs) -> Result<Option<KeySource>, Failure> {
+    let crypto = |e: tpmstate::crypto::CryptoError| {
+        let kind = match e {
+            tpmstate::crypto::CryptoError::ReadKeyFile { .. } => ErrorKind::Io,
+            _ => ErrorKind::Usage,
+        };
+        Failure {
+            kind,
+            error: Box::new(e),
+        }
+    };
+    let (path, source) = match (&k.key_file, &k.passphrase_file) {
+        (Some(p), _) => (p, KeySource::from_key_file(p).map_err(crypto)?),
+        (None, Some(p)) => (p, KeySource::from_passphrase_file(p).map_err(crypto)?),
+        (None, None) => return Ok(None),
+    };
+    if let Some(w) = tpmstate::crypto::permission_warning(path) {
+        eprintln!("tpmstate: {w}");
+    }
+    Ok(Some(source))
+}
+
+fn parse_size(s: &str) -> Result<u64, Failure> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => {
+                    return Err(usage(format!(
+                        "bad size {s:?}: use a number with K, M or G"
+                    )))
+                }
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| usage(format!("bad size {s:?}")))
+}
+
+fn open(
+    image: &Path,
+    key: &KeyArgs,
+    mode: LockMode,
+    locking_arg: Locking,
+    timeout: Option<Duration>,
+) -> Result<Store, Failure> {
+    let store = Store::open(
+        image,
+        OpenOptions {
+            key: key_source(key)?,
+            mode,
+            locking: locking_arg,
+            lock_timeout: timeout,
+        },
+    )?;
+    if let Some(w) = store.lock_warning() {
+        eprintln!("tpmstate: warning: {w}");
+    }
+    Ok(store)
+}
+
+fn read_mode(force_share: bool) -> LockMode {
+    if force_share {
+        LockMode::ForceShareRead
+    } else {
+        LockMode::Shared
+    }
+}
+
+/// Runs the parsed command; returns the exit code on success.
+pub fn run(cli: Cli) -> Result<u8, Failure> {
+    let lk = locking(cli.locking);
+    let none = KeyArgs::default();
+    match cli.command {
+        Command::Create {
+            image,
+            size,
+            cluster_size,
+            key,
+        } => {
+            let cs = parse_size(&cluster_size)?;
+            if !cs.is_power_of_two() {
+                return Err(usage(format!("cluster size {cs} is not a power of two")));
+            }
+            let opts = CreateOptions {
+                size: parse_size(&size)?,
+                cluster_bits: cs.trailing_zeros(),
+            };
+            Store::create(
+                &image,
+                opts,
+                FormatOptions {
+                    key: key_source(&key)?,
+                    area: None,
+                    locking: lk,
+                },
+            )?;
+            println!(
+                "created {} ({} bytes, store formatted)",
+                image.display(),
+                opts.size
+            );
+        }
+        Command::Format { image, area, key } => {
+            let area = area.map(|a| parse_size(&a)).transpose()?;
+            Store::format(
+                &image,
+                FormatOptions {
+                    key: key_source(&key)?,
+                    area,
+                    locking: lk,
+                },
+            )?;
+            println!("formatted a store in {}", image.display());
+        }
+        Command::Put {
+            image,
+            name,
+            file,
+            key,
+            timeout_ms,
+        } => {
+            let data = if file == "-" {
+                let mut v = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut v)
+                    .map_err(|e| io(Path::new("<stdin>"), e))?;
+                v
+            } else {
+                std::fs::read(&file).map_err(|e| io(Path::new(&file), e))?
+            };
+            let mut store = open(
+                &image,
+                &key,
+                LockMode::Writer,
+                lk,
+                timeout_ms.map(Duration::from_millis),
+            )?;
+            let generation = store.put(&name, &data)?;
+            eprintln!("committed generation {generation}");
+        }
+        Command::Get {
+            image,
+            name,
+            output,
+            key,
+            force_share,
+        } => {
+            let store = open(&image, &key, read_mode(force_share), lk, None)?;
+            let data = store.get_required(&name)?;
+            match output {
+                Some(p) => std::fs::write(&p, &*data).map_err(|e| io(&p, e))?,
+                None => std::io::stdout()
+                    .write_all(&data)
+                    .map_err(|e| io(Path::new("<stdout>"), e))?,
+            }
+        }
+        Command::Rm { image, name, key } => {
+            let mut store = open(&image, &key, LockMode::Writer, lk, None)?;
+            let generation = store.delete(&name)?;
+            eprintln!("committed generation {generation}");
+        }
+        Command::Ls { image, force_share } => {
+            let store = open(&image, &none, read_mode(force_share), lk, None)?;
+            for b in store.list() {
+                println!("{:>10}  {}", b.size, b.name);
+            }
+        }
+        Command::Info {
+            image,
+            json,
+            force_share,
+        } => {
+            let store = open(&image, &none, read_mode(force_share), lk, None)?;
+            let info = store.info();
+            if json {
+                // Serializing plain data structs to a String cannot fail.
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).expect("info serializes")
+                );
+            } else {
+                print_info(&info);
+            }
+        }
+        Command::Check {
+            image,
+            key,
+            force_share,
+        } => {
+            let store = open(&image, &key, read_mode(force_share), lk, None)?;
+            let r = store.check()?;
+            for s in &r.slots {
+                println!("slot {}: {}", s.index, s.status);
+            }
+            println!(
+                "ok: generation {}, {} blob(s), {} bytes verified",
+                r.generation, r.blobs, r.bytes
+            );
+        }
+        Command::Rekey {
+            image,
+            key,
+            new_key_file,
+            new_passphrase_file,
+        } => {
+            let new = key_source(&KeyArgs {
+                key_file: new_key_file,
+                passphrase_file: new_passphrase_file,
+            })?
+            .ok_or_else(|| usage("rekey needs --new-key-file or --new-passphrase-file".into()))?;
+            let mut store = open(&image, &key, LockMode::Exclusive, lk, None)?;
+            let generation = store.rekey(&new)?;
+            println!("rekeyed: generation {generation}");
+        }
+        Command::DumpHeaders { image } => dump_headers(&image)?,
+        Command::Lock {
+            image,
+            mode,
+            timeout_ms,
+            command,
+        } => return run_locked(&image, mode, timeout_ms, &command, lk),
+        Command::Locks { image, json } => {
+            let file = std::fs::File::open(&image).map_err(|e| io(&image, e))?;
+            let key = tpmstate::lock::file_key(&file)
+                .ok_or_else(|| io(&image, std::io::Error::other("cannot stat")))?;
+            let holders = tpmstate::lock::scan_holders(&key, None);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&holders).expect("holders serialize")
+                );
+            } else if holders.is_empty() {
+                println!("no process holds lock bytes on {}", image.display());
+            } else {
+                for h in holders {
+                    println!(
+                        "pid {} ({}) fd {}: uses [{}], unshares [{}]",
+                        h.pid,
+                        h.command,
+                        h.fd,
+                        h.uses.join(", "),
+                        h.unshares.join(", ")
+                    );
+                }
+            }
+        }
+        Command::ValidateIncoming {
+            image,
+            key,
+            require,
+            timeout_ms,
+        } => {
+            let incoming = Incoming::open_deferred(&image, lk)?;
+            let opts = ClaimOptions {
+                key: key_source(&key)?,
+                required: require.into_iter().filter(|s| !s.is_empty()).collect(),
+                timeout: Some(Duration::from_millis(timeout_ms)),
+                validate: None,
+            };
+            let store = incoming.claim(opts)?;
+            let r = store.check()?;
+            println!(
+                "ok: generation {}, {} blob(s), {} bytes validated",
+                r.generation, r.blobs, r.bytes
+            );
+        }
+        Command::Bench { dir, iterations } => {
+            crate::bench::run(&dir, iterations).map_err(|e| io(&dir, e))?
+        }
+    }
+    Ok(0)
+}
+
+fn print_info(i: &store::StoreInfo) {
+    println!("image:          {}", i.path.display());
+    println!("format version: {}", i.format_version);
+    println!("generation:     {}", i.generation);
+    println!("store id:       {}", i.store_id);
+    match &i.key_derivation {
+        Some(k) => println!("encrypted:      yes (AES-256-GCM, key: {k})"),
+        None => println!("encrypted:      no"),
+    }
+    println!(
+        "store area:     {} bytes ({} used)",
+        i.area_bytes, i.used_bytes
+    );
+    for s in &i.slots {
+        println!(
+            "slot {}:         {}{}",
+            s.index,
+            s.status,
+            s.generation
+                .map(|g| format!(" (generation {g})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(q) = &i.qcow2 {
+        println!(
+            "qcow2:          version {}, cluster {} bytes, virtual size {}, file size {}, refcount {} bits{}",
+            q.version,
+            q.cluster_size,
+            q.virtual_size,
+            q.file_size,
+            q.refcount_bits,
+            if q.lazy_refcounts { ", lazy refcounts" } else { "" }
+        );
+    }
+    println!("blobs:          {}", i.blobs.len());
+    for b in &i.blobs {
+        println!(
+            "  {:>10}  {}  (generation {})",
+            b.size, b.name, b.written_generation
+        );
+    }
+}
+
+fn dump_headers(image: &Path) -> Result<(), Failure> {
+    let file = std::fs::File::open(image).map_err(|e| io(image, e))?;
+    let disk = Qcow2Disk::open(image, std::sync::Arc::new(file))?;
+    println!("allocated store area: {} bytes", disk.len());
+    for (i, slot) in store::dump_headers(&disk) {
+        match slot {
+            Ok(s) => println!(
+                "slot {i}: format {} generation {} encrypted {} store {} area {} directory {}+{} crc {:08x}",
+                s.format_version,
+                s.generation,
+                s.encrypted,
+                hex::encode(s.store_id),
+                s.area_len,
+                s.directory.offset,
+                s.directory.len,
+                s.directory_crc
+            ),
+            Err(why) => println!("slot {i}: unusable: {why}"),
+        }
+    }
+    Ok(())
+}
+
+fn run_locked(
+    image: &Path,
+    mode: ModeArg,
+    timeout_ms: Option<u64>,
+    command: &[String],
+    lk: Locking,
+) -> Result<u8, Failure> {
+    let mode = match mode {
+        ModeArg::Shared => LockMode::Shared,
+        ModeArg::Writer => LockMode::Writer,
+        ModeArg::Exclusive => LockMode::Exclusive,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(mode >= LockMode::Writer)
+        .open(image)
+        .map_err(|e| io(image, e))?;
+    let (lock, warning) = tpmstate::lock::ImageLock::new(image, std::sync::Arc::new(file), lk)?;
+    if let Some(w) = warning {
+        eprintln!("tpmstate: warning: {w}");
+    }
+    let _guard = lock.acquire(mode, timeout_ms.map(Duration::from_millis))?;
+    let (prog, args) = command
+        .split_first()
+        .ok_or_else(|| usage("no command given".into()))?;
+    let status = std::process::Command::new(prog)
+        .args(args)
+        .status()
+        .map_err(|e| io(Path::new(prog), e))?;
+    // A signal death maps to 128+signal, like a shell.
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)) as u8)
+}

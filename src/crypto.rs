@@ -1,0 +1,397 @@
+//! Keys and authenticated encryption (`docs/security.md` argues the scheme).
+//!
+//! - The master key (32 bytes) comes from a key file or from a passphrase
+//!   through Argon2id with a per-store salt. It lives in [`Key`], which is wiped
+//!   on drop and never printed.
+//! - Each blob *version* gets its own AES-256-GCM key, HKDF-SHA256(master,
+//!   random 32-byte salt), used for exactly one encryption; so no (key, nonce)
+//!   pair repeats even when an old copy of the image is restored and written
+//!   again, and no per-key usage limit applies.
+//! - Associated data binds the store id, the blob name and the generation that
+//!   wrote it, so ciphertext cannot be moved between blobs or stores.
+//! - A key check (HMAC of the store id under a key derived from the master)
+//!   tells a wrong key from damaged data; a directory MAC stops blobs from being
+//!   swapped for older versions of themselves.
+
+use crate::format::{Kdf, Sealed};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Argon2id memory cost for new passphrase stores (OWASP's 19 MiB, 2 passes).
+pub const ARGON2_M_KIB: u32 = 19 * 1024;
+/// Argon2id passes.
+pub const ARGON2_T: u32 = 2;
+/// Argon2id lanes.
+pub const ARGON2_P: u32 = 1;
+
+/// Errors of the crypto layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// A key or passphrase file could not be read.
+    #[error("{path}: cannot read key material")]
+    ReadKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file is not 32 raw bytes or 64 hex digits, or is all zeros.
+    #[error("{path}: {reason}")]
+    BadKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The key does not match the store's key check.
+    #[error("wrong key: {0}")]
+    WrongKey(String),
+    /// Authentication of a blob or the directory failed although the key is right.
+    #[error("authentication failed: {0}")]
+    Tampered(String),
+    /// The KDF could not run (parameters out of range).
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+}
+
+/// A 32-byte key, wiped from memory on drop. Its `Debug` shows nothing secret.
+#[derive(Clone)]
+pub struct Key(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(<redacted>)")
+    }
+}
+
+impl Key {
+    /// Wraps raw key bytes; an all-zero key is refused as an obvious mistake.
+    pub fn from_bytes(bytes: [u8; 32]) -> Result<Key, String> {
+        let key = Key(Zeroizing::new(bytes));
+        if key.0.iter().all(|&b| b == 0) {
+            return Err("key is all zeros".into());
+        }
+        Ok(key)
+    }
+
+    /// A fresh random key.
+    pub fn generate() -> Key {
+        let mut k = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut *k);
+        Key(k)
+    }
+
+    fn derive(&self, salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt), &*self.0);
+        let mut out = Zeroizing::new([0u8; 32]);
+        // 32 bytes is far below HKDF-SHA256's 8160-byte output limit.
+        hk.expand_multi_info(info, &mut *out)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        out
+    }
+
+    fn mac(&self, store_id: &[u8; 16], purpose: &[u8]) -> HmacSha256 {
+        let k = self.derive(store_id, &[b"tpmstate/v1/", purpose]);
+        // HMAC accepts keys of any length.
+        <HmacSha256 as Mac>::new_from_slice(&*k).expect("HMAC takes any key length")
+    }
+
+    /// The value stored in the directory to recognise this key.
+    pub fn key_check(&self, store_id: &[u8; 16]) -> [u8; 32] {
+        let mut m = self.mac(store_id, b"key-check");
+        m.update(store_id);
+        m.finalize().into_bytes().into()
+    }
+
+    /// Verifies a stored key check in constant time.
+    pub fn verify_key_check(
+        &self,
+        store_id: &[u8; 16],
+        stored: &[u8; 32],
+    ) -> Result<(), CryptoError> {
+        let mut m = self.mac(store_id, b"key-check");
+        m.update(store_id);
+        m.verify_slice(stored).map_err(|_| {
+            CryptoError::WrongKey("the key does not match this store's key check".into())
+        })
+    }
+
+    /// MAC of a directory's bytes.
+    pub fn directory_mac(&self, store_id: &[u8; 16], dir: &[u8]) -> [u8; 32] {
+        let mut m = self.mac(store_id, b"directory");
+        m.update(dir);
+        m.finalize().into_bytes().into()
+    }
+
+    /// Verifies a directory MAC in constant time.
+    pub fn verify_directory_mac(
+        &self,
+        store_id: &[u8; 16],
+        dir: &[u8],
+        stored: &[u8; 32],
+    ) -> Result<(), CryptoError> {
+        let mut m = self.mac(store_id, b"directory");
+        m.update(dir);
+        m.verify_slice(stored)
+            .map_err(|_| CryptoError::Tampered("directory MAC does not verify".into()))
+    }
+
+    fn blob_cipher(&self, store_id: &[u8; 16], salt: &[u8; 32]) -> Aes256Gcm {
+        let k = self.derive(salt, &[b"tpmstate/v1/blob", store_id]);
+        Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(&*k))
+    }
+
+    /// Encrypts one blob version under a fresh derived key.
+    pub fn seal(
+        &self,
+        store_id: &[u8; 16],
+        name: &str,
+        generation: u64,
+        plain: &[u8],
+    ) -> (Sealed, Vec<u8>) {
+        let mut sealed = Sealed {
+            salt: [0; 32],
+            nonce: [0; 12],
+        };
+        rand::rngs::OsRng.fill_bytes(&mut sealed.salt);
+        rand::rngs::OsRng.fill_bytes(&mut sealed.nonce);
+        let aad = associated_data(store_id, name, generation);
+        let ct = self
+            .blob_cipher(store_id, &sealed.salt)
+            .encrypt(
+                Nonce::from_slice(&sealed.nonce),
+                Payload {
+                    msg: plain,
+                    aad: &aad,
+                },
+            )
+            // AES-GCM encryption only fails for inputs over 64 GiB; blobs are u32-sized.
+            .expect("AES-GCM encrypts any blob below 64 GiB");
+        (sealed, ct)
+    }
+
+    /// Decrypts and authenticates one blob version.
+    pub fn open(
+        &self,
+        store_id: &[u8; 16],
+        name: &str,
+        generation: u64,
+        sealed: &Sealed,
+        stored: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let aad = associated_data(store_id, name, generation);
+        self.blob_cipher(store_id, &sealed.salt)
+            .decrypt(
+                Nonce::from_slice(&sealed.nonce),
+                Payload {
+                    msg: stored,
+                    aad: &aad,
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| CryptoError::Tampered(format!("blob {name:?} does not authenticate")))
+    }
+}
+
+fn associated_data(store_id: &[u8; 16], name: &str, generation: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(40 + name.len());
+    aad.extend_from_slice(b"tpmstate/v1/blob\0");
+    aad.extend_from_slice(store_id);
+    aad.extend_from_slice(&generation.to_le_bytes());
+    aad.extend_from_slice(name.as_bytes());
+    aad
+}
+
+/// Where a store's master key comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// A raw 32-byte key.
+    Key(Key),
+    /// A passphrase, stretched with Argon2id.
+    Passphrase(Zeroizing<Vec<u8>>),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Key(_) => f.write_str("KeySource::Key(<redacted>)"),
+            KeySource::Passphrase(_) => f.write_str("KeySource::Passphrase(<redacted>)"),
+        }
+    }
+}
+
+impl KeySource {
+    /// Reads a key file: 32 raw bytes, or 64 hex digits (surrounding whitespace ignored).
+    pub fn from_key_file(path: &Path) -> Result<KeySource, CryptoError> {
+        let data = read_secret(path)?;
+        let bad = |reason: &str| CryptoError::BadKeyFile {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let mut key = Zeroizing::new([0u8; 32]);
+        let text = std::str::from_utf8(&data).map(str::trim).unwrap_or("");
+        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            hex::decode_to_slice(text, &mut *key).map_err(|_| bad("bad hex key"))?;
+        } else if data.len() == 32 {
+            key.copy_from_slice(&data);
+        } else {
+            return Err(bad("a key file holds 32 raw bytes or 64 hex digits"));
+        }
+        Key::from_bytes(*key)
+            .map(KeySource::Key)
+            .map_err(|r| bad(&r))
+    }
+
+    /// Reads a passphrase file (one trailing newline is not part of the passphrase).
+    pub fn from_passphrase_file(path: &Path) -> Result<KeySource, CryptoError> {
+        let mut data = read_secret(path)?;
+        if data.last() == Some(&b'\n') {
+            data.pop();
+            if data.last() == Some(&b'\r') {
+                data.pop();
+            }
+        }
+        if data.is_empty() {
+            return Err(CryptoError::BadKeyFile {
+                path: path.to_path_buf(),
+                reason: "empty passphrase".into(),
+            });
+        }
+        Ok(KeySource::Passphrase(data))
+    }
+
+    /// The KDF settings a new store (or a rekey) records for this source.
+    pub fn new_kdf(&self) -> Kdf {
+        match self {
+            KeySource::Key(_) => Kdf::RawKey,
+            KeySource::Passphrase(_) => {
+                let mut salt = [0u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut salt);
+                Kdf::Argon2id {
+                    salt,
+                    m_kib: ARGON2_M_KIB,
+                    t: ARGON2_T,
+                    p: ARGON2_P,
+                }
+            }
+        }
+    }
+
+    /// Derives the master key as the store's KDF settings say.
+    pub fn master_key(&self, kdf: &Kdf) -> Result<Key, CryptoError> {
+        match (self, kdf) {
+            (KeySource::Key(k), Kdf::RawKey) => Ok(k.clone()),
+            (
+                KeySource::Passphrase(p),
+                Kdf::Argon2id {
+                    salt,
+                    m_kib,
+                    t,
+                    p: lanes,
+                },
+            ) => {
+                // Bound the cost a hostile image can ask of us (1 GiB, 16 passes).
+                if *m_kib > 1 << 20 || *t > 16 || *lanes > 16 {
+                    return Err(CryptoError::Kdf(format!(
+                        "Argon2id parameters m={m_kib} t={t} p={lanes} out of range"
+                    )));
+                }
+                let params = argon2::Params::new(*m_kib, *t, *lanes, Some(32))
+                    .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+                let a = argon2::Argon2::new(
+                    argon2::Algorithm::Argon2id,
+                    argon2::Version::V0x13,
+                    params,
+                );
+                let mut out = Zeroizing::new([0u8; 32]);
+                a.hash_password_into(p, salt, &mut *out)
+                    .map_err(|e| CryptoError::Kdf(e.to_string()))?;
+                Ok(Key(out))
+            }
+            (KeySource::Key(_), Kdf::Argon2id { .. }) => Err(CryptoError::WrongKey(
+                "this store is opened with a passphrase, not a key file".into(),
+            )),
+            (KeySource::Passphrase(_), Kdf::RawKey) => Err(CryptoError::WrongKey(
+                "this store is opened with a key file, not a passphrase".into(),
+            )),
+        }
+    }
+}
+
+fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|source| CryptoError::ReadKeyFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// A warning when a key or passphrase file is readable by group or others.
+pub fn permission_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "warning: key file {} is accessible by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: [u8; 16] = [9; 16];
+
+    #[test]
+    fn sealed_blob_opens_with_same_key_and_binding_only() {
+        let k = Key::generate();
+        let (s, ct) = k.seal(&ID, "permall", 3, b"secret state");
+        assert_ne!(&ct[..12], b"secret state");
+        assert_eq!(
+            &**k.open(&ID, "permall", 3, &s, &ct).unwrap(),
+            b"secret state"
+        );
+        assert!(k.open(&ID, "volatilestate", 3, &s, &ct).is_err());
+        assert!(k.open(&ID, "permall", 4, &s, &ct).is_err());
+        assert!(k.open(&[8; 16], "permall", 3, &s, &ct).is_err());
+        assert!(Key::generate().open(&ID, "permall", 3, &s, &ct).is_err());
+        let mut flipped = ct.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(k.open(&ID, "permall", 3, &s, &flipped).is_err());
+    }
+
+    #[test]
+    fn zero_key_is_refused() {
+        assert!(Key::from_bytes([0; 32]).is_err());
+    }
+
+    #[test]
+    fn key_check_tells_keys_apart() {
+        let k = Key::generate();
+        let check = k.key_check(&ID);
+        assert!(k.verify_key_check(&ID, &check).is_ok());
+        assert!(matches!(
+            Key::generate().verify_key_check(&ID, &check),
+            Err(CryptoError::WrongKey(_))
+        ));
+    }
+
+    #[test]
+    fn debug_output_hides_key_material() {
+        let k = Key::from_bytes([0xab; 32]).unwrap();
+        let shown = format!("{k:?} {:?}", KeySource::Key(k.clone()));
+        assert!(!shown.contains("ab") && !shown.contains("171"));
+    }
+}

@@ -1,0 +1,432 @@
+//! The on-disk format: two header slots and a CBOR directory of blob extents.
+//! Pure data and checks, no I/O; `docs/format.md` describes every byte.
+//!
+//! ```text
+//! area offset 0      slot 0 (512 meaningful bytes, padded to 4 KiB)
+//! area offset 4096   slot 1
+//! area offset 8192.. 4 KiB blocks: blob extents and the directory extent,
+//!                    written copy-on-write into blocks the committed
+//!                    generation does not use
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Magic at the start of a slot.
+pub const MAGIC: &[u8; 8] = b"TPMSTATE";
+/// The format version this code writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The directory schema version this code writes and the newest it reads.
+pub const DIRECTORY_VERSION: u32 = 1;
+/// Bytes of a slot that carry data (the rest of its 4 KiB is zero).
+pub const SLOT_BYTES: usize = 512;
+/// Area offsets of the two slots.
+pub const SLOT_OFFSETS: [u64; 2] = [0, 4096];
+/// First byte of the extent space.
+pub const DATA_START: u64 = 8192;
+/// Allocation unit of the extent space.
+pub const BLOCK: u64 = 4096;
+/// Bytes added to a blob by AES-256-GCM (its tag).
+pub const TAG_BYTES: u32 = 16;
+/// Longest blob name, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Largest directory we accept (bounds memory use on hostile input).
+pub const MAX_DIRECTORY_BYTES: u32 = 1 << 20;
+
+const FLAG_ENCRYPTED: u32 = 1;
+
+/// A contiguous run of bytes in the extent space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Extent {
+    /// Area offset (a multiple of [`BLOCK`], at least [`DATA_START`]; 0 when empty).
+    pub offset: u64,
+    /// Bytes used.
+    pub len: u32,
+}
+
+impl Extent {
+    /// Blocks the extent occupies.
+    pub fn blocks(&self) -> u64 {
+        u64::from(self.len).div_ceil(BLOCK)
+    }
+    /// End of the occupied blocks.
+    pub fn end(&self) -> u64 {
+        self.offset + self.blocks() * BLOCK
+    }
+}
+
+/// One header slot (little-endian, 512 bytes, CRC32C in the last 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// Format version that wrote the slot.
+    pub format_version: u32,
+    /// Whether blobs are encrypted.
+    pub encrypted: bool,
+    /// Commit number; the newer of two valid slots wins.
+    pub generation: u64,
+    /// Random id of the store, fixed at format time.
+    pub store_id: [u8; 16],
+    /// Bytes of the area this generation may use.
+    pub area_len: u64,
+    /// Where the directory lies.
+    pub directory: Extent,
+    /// CRC32C of the directory bytes.
+    pub directory_crc: u32,
+    /// HMAC-SHA256 of the directory bytes (zeros for a plaintext store).
+    pub directory_mac: [u8; 32],
+}
+
+/// Why a slot was not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotProblem {
+    /// No magic: never written (or overwritten by something else).
+    #[error("no tpmstate magic")]
+    NoMagic,
+    /// Magic present but the checksum fails (torn or damaged).
+    #[error("header checksum mismatch")]
+    BadChecksum,
+    /// Written by a newer tpmstate.
+    #[error("format version {0} is newer than this tpmstate supports ({FORMAT_VERSION})")]
+    NewerVersion(u32),
+    /// Fields that cannot be right.
+    #[error("invalid header: {0}")]
+    Invalid(String),
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl Slot {
+    /// Encodes the slot into its 512 bytes.
+    pub fn encode(&self) -> [u8; SLOT_BYTES] {
+        let mut b = [0u8; SLOT_BYTES];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&self.format_version.to_le_bytes());
+        let flags = if self.encrypted { FLAG_ENCRYPTED } else { 0 };
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..40].copy_from_slice(&self.store_id);
+        b[40..48].copy_from_slice(&self.area_len.to_le_bytes());
+        b[48..56].copy_from_slice(&self.directory.offset.to_le_bytes());
+        b[56..60].copy_from_slice(&self.directory.len.to_le_bytes());
+        b[60..64].copy_from_slice(&self.directory_crc.to_le_bytes());
+        b[64..96].copy_from_slice(&self.directory_mac);
+        let crc = crc32c::crc32c(&b[..SLOT_BYTES - 4]);
+        b[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a slot.
+    pub fn decode(b: &[u8]) -> Result<Slot, SlotProblem> {
+        if b.len() < SLOT_BYTES || &b[0..8] != MAGIC {
+            return Err(SlotProblem::NoMagic);
+        }
+        let b = &b[..SLOT_BYTES];
+        if crc32c::crc32c(&b[..SLOT_BYTES - 4]) != le32(b, SLOT_BYTES - 4) {
+            return Err(SlotProblem::BadChecksum);
+        }
+        let format_version = le32(b, 8);
+        let flags = le32(b, 12);
+        if format_version > FORMAT_VERSION || flags & !FLAG_ENCRYPTED != 0 {
+            return Err(SlotProblem::NewerVersion(
+                format_version.max(FORMAT_VERSION + 1),
+            ));
+        }
+        if format_version == 0 {
+            return Err(SlotProblem::Invalid("format version 0".into()));
+        }
+        let mut store_id = [0u8; 16];
+        store_id.copy_from_slice(&b[24..40]);
+        let mut directory_mac = [0u8; 32];
+        directory_mac.copy_from_slice(&b[64..96]);
+        let slot = Slot {
+            format_version,
+            encrypted: flags & FLAG_ENCRYPTED != 0,
+            generation: le64(b, 16),
+            store_id,
+            area_len: le64(b, 40),
+            directory: Extent {
+                offset: le64(b, 48),
+                len: le32(b, 56),
+            },
+            directory_crc: le32(b, 60),
+            directory_mac,
+        };
+        if slot.generation == 0 {
+            return Err(SlotProblem::Invalid("generation 0".into()));
+        }
+        if slot.area_len < DATA_START + BLOCK || slot.area_len % BLOCK != 0 {
+            return Err(SlotProblem::Invalid(format!(
+                "area length {}",
+                slot.area_len
+            )));
+        }
+        if slot.directory.len == 0 || slot.directory.len > MAX_DIRECTORY_BYTES {
+            return Err(SlotProblem::Invalid(format!(
+                "directory length {}",
+                slot.directory.len
+            )));
+        }
+        check_extent(&slot.directory, slot.area_len).map_err(SlotProblem::Invalid)?;
+        Ok(slot)
+    }
+}
+
+/// How the store's master key is obtained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kdf {
+    /// 32 raw bytes from a key file.
+    RawKey,
+    /// Argon2id over a passphrase.
+    Argon2id {
+        /// Per-store random salt.
+        salt: [u8; 16],
+        /// Memory in KiB.
+        m_kib: u32,
+        /// Passes.
+        t: u32,
+        /// Lanes.
+        p: u32,
+    },
+}
+
+/// Encryption settings of a store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// How the master key is made.
+    pub kdf: Kdf,
+    /// HMAC proving the master key, so a wrong key is told from corrupt data.
+    pub key_check: [u8; 32],
+}
+
+/// Per-version AEAD parameters of an encrypted blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// Random salt from which this blob version's key is derived.
+    pub salt: [u8; 32],
+    /// AES-GCM nonce.
+    pub nonce: [u8; 12],
+}
+
+/// A blob as the directory records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobEntry {
+    /// Where its stored bytes (ciphertext + tag when encrypted) lie.
+    pub extent: Extent,
+    /// Plaintext length.
+    pub plain_len: u32,
+    /// CRC32C of the stored bytes.
+    pub crc: u32,
+    /// Generation that wrote this version (bound into the AEAD's associated data).
+    pub written_gen: u64,
+    /// AEAD parameters; present exactly when the store is encrypted.
+    pub sealed: Option<Sealed>,
+}
+
+/// The directory: everything a generation holds. Serialized as CBOR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directory {
+    /// Schema version ([`DIRECTORY_VERSION`]).
+    pub version: u32,
+    /// Must equal the slot's store id.
+    pub store_id: [u8; 16],
+    /// Must equal the slot's generation.
+    pub generation: u64,
+    /// Encryption settings; `None` for a plaintext store.
+    pub encryption: Option<Encryption>,
+    /// Blobs by name.
+    pub blobs: BTreeMap<String, BlobEntry>,
+}
+
+/// Why a directory was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryProblem {
+    /// Not valid CBOR for a directory.
+    #[error("directory does not decode: {0}")]
+    Decode(String),
+    /// Written by a newer tpmstate.
+    #[error("directory version {0} is newer than this tpmstate supports ({DIRECTORY_VERSION})")]
+    NewerVersion(u32),
+    /// Decodes but contradicts itself or its slot.
+    #[error("directory is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Checks a blob name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(format!("blob name must be 1..={MAX_NAME_BYTES} bytes"));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err("blob name contains a control character".into());
+    }
+    Ok(())
+}
+
+fn check_extent(e: &Extent, area_len: u64) -> Result<(), String> {
+    if e.len == 0 {
+        return if e.offset == 0 {
+            Ok(())
+        } else {
+            Err("empty extent with an offset".into())
+        };
+    }
+    if e.offset < DATA_START || e.offset % BLOCK != 0 || e.end() > area_len {
+        return Err(format!(
+            "extent {}+{} outside the area of {area_len} bytes",
+            e.offset, e.len
+        ));
+    }
+    Ok(())
+}
+
+impl Directory {
+    /// Encodes as CBOR.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.blobs.len() * 128);
+        // Writing plain serde data into a Vec cannot fail: the only error
+        // sources are the writer (infallible for Vec) and unsupported types.
+        ciborium::into_writer(self, &mut out).expect("CBOR encoding into a Vec cannot fail");
+        out
+    }
+
+    /// Decodes CBOR and checks it against its slot.
+    pub fn decode(bytes: &[u8], slot: &Slot) -> Result<Directory, DirectoryProblem> {
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: u32,
+        }
+        // Read the version first so a newer schema is refused clearly, not as garbage.
+        if let Ok(v) = ciborium::from_reader::<VersionOnly, _>(bytes) {
+            if v.version > DIRECTORY_VERSION {
+                return Err(DirectoryProblem::NewerVersion(v.version));
+            }
+        }
+        let dir: Directory =
+            ciborium::from_reader(bytes).map_err(|e| DirectoryProblem::Decode(e.to_string()))?;
+        dir.validate(slot).map_err(DirectoryProblem::Inconsistent)?;
+        Ok(dir)
+    }
+
+    /// Every extent this generation uses, the directory's own included.
+    pub fn extents<'a>(&'a self, slot: &'a Slot) -> impl Iterator<Item = Extent> + 'a {
+        std::iter::once(slot.directory).chain(self.blobs.values().map(|b| b.extent))
+    }
+
+    fn validate(&self, slot: &Slot) -> Result<(), String> {
+        if self.version != DIRECTORY_VERSION {
+            return Err(format!("version {}", self.version));
+        }
+        if self.store_id != slot.store_id || self.generation != slot.generation {
+            return Err("store id or generation differs from the header".into());
+        }
+        if self.encryption.is_some() != slot.encrypted {
+            return Err("encryption flag differs from the header".into());
+        }
+        let mut ranges = Vec::new();
+        for e in self.extents(slot) {
+            check_extent(&e, slot.area_len)?;
+            if e.len > 0 {
+                ranges.push((e.offset, e.end()));
+            }
+        }
+        ranges.sort_unstable();
+        if ranges.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err("extents overlap".into());
+        }
+        for (name, b) in &self.blobs {
+            check_name(name).map_err(|e| format!("{name:?}: {e}"))?;
+            if b.written_gen == 0 || b.written_gen > self.generation {
+                return Err(format!("{name:?}: written in generation {}", b.written_gen));
+            }
+            let expected = match (&b.sealed, slot.encrypted) {
+                (Some(_), true) => b.plain_len.checked_add(TAG_BYTES),
+                (None, false) => Some(b.plain_len),
+                _ => return Err(format!("{name:?}: encryption differs from the store's")),
+            };
+            if expected != Some(b.extent.len) {
+                return Err(format!(
+                    "{name:?}: stored length {} does not fit plain length {}",
+                    b.extent.len, b.plain_len
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> Slot {
+        Slot {
+            format_version: FORMAT_VERSION,
+            encrypted: false,
+            generation: 7,
+            store_id: [3; 16],
+            area_len: 1 << 20,
+            directory: Extent {
+                offset: DATA_START,
+                len: 100,
+            },
+            directory_crc: 1,
+            directory_mac: [0; 32],
+        }
+    }
+
+    #[test]
+    fn slot_round_trips_and_every_flipped_byte_is_caught() {
+        let s = slot();
+        let b = s.encode();
+        assert_eq!(Slot::decode(&b), Ok(s));
+        for i in 0..SLOT_BYTES {
+            let mut c = b;
+            c[i] ^= 0x01;
+            assert!(Slot::decode(&c).is_err(), "flip at {i} not caught");
+        }
+    }
+
+    #[test]
+    fn newer_format_version_is_refused_by_name() {
+        let mut s = slot();
+        s.format_version = FORMAT_VERSION + 1;
+        assert_eq!(
+            Slot::decode(&s.encode()),
+            Err(SlotProblem::NewerVersion(FORMAT_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn overlapping_extents_are_inconsistent() {
+        let s = slot();
+        let entry = BlobEntry {
+            extent: Extent {
+                offset: DATA_START,
+                len: 10,
+            },
+            plain_len: 10,
+            crc: 0,
+            written_gen: 1,
+            sealed: None,
+        };
+        let dir = Directory {
+            version: DIRECTORY_VERSION,
+            store_id: s.store_id,
+            generation: s.generation,
+            encryption: None,
+            blobs: [("a".to_string(), entry)].into(),
+        };
+        assert!(matches!(
+            Directory::decode(&dir.encode(), &s),
+            Err(DirectoryProblem::Inconsistent(_))
+        ));
+    }
+}

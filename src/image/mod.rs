@@ -1,0 +1,111 @@
+//! The storage under a store: a small [`Disk`] trait, its qcow2 implementation
+//! ([`Qcow2Disk`]) and an in-memory crash-simulating one for tests ([`CrashDisk`]).
+//!
+//! A disk is a byte-addressed area that starts at guest offset 0 of the image.
+//! Its length is the part that is allocated and ready for in-place writes;
+//! [`Disk::grow`] allocates more (a one-time, crash-safe qcow2 metadata change).
+
+mod qcow2;
+pub mod qcow2_header;
+mod sim;
+
+pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};
+pub use sim::{CrashDisk, CrashPlan};
+
+use std::path::PathBuf;
+
+/// What the store needs from the storage below it.
+pub trait Disk: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset` (which must lie below [`Disk::len`]).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+    /// Writes `data` at `offset`; not durable until [`Disk::sync`] returns.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError>;
+    /// Makes every earlier write durable (one `fdatasync` on a file).
+    fn sync(&mut self) -> Result<(), ImageError>;
+    /// Bytes that are allocated and writable in place.
+    fn len(&self) -> u64;
+    /// Makes at least `min_len` bytes allocated, durably, before it returns.
+    /// Fails with [`ImageError::CapacityLimit`] when the image cannot hold that much.
+    fn grow(&mut self, min_len: u64) -> Result<(), ImageError>;
+}
+
+/// Errors of the image layer. Every variant names the file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// An operating-system call failed.
+    #[error("{path}: {op} failed")]
+    Io {
+        /// The image file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a qcow2 image.
+    #[error("{path}: not a qcow2 image: {reason}")]
+    NotQcow2 {
+        /// The file.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+    /// The image uses something tpmstate refuses to write.
+    #[error("{path}: unsupported qcow2 image: {feature}")]
+    Unsupported {
+        /// The image file.
+        path: PathBuf,
+        /// The feature and, where useful, what to do about it.
+        feature: String,
+    },
+    /// The qcow2 structures are damaged.
+    #[error("{path}: corrupt qcow2 image: {reason}")]
+    Corrupt {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The image cannot hold the requested store area.
+    #[error(
+        "{path}: store area cannot grow to {requested} bytes: the image holds at most {max} bytes"
+    )]
+    CapacityLimit {
+        /// The image file.
+        path: PathBuf,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes the image can hold.
+        max: u64,
+    },
+    /// An access outside the allocated area (a bug in the caller, reported, not a panic).
+    #[error("{path}: access at {offset}+{len} beyond the allocated area of {area} bytes")]
+    OutOfBounds {
+        /// The image file.
+        path: PathBuf,
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Allocated bytes.
+        area: u64,
+    },
+    /// The simulated disk crashed (tests only).
+    #[error("simulated crash")]
+    Crashed,
+}
+
+impl ImageError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            ImageError::Io { .. } | ImageError::Crashed => K::Io,
+            ImageError::NotQcow2 { .. } => K::NotAStore,
+            ImageError::Unsupported { .. } => K::Unsupported,
+            ImageError::Corrupt { .. } | ImageError::OutOfBounds { .. } => K::Corrupt,
+            ImageError::CapacityLimit { .. } => K::Usage,
+        }
+    }
+}

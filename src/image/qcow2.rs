@@ -1,0 +1,452 @@
+//! The qcow2 image as a [`Disk`].
+//!
+//! qcow2-rs is used for what needs qcow2 metadata: making a new image, allocating
+//! the store area's clusters (once, at format or grow time) and reading the
+//! guest-to-host cluster map. It runs over our own file descriptor through its
+//! `Qcow2IoOps` trait, so the image is opened once and the locks of [`crate::lock`]
+//! stay valid. Steady-state reads and writes are plain `pread`/`pwrite` at the
+//! mapped host offsets and [`Disk::sync`] is one `fdatasync`: a commit never
+//! changes qcow2 metadata, so qcow2's own (non-atomic) allocation path is never
+//! on the commit path.
+
+use super::qcow2_header::{self, HeaderProblem, Qcow2Header, MAX_HEADER_BYTES};
+use super::{Disk, ImageError};
+use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
+use qcow2_rs::error::Qcow2Result;
+use qcow2_rs::meta::MappingSource;
+use qcow2_rs::ops::Qcow2IoOps;
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How `tpmstate create` lays out a new image.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (a multiple of 512).
+    pub size: u64,
+    /// log2 of the cluster size (12..=21); 16 (64 KiB) is QEMU's default.
+    pub cluster_bits: u32,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 4 << 20,
+            cluster_bits: 16,
+        }
+    }
+}
+
+/// Facts about the qcow2 image, for `tpmstate info`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Qcow2Facts {
+    /// qcow2 version (2 = compat 0.10, 3 = compat 1.1).
+    pub version: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Size of the image file in bytes.
+    pub file_size: u64,
+    /// Bytes allocated from guest offset 0 on (the most the store may use without growing).
+    pub allocated_prefix: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+}
+
+/// A qcow2 image whose allocated prefix serves as the store's area.
+pub struct Qcow2Disk {
+    path: PathBuf,
+    file: Arc<File>,
+    header: Qcow2Header,
+    /// Host offset of each guest cluster of the allocated prefix.
+    host: Vec<u64>,
+}
+
+impl std::fmt::Debug for Qcow2Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Disk")
+            .field("path", &self.path)
+            .field("clusters", &self.host.len())
+            .finish()
+    }
+}
+
+/// qcow2-rs's I/O engine over our descriptor.
+struct FdIo(Arc<File>);
+
+#[allow(async_fn_in_trait)]
+impl Qcow2IoOps for FdIo {
+    async fn read_to(&self, offset: u64, buf: &mut [u8]) -> Qcow2Result<usize> {
+        // Reads past EOF return zeros, as they would from a sparse tail.
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.0.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(buf.len())
+    }
+    async fn write_from(&self, offset: u64, buf: &[u8]) -> Qcow2Result<()> {
+        Ok(self.0.write_all_at(buf, offset)?)
+    }
+    async fn fallocate(&self, offset: u64, len: usize, _flags: u32) -> Qcow2Result<()> {
+        // Only used to zero ranges; writing zeros is always correct.
+        let zeros = vec![0u8; len];
+        Ok(self.0.write_all_at(&zeros, offset)?)
+    }
+    async fn fsync(&self, _offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
+        Ok(self.0.sync_all()?)
+    }
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+impl Qcow2Disk {
+    /// Validates the qcow2 image behind `file` (opened once by the caller, who may
+    /// already hold its locks) and maps its allocated prefix.
+    pub fn open(path: &Path, file: Arc<File>) -> Result<Self, ImageError> {
+        let header = read_header(path, &file)?;
+        let mut disk = Qcow2Disk {
+            path: path.to_path_buf(),
+            file,
+            header,
+            host: Vec::new(),
+        };
+        disk.remap()?;
+        Ok(disk)
+    }
+
+    /// Writes a new, empty qcow2 image to `path`, which must not exist.
+    pub fn create_file(path: &Path, opts: CreateOptions) -> Result<(), ImageError> {
+        use qcow2_rs::meta::Qcow2Header as Q;
+        let bad = |reason: String| ImageError::Unsupported {
+            path: path.to_path_buf(),
+            feature: reason,
+        };
+        if !(qcow2_header::MIN_CLUSTER_BITS..=qcow2_header::MAX_CLUSTER_BITS)
+            .contains(&opts.cluster_bits)
+        {
+            return Err(bad(format!("cluster size 2^{} bytes", opts.cluster_bits)));
+        }
+        if opts.size == 0 || opts.size % 512 != 0 || opts.size > qcow2_header::MAX_VIRTUAL_SIZE {
+            return Err(bad(format!(
+                "image size {} bytes (a non-zero multiple of 512 up to 1 TiB)",
+                opts.size
+            )));
+        }
+        let bits = opts.cluster_bits as usize;
+        let (rc_table, rc_block, l1) = Q::calculate_meta_params(opts.size, bits, 4, 512);
+        let clusters = 1 + rc_table.1 as usize + rc_block.1 as usize + l1.1 as usize;
+        let mut buf = vec![0u8; clusters << bits];
+        Q::format_qcow2(&mut buf, opts.size, bits, 4, 512).map_err(|e| ImageError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("qcow2-rs could not lay out the image: {e}"),
+        })?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path, "create"))?;
+        file.write_all_at(&buf, 0).map_err(io_err(path, "write"))?;
+        file.sync_all().map_err(io_err(path, "fsync"))?;
+        Ok(())
+    }
+
+    /// The shared descriptor (for locks).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Facts about the image.
+    pub fn facts(&self) -> Qcow2Facts {
+        Qcow2Facts {
+            version: self.header.version,
+            cluster_size: self.header.cluster_size(),
+            virtual_size: self.header.size,
+            file_size: self.file.metadata().map(|m| m.len()).unwrap_or(0),
+            allocated_prefix: self.len(),
+            refcount_bits: 1 << self.header.refcount_order,
+            lazy_refcounts: self.header.compatible_features & 1 != 0,
+        }
+    }
+
+    /// Largest area the image can hold (its virtual size).
+    pub fn max_len(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Allocates `[0, len)` and fills it with zeros, through qcow2-rs, durably.
+    /// Used when a store is formatted: afterwards every cluster of the area is
+    /// allocated in qcow2 and in the host file system, so commits only overwrite.
+    pub fn zero_fill(&mut self, len: u64) -> Result<(), ImageError> {
+        self.allocate(0, len)
+    }
+
+    fn allocate(&mut self, from: u64, to: u64) -> Result<(), ImageError> {
+        if to > self.header.size {
+            return Err(ImageError::CapacityLimit {
+                path: self.path.clone(),
+                requested: to,
+                max: self.header.size,
+            });
+        }
+        let cs = self.header.cluster_size();
+        let first = from / cs;
+        let last = to.div_ceil(cs);
+        let size = self.header.size;
+        self.qcow2_session(true, |dev| {
+            futures::executor::block_on(async {
+                let zeros = vec![0u8; cs as usize];
+                for c in first..last {
+                    let off = c * cs;
+                    let n = cs.min(size - off) as usize;
+                    dev.write_at(&zeros[..n], off).await?;
+                }
+                dev.flush_meta().await?;
+                Ok(())
+            })
+        })?;
+        // flush_meta leaves its last L1 write unsynced: sync the whole file.
+        self.file.sync_all().map_err(io_err(&self.path, "fsync"))?;
+        self.remap()
+    }
+
+    /// Re-reads the guest-to-host map of the allocated prefix and checks that
+    /// every mapped cluster is safe to overwrite in place.
+    fn remap(&mut self) -> Result<(), ImageError> {
+        let h = self.header.clone();
+        let cs = h.cluster_size();
+        let file_len = self
+            .file
+            .metadata()
+            .map_err(io_err(&self.path, "stat"))?
+            .len();
+        let clusters = h.size.div_ceil(cs);
+        let mapped = self.qcow2_session(false, |dev| {
+            futures::executor::block_on(async {
+                let mut out = Vec::new();
+                for c in 0..clusters {
+                    let m = dev.get_mapping(c * cs).await?;
+                    match (m.source, m.cluster_offset) {
+                        (MappingSource::DataFile, Some(host)) => out.push((host, m.copied)),
+                        _ => break,
+                    }
+                }
+                Ok(out)
+            })
+        })?;
+        let corrupt = |reason: String| ImageError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        };
+        let metadata = self.metadata_clusters(file_len)?;
+        let mut seen = HashSet::new();
+        let mut host = Vec::with_capacity(mapped.len());
+        for (i, (off, copied)) in mapped.into_iter().enumerate() {
+            if off % cs != 0 || off < cs || off.checked_add(cs).is_none_or(|e| e > file_len) {
+                return Err(corrupt(format!(
+                    "guest cluster {i} maps to bad host offset {off:#x}"
+                )));
+            }
+            if !copied {
+                return Err(ImageError::Unsupported {
+                    path: self.path.clone(),
+                    feature: format!("guest cluster {i} is shared (refcount > 1)"),
+                });
+            }
+            if metadata.contains(&(off / cs)) || !seen.insert(off) {
+                return Err(corrupt(format!(
+                    "guest cluster {i} overlaps metadata or another cluster"
+                )));
+            }
+            host.push(off);
+        }
+        self.host = host;
+        Ok(())
+    }
+
+    /// Host clusters holding L2 tables and refcount blocks, read from the L1 and
+    /// refcount tables, so a hostile map cannot make us overwrite metadata.
+    fn metadata_clusters(&self, file_len: u64) -> Result<HashSet<u64>, ImageError> {
+        let h = &self.header;
+        let cs = h.cluster_size();
+        let mut set: HashSet<u64> = HashSet::new();
+        for (start, len) in h.metadata_ranges() {
+            let mut c = start / cs;
+            while c * cs < start + len.max(1) {
+                set.insert(c);
+                c += 1;
+            }
+        }
+        let tables = [
+            (h.l1_table_offset, u64::from(h.l1_size) * 8),
+            (
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            ),
+        ];
+        for (off, len) in tables {
+            let mut buf = vec![0u8; len as usize];
+            self.file
+                .read_exact_at(&mut buf, off)
+                .map_err(io_err(&self.path, "read"))?;
+            for e in buf.chunks_exact(8) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(e);
+                let target = u64::from_be_bytes(a) & 0x00ff_ffff_ffff_fe00;
+                if target != 0 {
+                    if target % cs != 0 || target >= file_len {
+                        return Err(ImageError::Corrupt {
+                            path: self.path.clone(),
+                            reason: format!("metadata table entry {target:#x} out of range"),
+                        });
+                    }
+                    set.insert(target / cs);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Runs `work` on a qcow2-rs device over our descriptor. qcow2-rs panics on
+    /// some inputs (see docs/format.md); the header was validated first, and a
+    /// panic that still happens is turned into an error instead of unwinding
+    /// through the caller.
+    fn qcow2_session<R>(
+        &self,
+        writable: bool,
+        work: impl FnOnce(&Qcow2Dev<FdIo>) -> Qcow2Result<R>,
+    ) -> Result<R, ImageError> {
+        let path = self.path.clone();
+        let file = self.file.clone();
+        let fail = |what: String| ImageError::Corrupt {
+            path: path.clone(),
+            reason: format!("qcow2 layer: {what}"),
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut buf = vec![0u8; MAX_HEADER_BYTES];
+            let n = FileExt::read_at(&*file, &mut buf, 0).map_err(|e| e.to_string())?;
+            let header = qcow2_rs::meta::Qcow2Header::from_buf(&buf[..n.max(512).min(buf.len())])
+                .map_err(|e| e.to_string())?;
+            let params = Qcow2DevParams::new(9, None, None, !writable, false);
+            let dev = Qcow2Dev::new(&path, header, &params, FdIo(file.clone()))
+                .map_err(|e| e.to_string())?;
+            futures::executor::block_on(dev.qcow2_prep_io()).map_err(|e| e.to_string())?;
+            let result = work(&dev);
+            if dev.need_flush_meta() {
+                // Never drop a device with dirty metadata (qcow2-rs asserts on it).
+                let _ = futures::executor::block_on(dev.flush_meta());
+            }
+            result.map_err(|e| e.to_string())
+        }));
+        match outcome {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(msg)) => Err(fail(msg)),
+            Err(_) => Err(fail("qcow2-rs panicked on this image".into())),
+        }
+    }
+
+    fn host_ranges(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<impl Iterator<Item = (u64, usize, usize)> + '_, ImageError> {
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|e| e > self.len()) {
+            return Err(ImageError::OutOfBounds {
+                path: self.path.clone(),
+                offset,
+                len: len as u64,
+                area: self.len(),
+            });
+        }
+        let cs = self.header.cluster_size();
+        let mut pos = 0usize;
+        Ok(std::iter::from_fn(move || {
+            if pos >= len {
+                return None;
+            }
+            let guest = offset + pos as u64;
+            let in_cluster = guest % cs;
+            let n = ((cs - in_cluster) as usize).min(len - pos);
+            let host = self.host[(guest / cs) as usize] + in_cluster;
+            let item = (host, pos, n);
+            pos += n;
+            Some(item)
+        }))
+    }
+}
+
+fn read_header(path: &Path, file: &File) -> Result<Qcow2Header, ImageError> {
+    let file_len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    let mut buf = vec![0u8; MAX_HEADER_BYTES.min(file_len as usize)];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(io_err(path, "read"))?;
+    qcow2_header::parse(&buf, file_len).map_err(|p| match p {
+        HeaderProblem::NotQcow2(reason) => ImageError::NotQcow2 {
+            path: path.to_path_buf(),
+            reason,
+        },
+        HeaderProblem::Unsupported(feature) => ImageError::Unsupported {
+            path: path.to_path_buf(),
+            feature,
+        },
+        HeaderProblem::Corrupt(reason) => ImageError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        },
+    })
+}
+
+impl Disk for Qcow2Disk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let len = buf.len();
+        for (host, pos, n) in self.host_ranges(offset, len)? {
+            self.file
+                .read_exact_at(&mut buf[pos..pos + n], host)
+                .map_err(io_err(&self.path, "read"))?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        for (host, pos, n) in self.host_ranges(offset, data.len())? {
+            self.file
+                .write_all_at(&data[pos..pos + n], host)
+                .map_err(io_err(&self.path, "write"))?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), ImageError> {
+        self.file
+            .sync_data()
+            .map_err(io_err(&self.path, "fdatasync"))
+    }
+
+    fn len(&self) -> u64 {
+        (self.host.len() as u64 * self.header.cluster_size()).min(self.header.size)
+    }
+
+    fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
+        if min_len <= self.len() {
+            return Ok(());
+        }
+        let from = self.len();
+        self.allocate(from, min_len)
+    }
+}

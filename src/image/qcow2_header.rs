@@ -1,0 +1,250 @@
+//! Our own reading of the qcow2 header, done before qcow2-rs sees a file.
+//!
+//! qcow2-rs panics or corrupts images on inputs it does not handle (see
+//! `docs/format.md`), so every field it relies on is checked here first, without
+//! I/O, and everything it cannot write safely is refused with a clear reason.
+
+/// qcow2 magic, "QFI\xfb".
+pub const MAGIC: u32 = 0x5146_49fb;
+/// The largest header we read (QEMU's limit for a header with extensions).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Smallest cluster we accept: qcow2-rs hangs on 512 B - 2 KiB clusters.
+pub const MIN_CLUSTER_BITS: u32 = 12;
+/// Largest cluster qcow2 allows (2 MiB).
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Largest virtual size we accept; an NVRAM image is a few MiB.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 40;
+
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+const INCOMPAT_EXTL2: u64 = 1 << 4;
+
+/// The header fields tpmstate uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Header {
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Entries of the L1 table.
+    pub l1_size: u32,
+    /// Host offset of the L1 table.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters of the refcount table.
+    pub refcount_table_clusters: u32,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: u32,
+    /// Compatible feature bits (bit 0: lazy refcounts).
+    pub compatible_features: u64,
+}
+
+impl Qcow2Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Host byte ranges that hold fixed metadata: the header cluster, the L1
+    /// table and the refcount table. Data clusters must never overlap them.
+    pub fn metadata_ranges(&self) -> [(u64, u64); 3] {
+        let cs = self.cluster_size();
+        [
+            (0, cs),
+            (self.l1_table_offset, u64::from(self.l1_size) * 8),
+            (
+                self.refcount_table_offset,
+                u64::from(self.refcount_table_clusters) * cs,
+            ),
+        ]
+    }
+}
+
+/// Why a header was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderProblem {
+    /// Not a qcow2 image at all.
+    NotQcow2(String),
+    /// A qcow2 image using something we refuse.
+    Unsupported(String),
+    /// A qcow2 header with inconsistent fields.
+    Corrupt(String),
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_be_bytes(a)
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Parses and validates the header at the start of `buf` (the first bytes of
+/// the file, up to [`MAX_HEADER_BYTES`]) for a file of `file_len` bytes.
+pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
+    use HeaderProblem::*;
+    if buf.len() < 72 {
+        return Err(NotQcow2(format!("file too short ({} bytes)", buf.len())));
+    }
+    if be32(buf, 0) != MAGIC {
+        return Err(NotQcow2("no qcow2 magic".into()));
+    }
+    let version = be32(buf, 4);
+    if version != 2 && version != 3 {
+        return Err(Unsupported(format!("qcow2 version {version}")));
+    }
+    if version == 3 && buf.len() < 104 {
+        return Err(Corrupt("qcow2 v3 header truncated".into()));
+    }
+    let backing_file_offset = be64(buf, 8);
+    let cluster_bits = be32(buf, 20);
+    let size = be64(buf, 24);
+    let crypt_method = be32(buf, 32);
+    let l1_size = be32(buf, 36);
+    let l1_table_offset = be64(buf, 40);
+    let refcount_table_offset = be64(buf, 48);
+    let refcount_table_clusters = be32(buf, 56);
+    let nb_snapshots = be32(buf, 60);
+    let (incompatible, compatible, refcount_order, header_length) = if version == 3 {
+        (be64(buf, 72), be64(buf, 80), be32(buf, 96), be32(buf, 100))
+    } else {
+        (0, 0, 4, 72)
+    };
+
+    if !(9..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(Corrupt(format!("cluster_bits {cluster_bits} out of range")));
+    }
+    if cluster_bits < MIN_CLUSTER_BITS {
+        return Err(Unsupported(format!(
+            "cluster size {} bytes (at least 4096 needed; recreate with -o cluster_size=64k)",
+            1u64 << cluster_bits
+        )));
+    }
+    if backing_file_offset != 0 {
+        return Err(Unsupported(
+            "backing file (run qemu-img convert to flatten it)".into(),
+        ));
+    }
+    if crypt_method != 0 {
+        return Err(Unsupported(
+            "qcow2 encryption (tpmstate encrypts blobs itself; use an unencrypted image)".into(),
+        ));
+    }
+    if nb_snapshots != 0 {
+        return Err(Unsupported(format!(
+            "{nb_snapshots} internal snapshot(s) (delete them with qemu-img snapshot -d)"
+        )));
+    }
+    if incompatible & INCOMPAT_DIRTY != 0 {
+        return Err(Unsupported(
+            "dirty bit set (repair it with qemu-img check -r all)".into(),
+        ));
+    }
+    if incompatible & INCOMPAT_CORRUPT != 0 {
+        return Err(Corrupt("image is marked corrupt by QEMU".into()));
+    }
+    if incompatible & INCOMPAT_DATA_FILE != 0 {
+        return Err(Unsupported("external data file".into()));
+    }
+    if incompatible & INCOMPAT_EXTL2 != 0 {
+        return Err(Unsupported("extended L2 entries".into()));
+    }
+    if incompatible & INCOMPAT_COMPRESSION != 0 {
+        return Err(Unsupported("non-zlib compression type".into()));
+    }
+    let unknown = incompatible & !0x1f;
+    if unknown != 0 {
+        return Err(Unsupported(format!(
+            "unknown incompatible features {unknown:#x}"
+        )));
+    }
+    if refcount_order > 6 {
+        return Err(Corrupt(format!(
+            "refcount_order {refcount_order} out of range"
+        )));
+    }
+    if version == 3 && (header_length < 104 || header_length as usize > MAX_HEADER_BYTES) {
+        return Err(Corrupt(format!(
+            "header_length {header_length} out of range"
+        )));
+    }
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(Unsupported(format!(
+            "virtual size {size} bytes (at most 1 TiB)"
+        )));
+    }
+    let cs = 1u64 << cluster_bits;
+    let aligned = |off: u64| off % cs == 0;
+    if !aligned(l1_table_offset)
+        || !aligned(refcount_table_offset)
+        || l1_table_offset == 0 && l1_size != 0
+    {
+        return Err(Corrupt("metadata table offset not cluster aligned".into()));
+    }
+    // Each L1 entry covers one L2 table of cs/8 entries, each mapping one cluster.
+    let bytes_per_l1 = (cs / 8) * cs;
+    let needed_l1 = size.div_ceil(bytes_per_l1);
+    if u64::from(l1_size) < needed_l1 {
+        return Err(Corrupt(format!(
+            "L1 table of {l1_size} entries too small for {size} bytes"
+        )));
+    }
+    if refcount_table_clusters == 0 || refcount_table_offset == 0 {
+        return Err(Corrupt("no refcount table".into()));
+    }
+    let l1_end = l1_table_offset.checked_add(u64::from(l1_size) * 8);
+    let rt_end = refcount_table_offset.checked_add(u64::from(refcount_table_clusters) * cs);
+    match (l1_end, rt_end) {
+        (Some(l1e), Some(rte)) if l1e <= file_len && rte <= file_len => {}
+        _ => {
+            return Err(Corrupt(format!(
+                "metadata tables extend beyond the end of the file ({file_len} bytes): truncated?"
+            )))
+        }
+    }
+    Ok(Qcow2Header {
+        version,
+        cluster_bits,
+        size,
+        l1_size,
+        l1_table_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        refcount_order,
+        compatible_features: compatible,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_bytes_are_not_qcow2() {
+        assert!(matches!(
+            parse(&[7u8; 200], 200),
+            Err(HeaderProblem::NotQcow2(_))
+        ));
+        assert!(matches!(parse(&[], 0), Err(HeaderProblem::NotQcow2(_))));
+    }
+
+    #[test]
+    fn magic_with_garbage_never_panics() {
+        for fill in [0u8, 0x55, 0xff] {
+            let mut b = vec![fill; 512];
+            b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+            for v in [2u32, 3] {
+                b[4..8].copy_from_slice(&v.to_be_bytes());
+                assert!(parse(&b, 512).is_err());
+            }
+        }
+    }
+}

@@ -1,0 +1,657 @@
+//! The store: named blobs in a qcow2 image (or any [`Disk`]), committed
+//! atomically and durably with one sync, optionally encrypted.
+//!
+//! A [`Store`] holds the last committed [`recover::Generation`] in memory. A
+//! [`Transaction`] collects puts and deletes; its commit builds the next
+//! generation on a copy, writes it to blocks the current one does not use,
+//! writes the other header slot, syncs once, and only then replaces the
+//! in-memory state. A failed commit leaves the handle at the old generation.
+
+mod commit;
+mod error;
+mod recover;
+
+pub use commit::Transaction;
+pub use error::StoreError;
+pub use recover::SlotReport;
+
+use crate::crypto::{Key, KeySource};
+use crate::format::{self, Slot, SLOT_BYTES};
+use crate::image::{CreateOptions, Disk, Qcow2Disk, Qcow2Facts};
+use crate::lock::{ImageLock, LockGuard, LockMode, Locking};
+use recover::Generation;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// Default store area: holds libtpms's largest state (a 512 KiB `permall`
+/// plus volatile state) twice over, copy-on-write space included.
+pub const DEFAULT_AREA: u64 = 4 << 20;
+
+/// How to open an existing store.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Key for an encrypted store (`None` for a plaintext one; reading an
+    /// encrypted store's blobs then fails with [`StoreError::KeyMissing`]).
+    pub key: Option<KeySource>,
+    /// Lock mode taken on open; [`LockMode::Writer`] and up open the file read-write.
+    pub mode: LockMode,
+    /// QEMU's `locking=` option.
+    pub locking: Locking,
+    /// How long to wait for a conflicting holder (`None`: try once).
+    pub lock_timeout: Option<Duration>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            key: None,
+            mode: LockMode::Writer,
+            locking: Locking::Auto,
+            lock_timeout: None,
+        }
+    }
+}
+
+/// How to format a store.
+#[derive(Debug, Clone, Default)]
+pub struct FormatOptions {
+    /// Encrypt blobs with this key (`None`: plaintext store).
+    pub key: Option<KeySource>,
+    /// Store area in bytes (default: the image's virtual size, at most [`DEFAULT_AREA`]).
+    pub area: Option<u64>,
+    /// QEMU's `locking=` option.
+    pub locking: Locking,
+}
+
+/// A blob as listed by [`Store::list`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlobInfo {
+    /// Its name.
+    pub name: String,
+    /// Plaintext size in bytes.
+    pub size: u32,
+    /// Generation that last wrote it.
+    pub written_generation: u64,
+}
+
+/// What `tpmstate info` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreInfo {
+    /// The image (or `<memory>`).
+    pub path: PathBuf,
+    /// Format version of the current header.
+    pub format_version: u32,
+    /// Current generation.
+    pub generation: u64,
+    /// Store id (hex).
+    pub store_id: String,
+    /// Whether blobs are encrypted.
+    pub encrypted: bool,
+    /// "raw-key" or "argon2id" for encrypted stores.
+    pub key_derivation: Option<String>,
+    /// Store area in bytes.
+    pub area_bytes: u64,
+    /// Bytes used by the current generation (blocks of blobs and directory, plus header slots).
+    pub used_bytes: u64,
+    /// Blobs, by name.
+    pub blobs: Vec<BlobInfo>,
+    /// Both header slots.
+    pub slots: Vec<SlotReport>,
+    /// qcow2 facts, for an image-backed store.
+    pub qcow2: Option<Qcow2Facts>,
+}
+
+/// What [`Store::check`] verified.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// Generation verified.
+    pub generation: u64,
+    /// Blobs verified (and decrypted, for an encrypted store).
+    pub blobs: usize,
+    /// Plaintext bytes verified.
+    pub bytes: u64,
+    /// Both header slots.
+    pub slots: Vec<SlotReport>,
+}
+
+struct Locks {
+    lock: ImageLock,
+    guard: Option<LockGuard>,
+    warning: Option<String>,
+}
+
+/// An open store. See the module documentation.
+pub struct Store {
+    path: PathBuf,
+    disk: Box<dyn Disk>,
+    current: Generation,
+    slots: Vec<SlotReport>,
+    key: Option<Key>,
+    locks: Option<Locks>,
+    facts: Option<Qcow2Facts>,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("generation", &self.current.slot.generation)
+            .field("encrypted", &self.current.slot.encrypted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the image file once (read-write when `writable`).
+pub(crate) fn open_file(path: &Path, writable: bool) -> Result<Arc<File>, StoreError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map(Arc::new)
+        .map_err(|source| {
+            crate::image::ImageError::Io {
+                path: path.to_path_buf(),
+                op: "open",
+                source,
+            }
+            .into()
+        })
+}
+
+impl Store {
+    /// Opens the store in the qcow2 image at `path`: takes the lock, validates the
+    /// image, recovers the newest generation that verifies, and checks the key.
+    pub fn open(path: &Path, opts: OpenOptions) -> Result<Store, StoreError> {
+        let file = open_file(path, opts.mode >= LockMode::Writer)?;
+        let (lock, warning) = ImageLock::new(path, file.clone(), opts.locking)?;
+        let guard = lock.acquire(opts.mode, opts.lock_timeout)?;
+        let disk = Qcow2Disk::open(path, file)?;
+        let facts = disk.facts();
+        let mut store = Store::open_disk(Box::new(disk), path, opts.key.as_ref())?;
+        store.facts = Some(facts);
+        store.locks = Some(Locks {
+            lock,
+            guard: Some(guard),
+            warning,
+        });
+        Ok(store)
+    }
+
+    /// Opens a store on any [`Disk`] (tests use [`crate::image::CrashDisk`]).
+    /// No lock is involved and nothing is written.
+    pub fn open_disk(
+        disk: Box<dyn Disk>,
+        path: &Path,
+        key: Option<&KeySource>,
+    ) -> Result<Store, StoreError> {
+        let recovery = recover::recover(&*disk, path)?;
+        let mut store = Store {
+            path: path.to_path_buf(),
+            disk,
+            current: recovery.chosen,
+            slots: recovery.reports,
+            key: None,
+            locks: None,
+            facts: None,
+            poisoned: false,
+        };
+        store.key = store.unlock(key)?;
+        Ok(store)
+    }
+
+    /// Derives and checks the master key against the current generation.
+    fn unlock(&self, key: Option<&KeySource>) -> Result<Option<Key>, StoreError> {
+        let enc = &self.current.dir.encryption;
+        let (source, enc) = match (key, enc) {
+            (None, _) => return Ok(None),
+            (Some(_), None) => {
+                return Err(StoreError::KeyNotExpected {
+                    path: self.path.clone(),
+                })
+            }
+            (Some(s), Some(e)) => (s, e),
+        };
+        let crypto = |source| StoreError::Crypto {
+            path: self.path.clone(),
+            source,
+        };
+        let master = source.master_key(&enc.kdf).map_err(crypto)?;
+        let id = &self.current.slot.store_id;
+        master
+            .verify_key_check(id, &enc.key_check)
+            .map_err(crypto)?;
+        master
+            .verify_directory_mac(
+                id,
+                &self.current.dir_bytes,
+                &self.current.slot.directory_mac,
+            )
+            .map_err(crypto)?;
+        Ok(Some(master))
+    }
+
+    /// Creates a new qcow2 image at `path` (which must not exist) holding an
+    /// empty store. The image is built under a temporary name and linked into
+    /// place only when complete, so a crash leaves no half-made image at `path`.
+    pub fn create(
+        path: &Path,
+        image: CreateOptions,
+        opts: FormatOptions,
+    ) -> Result<(), StoreError> {
+        if path.exists() {
+            return Err(StoreError::Usage(format!(
+                "{}: already exists",
+                path.display()
+            )));
+        }
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| StoreError::Usage(format!("{}: not a file path", path.display())))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tpmstate-{}.tmp",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        let result = (|| {
+            Qcow2Disk::create_file(&tmp, image)?;
+            Store::format(&tmp, opts)?;
+            let io = |op, source| crate::image::ImageError::Io {
+                path: path.to_path_buf(),
+                op,
+                source,
+            };
+            // link() refuses to replace an existing file, unlike rename().
+            std::fs::hard_link(&tmp, path).map_err(|e| io("link", e))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("fsync directory", e))?;
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
+    /// Formats a new, empty store inside the existing qcow2 image at `path`
+    /// (for example one made by `qemu-img create -f qcow2 IMAGE 4M`), under an
+    /// exclusive lock. Any store already there is destroyed.
+    pub fn format(path: &Path, opts: FormatOptions) -> Result<(), StoreError> {
+        let file = open_file(path, true)?;
+        let (lock, _warning) = ImageLock::new(path, file.clone(), opts.locking)?;
+        let _guard = lock.acquire(LockMode::Exclusive, None)?;
+        let mut disk = Qcow2Disk::open(path, file)?;
+        let area =
+            opts.area.unwrap_or(DEFAULT_AREA.min(disk.max_len())) / format::BLOCK * format::BLOCK;
+        if area < format::DATA_START + 4 * format::BLOCK || area > disk.max_len() {
+            return Err(StoreError::Usage(format!(
+                "{}: store area of {area} bytes does not fit (image virtual size {} bytes, at least {} needed)",
+                path.display(),
+                disk.max_len(),
+                format::DATA_START + 4 * format::BLOCK
+            )));
+        }
+        disk.zero_fill(area)?;
+        Store::format_disk(&mut disk, path, area, opts.key.as_ref())
+    }
+
+    /// Writes generation 1 (no blobs) to a zeroed `disk`, with one sync.
+    pub fn format_disk(
+        disk: &mut dyn Disk,
+        path: &Path,
+        area: u64,
+        key: Option<&KeySource>,
+    ) -> Result<(), StoreError> {
+        let mut store_id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut store_id);
+        let crypto = |source| StoreError::Crypto {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (encryption, master) = match key {
+            None => (None, None),
+            Some(source) => {
+                let kdf = source.new_kdf();
+                let master = source.master_key(&kdf).map_err(crypto)?;
+                let key_check = master.key_check(&store_id);
+                (Some(format::Encryption { kdf, key_check }), Some(master))
+            }
+        };
+        let dir = format::Directory {
+            version: format::DIRECTORY_VERSION,
+            store_id,
+            generation: 1,
+            encryption,
+            blobs: Default::default(),
+        };
+        let bytes = dir.encode();
+        let slot = Slot {
+            format_version: format::FORMAT_VERSION,
+            encrypted: master.is_some(),
+            generation: 1,
+            store_id,
+            area_len: area,
+            directory: format::Extent {
+                offset: format::DATA_START,
+                len: bytes.len() as u32,
+            },
+            directory_crc: crc32c::crc32c(&bytes),
+            directory_mac: master
+                .map(|m| m.directory_mac(&store_id, &bytes))
+                .unwrap_or([0; 32]),
+        };
+        disk.write_at(format::DATA_START, &bytes)?;
+        disk.write_at(format::SLOT_OFFSETS[0], &slot.encode())?;
+        disk.write_at(format::SLOT_OFFSETS[1], &[0u8; SLOT_BYTES])?;
+        disk.sync()?;
+        Ok(())
+    }
+
+    /// The image path (or `<memory>`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current generation number.
+    pub fn generation(&self) -> u64 {
+        self.current.slot.generation
+    }
+
+    /// Whether blobs are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.current.slot.encrypted
+    }
+
+    /// The image's lock state, for nested or stronger acquisitions.
+    pub fn lock(&self) -> Option<&ImageLock> {
+        self.locks.as_ref().map(|l| &l.lock)
+    }
+
+    /// A warning from opening the lock (POSIX fallback), to show the user.
+    pub fn lock_warning(&self) -> Option<&str> {
+        self.locks.as_ref().and_then(|l| l.warning.as_deref())
+    }
+
+    /// Drops the lock acquisition taken by [`Store::open`]; the handle stays
+    /// usable for reads. Used by a migration source when it hands over.
+    pub fn release_open_lock(&mut self) {
+        if let Some(l) = &mut self.locks {
+            l.guard = None;
+        }
+    }
+
+    /// Takes `mode` again as the handle's own acquisition (after
+    /// [`Store::release_open_lock`]), waiting up to `timeout`.
+    pub fn reacquire_lock(
+        &mut self,
+        mode: LockMode,
+        timeout: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        if let Some(l) = &mut self.locks {
+            let guard = l.lock.acquire(mode, timeout)?;
+            l.guard = Some(guard);
+        }
+        Ok(())
+    }
+
+    /// Names of the blobs, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.current.dir.blobs.keys().map(String::as_str)
+    }
+
+    /// The blobs with their sizes.
+    pub fn list(&self) -> Vec<BlobInfo> {
+        self.current
+            .dir
+            .blobs
+            .iter()
+            .map(|(name, b)| BlobInfo {
+                name: name.clone(),
+                size: b.plain_len,
+                written_generation: b.written_gen,
+            })
+            .collect()
+    }
+
+    /// Whether a blob exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.current.dir.blobs.contains_key(name)
+    }
+
+    /// Reads a blob (`None` if absent), verifying its checksum and, for an
+    /// encrypted store, its authentication tag.
+    pub fn get(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let Some(b) = self.current.dir.blobs.get(name) else {
+            return Ok(None);
+        };
+        let stored = match recover::read_checked(&*self.disk, b.extent.offset, b.extent.len, b.crc)?
+        {
+            Ok(s) => Zeroizing::new(s),
+            Err(why) => {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    reason: format!("blob {name:?}: {why}"),
+                })
+            }
+        };
+        match &b.sealed {
+            None => Ok(Some(stored)),
+            Some(sealed) => {
+                let key = self.key.as_ref().ok_or_else(|| StoreError::KeyMissing {
+                    path: self.path.clone(),
+                })?;
+                key.open(
+                    &self.current.slot.store_id,
+                    name,
+                    b.written_gen,
+                    sealed,
+                    &stored,
+                )
+                .map(Some)
+                .map_err(|source| StoreError::Crypto {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Reads a blob that must exist.
+    pub fn get_required(&self, name: &str) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.get(name)?.ok_or_else(|| StoreError::NoSuchBlob {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Starts a transaction.
+    pub fn transaction(&mut self) -> Transaction<'_> {
+        Transaction::new(self)
+    }
+
+    /// Puts one blob in its own transaction.
+    pub fn put(&mut self, name: &str, data: &[u8]) -> Result<u64, StoreError> {
+        let mut t = self.transaction();
+        t.put(name, data)?;
+        t.commit()
+    }
+
+    /// Deletes one blob in its own transaction (`NoSuchBlob` if absent).
+    pub fn delete(&mut self, name: &str) -> Result<u64, StoreError> {
+        if !self.contains(name) {
+            return Err(StoreError::NoSuchBlob {
+                path: self.path.clone(),
+                name: name.to_string(),
+            });
+        }
+        let mut t = self.transaction();
+        t.delete(name)?;
+        t.commit()
+    }
+
+    /// Full verification: re-reads the current generation from the disk and
+    /// checks every checksum, and for an encrypted store the key, the directory
+    /// MAC and every blob's tag. Fails with [`StoreError::KeyMissing`] on an
+    /// encrypted store opened without a key.
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        let g = match recover::load(
+            &*self.disk,
+            self.current.slot_index,
+            self.current.slot.clone(),
+        ) {
+            Ok(g) => g,
+            Err(recover::LoadFailure::Disk(e)) => return Err(e.into()),
+            Err(recover::LoadFailure::Bad(why)) | Err(recover::LoadFailure::Newer(why)) => {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    reason: why,
+                })
+            }
+        };
+        if self.is_encrypted() && self.key.is_none() {
+            return Err(StoreError::KeyMissing {
+                path: self.path.clone(),
+            });
+        }
+        if let Some(key) = &self.key {
+            key.verify_directory_mac(&g.slot.store_id, &g.dir_bytes, &g.slot.directory_mac)
+                .map_err(|source| StoreError::Crypto {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        let mut bytes = 0u64;
+        for name in g.dir.blobs.keys() {
+            bytes += self.get_required(name)?.len() as u64;
+        }
+        Ok(CheckReport {
+            generation: g.slot.generation,
+            blobs: g.dir.blobs.len(),
+            bytes,
+            slots: self.slots.clone(),
+        })
+    }
+
+    /// Facts for `tpmstate info`.
+    pub fn info(&self) -> StoreInfo {
+        let g = &self.current;
+        let used: u64 = g
+            .dir
+            .extents(&g.slot)
+            .map(|e| e.blocks() * format::BLOCK)
+            .sum();
+        StoreInfo {
+            path: self.path.clone(),
+            format_version: g.slot.format_version,
+            generation: g.slot.generation,
+            store_id: hex::encode(g.slot.store_id),
+            encrypted: g.slot.encrypted,
+            key_derivation: g.dir.encryption.as_ref().map(|e| match e.kdf {
+                format::Kdf::RawKey => "raw-key".to_string(),
+                format::Kdf::Argon2id { m_kib, t, p, .. } => {
+                    format!("argon2id (m={m_kib} KiB, t={t}, p={p})")
+                }
+            }),
+            area_bytes: g.slot.area_len,
+            used_bytes: used + format::DATA_START,
+            blobs: self.list(),
+            slots: self.slots.clone(),
+            qcow2: self.facts.clone(),
+        }
+    }
+
+    /// Changes the key (or encrypts a plaintext store) in one atomic commit:
+    /// every blob is re-encrypted under `new`, with a new key check.
+    pub fn rekey(&mut self, new: &KeySource) -> Result<u64, StoreError> {
+        if self.is_encrypted() && self.key.is_none() {
+            return Err(StoreError::KeyMissing {
+                path: self.path.clone(),
+            });
+        }
+        let kdf = new.new_kdf();
+        let master = new.master_key(&kdf).map_err(|source| StoreError::Crypto {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut t = Transaction::new(self);
+        t.rekey_to(master, kdf)?;
+        t.commit()
+    }
+
+    /// Attaches the lock a migration claim took (crate-internal).
+    pub(crate) fn with_lock(
+        mut self,
+        lock: ImageLock,
+        guard: LockGuard,
+        warning: Option<String>,
+    ) -> Store {
+        self.locks = Some(Locks {
+            lock,
+            guard: Some(guard),
+            warning,
+        });
+        self
+    }
+
+    /// Records qcow2 facts for [`Store::info`] (crate-internal).
+    pub(crate) fn with_facts(mut self, facts: Qcow2Facts) -> Store {
+        self.facts = Some(facts);
+        self
+    }
+
+    /// The generation recovery would open now, read from the disk.
+    pub fn disk_generation(&self) -> Result<u64, StoreError> {
+        Ok(recover::recover(&*self.disk, &self.path)?
+            .chosen
+            .slot
+            .generation)
+    }
+
+    /// Ensures both header slots verify, committing an unchanged generation if
+    /// the other slot is damaged or torn (left by a crash). A migration source
+    /// calls this before hand-over so the target can refuse any damaged slot.
+    pub fn make_both_slots_verify(&mut self) -> Result<(), StoreError> {
+        if self.slots.iter().all(|r| r.sound) {
+            return Ok(());
+        }
+        let mut t = Transaction::new(self);
+        t.force();
+        t.commit().map(|_| ())
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        match &self.locks {
+            Some(l) if l.lock.held() < Some(LockMode::Writer) => Err(StoreError::NotWritable {
+                path: self.path.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Raw view of both header slots, for `tpmstate dump-headers` on a damaged
+/// image: needs only a readable qcow2 mapping, no lock beyond force-share.
+pub fn dump_headers(disk: &dyn Disk) -> Vec<(usize, Result<Slot, String>)> {
+    (0..format::SLOT_OFFSETS.len())
+        .map(|i| {
+            let r = match recover::read_slot(disk, i) {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(p)) => Err(p.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (i, r)
+        })
+        .collect()
+}
