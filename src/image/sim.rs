@@ -58,9 +58,9 @@ impl CrashDisk {
     }
 
     /// Makes operation number `op` (0-based, counting writes, syncs and grows
-    /// from now on) fail as a crash; every later operation fails too.
+    /// from now on) fail as a crash; every later write, sync or grow fails too.
     pub fn crash_at(&mut self, op: u64) {
-        self.crash_at = Some(self.ops + op);
+        self.crash_at = Some(self.ops.saturating_add(op));
     }
 
     /// Writes, syncs and grows issued so far.
@@ -147,9 +147,8 @@ impl CrashDisk {
 
 impl Disk for CrashDisk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        if self.crashed {
-            return Err(ImageError::Crashed);
-        }
+        // Reads keep working after the crash point: it models a failed write
+        // or sync in a process that goes on running.
         let at = self.bounds(offset, buf.len())?;
         buf.copy_from_slice(&self.live[at..at + buf.len()]);
         Ok(())

@@ -1,0 +1,240 @@
+//! Crash safety on the crash-simulating disk: every write and sync of random
+//! transaction sequences is a crash point; after each crash the store must
+//! open at the last commit whose sync returned or at the one being written.
+
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tpmstate::image::{CrashDisk, CrashPlan, Disk};
+use tpmstate::{Key, KeySource, Store};
+
+type Model = BTreeMap<String, Vec<u8>>;
+type Txn = Vec<(u8, Option<(usize, u8)>)>;
+
+const NAMES: [&str; 4] = ["permall", "volatilestate", "savestate", "extra"];
+const AREA: u64 = 96 * 1024;
+const MAX_AREA: u64 = 512 * 1024;
+
+fn mem() -> &'static Path {
+    Path::new("<memory>")
+}
+
+fn fresh(key: Option<&KeySource>) -> CrashDisk {
+    let mut d = CrashDisk::new(AREA, MAX_AREA);
+    Store::format_disk(&mut d, mem(), AREA, key).unwrap();
+    d
+}
+
+fn apply(model: &Model, txn: &Txn) -> Model {
+    let mut m = model.clone();
+    for (n, change) in txn {
+        let name = NAMES[*n as usize % NAMES.len()].to_string();
+        match change {
+            Some((len, fill)) => m.insert(name, vec![*fill; *len]),
+            None => m.remove(&name),
+        };
+    }
+    m
+}
+
+fn contents(store: &Store) -> Model {
+    store
+        .names()
+        .map(|n| (n.to_string(), store.get(n).unwrap().unwrap().to_vec()))
+        .collect()
+}
+
+fn run_txn(store: &mut Store, txn: &Txn) -> Result<u64, tpmstate::StoreError> {
+    let mut t = store.transaction();
+    for (n, change) in txn {
+        let name = NAMES[*n as usize % NAMES.len()];
+        match change {
+            Some((len, fill)) => t.put(name, &vec![*fill; *len])?,
+            None => t.delete(name)?,
+        }
+    }
+    t.commit()
+}
+
+/// Runs `txns` on a copy of `base` that crashes at operation `crash_at`;
+/// returns the crashed disk, the last committed model and the in-progress one.
+fn run_until_crash(
+    base: &CrashDisk,
+    key: Option<&KeySource>,
+    txns: &[Txn],
+    crash_at: u64,
+) -> (CrashDisk, Model, Option<Model>) {
+    let mut disk = base.clone();
+    disk.crash_at(crash_at);
+    let mut committed = Model::new();
+    // The store owns its disk; keep a handle through a shared cell.
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(disk));
+    let mut store = Store::open_disk(Box::new(Shared(shared.clone())), mem(), key).unwrap();
+    let mut in_progress = None;
+    for txn in txns {
+        let next = apply(&committed, txn);
+        match run_txn(&mut store, txn) {
+            Ok(_) => committed = next,
+            Err(_) => {
+                in_progress = Some(next);
+                break;
+            }
+        }
+    }
+    drop(store);
+    let disk = shared.lock().unwrap().clone();
+    (disk, committed, in_progress)
+}
+
+/// A disk shared between the store and the test, so the test can take the
+/// crashed image afterwards.
+struct Shared(std::sync::Arc<std::sync::Mutex<CrashDisk>>);
+
+impl Disk for Shared {
+    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), tpmstate::image::ImageError> {
+        self.0.lock().unwrap().read_at(o, b)
+    }
+    fn write_at(&mut self, o: u64, d: &[u8]) -> Result<(), tpmstate::image::ImageError> {
+        self.0.lock().unwrap().write_at(o, d)
+    }
+    fn sync(&mut self) -> Result<(), tpmstate::image::ImageError> {
+        self.0.lock().unwrap().sync()
+    }
+    fn len(&self) -> u64 {
+        self.0.lock().unwrap().len()
+    }
+    fn grow(&mut self, n: u64) -> Result<(), tpmstate::image::ImageError> {
+        self.0.lock().unwrap().grow(n)
+    }
+}
+
+fn txn_strategy() -> impl Strategy<Value = Txn> {
+    prop::collection::vec(
+        (
+            0u8..4,
+            prop::option::weighted(0.8, (0usize..40_000, any::<u8>())),
+        ),
+        1..4,
+    )
+}
+
+fn check_all_crash_points(key: Option<KeySource>, txns: Vec<Txn>, seed: u64) {
+    let base = fresh(key.as_ref());
+    let total = {
+        let (d, _, _) = run_until_crash(&base, key.as_ref(), &txns, u64::MAX);
+        d.ops() - base.ops()
+    };
+    for crash_at in 0..=total {
+        let (crashed, committed, in_progress) =
+            run_until_crash(&base, key.as_ref(), &txns, crash_at);
+        for plan in [
+            CrashPlan::DurableOnly,
+            CrashPlan::AllWritten,
+            CrashPlan::Random(seed ^ crash_at),
+        ] {
+            let after = crashed.after_crash(plan);
+            let mut store =
+                Store::open_disk(Box::new(after), mem(), key.as_ref()).unwrap_or_else(|e| {
+                    panic!("crash at op {crash_at} ({plan:?}): store does not open: {e}")
+                });
+            let got = contents(&store);
+            assert!(
+                got == committed || Some(&got) == in_progress.as_ref(),
+                "crash at op {crash_at} ({plan:?}): content is neither the last commit nor the one in progress"
+            );
+            store.check().unwrap();
+            // The recovered store keeps working.
+            let mut t = store.transaction();
+            t.put("after-crash", b"x").unwrap();
+            t.commit().unwrap();
+            assert_eq!(&**store.get("after-crash").unwrap().unwrap(), b"x");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn plaintext_store_opens_at_last_or_in_progress_commit_after_any_crash(
+        txns in prop::collection::vec(txn_strategy(), 1..6), seed in any::<u64>()
+    ) {
+        check_all_crash_points(None, txns, seed);
+    }
+
+    #[test]
+    fn encrypted_store_opens_at_last_or_in_progress_commit_after_any_crash(
+        txns in prop::collection::vec(txn_strategy(), 1..5), seed in any::<u64>()
+    ) {
+        check_all_crash_points(Some(KeySource::Key(Key::generate())), txns, seed);
+    }
+}
+
+#[test]
+fn steady_state_commit_issues_exactly_one_sync() {
+    let key = KeySource::Key(Key::generate());
+    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(Some(&key))));
+    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), Some(&key)).unwrap();
+    for i in 0..20u8 {
+        let before = disk.lock().unwrap().syncs();
+        let mut t = store.transaction();
+        t.put("permall", &vec![i; 4096]).unwrap();
+        t.put("volatilestate", &vec![i; 1000]).unwrap();
+        t.commit().unwrap();
+        assert_eq!(disk.lock().unwrap().syncs() - before, 1, "commit {i}");
+    }
+}
+
+#[test]
+fn failed_commit_leaves_handle_at_old_generation_and_refuses_more() {
+    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(None)));
+    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), None).unwrap();
+    store.put("permall", b"one").unwrap();
+    disk.lock().unwrap().crash_at(0);
+    assert!(store.put("permall", b"two").is_err());
+    assert_eq!(&**store.get("permall").unwrap().unwrap(), b"one");
+    assert!(matches!(
+        store.put("permall", b"three"),
+        Err(tpmstate::StoreError::Poisoned { .. })
+    ));
+}
+
+#[test]
+fn commit_too_large_for_the_image_fails_naming_capacity_and_writes_nothing() {
+    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(None)));
+    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), None).unwrap();
+    store.put("permall", b"kept").unwrap();
+    let ops = disk.lock().unwrap().ops();
+    let err = store
+        .put("huge", &vec![1u8; MAX_AREA as usize])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tpmstate::StoreError::CapacityExceeded {
+                capacity: MAX_AREA,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&MAX_AREA.to_string()));
+    assert_eq!(disk.lock().unwrap().ops(), ops, "nothing may be written");
+    assert_eq!(&**store.get("permall").unwrap().unwrap(), b"kept");
+}
+
+#[test]
+fn commit_larger_than_the_area_grows_it_in_one_step() {
+    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(None)));
+    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), None).unwrap();
+    let big = vec![7u8; 200 * 1024];
+    store.put("permall", &big).unwrap();
+    assert!(store.info().area_bytes > AREA);
+    let reopened = Store::open_disk(
+        Box::new(disk.lock().unwrap().after_crash(CrashPlan::DurableOnly)),
+        mem(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(&**reopened.get("permall").unwrap().unwrap(), &big[..]);
+}
