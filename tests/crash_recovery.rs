@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tpmstate::image::{CrashDisk, CrashPlan, Disk};
+use tpmstate::image::{CrashDisk, CrashPlan, SharedDisk};
 use tpmstate::{Key, KeySource, Store};
 
 type Model = BTreeMap<String, Vec<u8>>;
@@ -67,9 +67,8 @@ fn run_until_crash(
     let mut disk = base.clone();
     disk.crash_at(crash_at);
     let mut committed = Model::new();
-    // The store owns its disk; keep a handle through a shared cell.
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(disk));
-    let mut store = Store::open_disk(Box::new(Shared(shared.clone())), mem(), key).unwrap();
+    let shared = SharedDisk::new(disk);
+    let mut store = Store::open_disk(Box::new(shared.clone()), mem(), key).unwrap();
     let mut in_progress = None;
     for txn in txns {
         let next = apply(&committed, txn);
@@ -82,30 +81,8 @@ fn run_until_crash(
         }
     }
     drop(store);
-    let disk = shared.lock().unwrap().clone();
+    let disk = shared.with(|d| d.clone());
     (disk, committed, in_progress)
-}
-
-/// A disk shared between the store and the test, so the test can take the
-/// crashed image afterwards.
-struct Shared(std::sync::Arc<std::sync::Mutex<CrashDisk>>);
-
-impl Disk for Shared {
-    fn read_at(&self, o: u64, b: &mut [u8]) -> Result<(), tpmstate::image::ImageError> {
-        self.0.lock().unwrap().read_at(o, b)
-    }
-    fn write_at(&mut self, o: u64, d: &[u8]) -> Result<(), tpmstate::image::ImageError> {
-        self.0.lock().unwrap().write_at(o, d)
-    }
-    fn sync(&mut self) -> Result<(), tpmstate::image::ImageError> {
-        self.0.lock().unwrap().sync()
-    }
-    fn len(&self) -> u64 {
-        self.0.lock().unwrap().len()
-    }
-    fn grow(&mut self, n: u64) -> Result<(), tpmstate::image::ImageError> {
-        self.0.lock().unwrap().grow(n)
-    }
 }
 
 fn txn_strategy() -> impl Strategy<Value = Txn> {
@@ -173,24 +150,24 @@ proptest! {
 #[test]
 fn steady_state_commit_issues_exactly_one_sync() {
     let key = KeySource::Key(Key::generate());
-    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(Some(&key))));
-    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), Some(&key)).unwrap();
+    let disk = SharedDisk::new(fresh(Some(&key)));
+    let mut store = Store::open_disk(Box::new(disk.clone()), mem(), Some(&key)).unwrap();
     for i in 0..20u8 {
-        let before = disk.lock().unwrap().syncs();
+        let before = disk.with(|d| d.syncs());
         let mut t = store.transaction();
         t.put("permall", &vec![i; 4096]).unwrap();
         t.put("volatilestate", &vec![i; 1000]).unwrap();
         t.commit().unwrap();
-        assert_eq!(disk.lock().unwrap().syncs() - before, 1, "commit {i}");
+        assert_eq!(disk.with(|d| d.syncs()) - before, 1, "commit {i}");
     }
 }
 
 #[test]
 fn failed_commit_leaves_handle_at_old_generation_and_refuses_more() {
-    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(None)));
-    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), None).unwrap();
+    let disk = SharedDisk::new(fresh(None));
+    let mut store = Store::open_disk(Box::new(disk.clone()), mem(), None).unwrap();
     store.put("permall", b"one").unwrap();
-    disk.lock().unwrap().crash_at(0);
+    disk.with(|d| d.crash_at(0));
     assert!(store.put("permall", b"two").is_err());
     assert_eq!(&**store.get("permall").unwrap().unwrap(), b"one");
     assert!(matches!(
@@ -201,10 +178,10 @@ fn failed_commit_leaves_handle_at_old_generation_and_refuses_more() {
 
 #[test]
 fn commit_too_large_for_the_image_fails_naming_capacity_and_writes_nothing() {
-    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(None)));
-    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), None).unwrap();
+    let disk = SharedDisk::new(fresh(None));
+    let mut store = Store::open_disk(Box::new(disk.clone()), mem(), None).unwrap();
     store.put("permall", b"kept").unwrap();
-    let ops = disk.lock().unwrap().ops();
+    let ops = disk.with(|d| d.ops());
     let err = store
         .put("huge", &vec![1u8; MAX_AREA as usize])
         .unwrap_err();
@@ -219,19 +196,19 @@ fn commit_too_large_for_the_image_fails_naming_capacity_and_writes_nothing() {
         "{err}"
     );
     assert!(err.to_string().contains(&MAX_AREA.to_string()));
-    assert_eq!(disk.lock().unwrap().ops(), ops, "nothing may be written");
+    assert_eq!(disk.with(|d| d.ops()), ops, "nothing may be written");
     assert_eq!(&**store.get("permall").unwrap().unwrap(), b"kept");
 }
 
 #[test]
 fn commit_larger_than_the_area_grows_it_in_one_step() {
-    let disk = std::sync::Arc::new(std::sync::Mutex::new(fresh(None)));
-    let mut store = Store::open_disk(Box::new(Shared(disk.clone())), mem(), None).unwrap();
+    let disk = SharedDisk::new(fresh(None));
+    let mut store = Store::open_disk(Box::new(disk.clone()), mem(), None).unwrap();
     let big = vec![7u8; 200 * 1024];
     store.put("permall", &big).unwrap();
     assert!(store.info().area_bytes > AREA);
     let reopened = Store::open_disk(
-        Box::new(disk.lock().unwrap().after_crash(CrashPlan::DurableOnly)),
+        Box::new(disk.with(|d| d.after_crash(CrashPlan::DurableOnly))),
         mem(),
         None,
     )

@@ -10,7 +10,7 @@ pub mod qcow2_header;
 mod sim;
 
 pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};
-pub use sim::{CrashDisk, CrashPlan};
+pub use sim::{CrashDisk, CrashPlan, SharedDisk};
 
 use std::path::PathBuf;
 

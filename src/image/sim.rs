@@ -191,3 +191,39 @@ impl Disk for CrashDisk {
         Ok(())
     }
 }
+
+/// A [`CrashDisk`] that a test keeps a handle to while a store owns it, to
+/// count syncs, arm a crash or take the image afterwards.
+#[derive(Debug, Clone)]
+pub struct SharedDisk(std::sync::Arc<std::sync::Mutex<CrashDisk>>);
+
+impl SharedDisk {
+    /// Shares `disk`.
+    pub fn new(disk: CrashDisk) -> Self {
+        SharedDisk(std::sync::Arc::new(std::sync::Mutex::new(disk)))
+    }
+
+    /// Runs `f` on the disk.
+    pub fn with<R>(&self, f: impl FnOnce(&mut CrashDisk) -> R) -> R {
+        // A test panicking elsewhere must not hide this disk's state.
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Disk for SharedDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.with(|d| d.read_at(offset, buf))
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.with(|d| d.write_at(offset, data))
+    }
+    fn sync(&mut self) -> Result<(), ImageError> {
+        self.with(|d| d.sync())
+    }
+    fn len(&self) -> u64 {
+        self.with(|d| d.len())
+    }
+    fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
+        self.with(|d| d.grow(min_len))
+    }
+}

@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests: the CLI binary, qemu-img, scratch dirs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn tpmstate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tpmstate"))
+}
+
+/// Runs the CLI; returns (exit code, stdout, stderr).
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = tpmstate().args(args).output().expect("run tpmstate");
+    decode(out)
+}
+
+pub fn decode(out: Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn qemu_img(args: &[&str]) -> (i32, String, String) {
+    decode(
+        Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img is installed"),
+    )
+}
+
+/// Asserts `qemu-img check` finds no errors and no leaks.
+pub fn assert_qemu_check_clean(image: &Path) {
+    let (code, out, err) = qemu_img(&["check", image.to_str().unwrap()]);
+    assert_eq!(code, 0, "qemu-img check {}: {out}{err}", image.display());
+    assert!(out.contains("No errors were found"), "{out}");
+    assert!(!out.contains("leaked"), "{out}");
+}
+
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn key_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, hex::encode([byte; 32])).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+pub fn sha(path: &Path) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}

@@ -1,0 +1,203 @@
+//! Real qcow2 images from qemu-img: formatted and used, or refused with the
+//! right exit code and no panic; `qemu-img check` after every scenario.
+
+mod common;
+use common::*;
+
+fn format_put_get(image: &std::path::Path) {
+    let img = path_str(image);
+    let (code, _, err) = cli(&["format", img]);
+    assert_eq!(code, 0, "{err}");
+    assert_qemu_check_clean(image);
+    let dir = image.parent().unwrap();
+    let blob = dir.join("blob");
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&blob, &data).unwrap();
+    for round in 0..3 {
+        let (code, _, err) = cli(&["put", img, "permall", path_str(&blob)]);
+        assert_eq!(code, 0, "round {round}: {err}");
+    }
+    let out = dir.join("out");
+    let (code, _, err) = cli(&["get", img, "permall", "-o", path_str(&out)]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let (code, _, err) = cli(&["check", img]);
+    assert_eq!(code, 0, "{err}");
+    assert_qemu_check_clean(image);
+    let (code, out, _) = qemu_img(&["info", img]);
+    assert_eq!(code, 0);
+    assert!(out.contains("file format: qcow2"), "{out}");
+}
+
+#[test]
+fn qemu_img_images_of_every_cluster_size_compat_and_preallocation_are_formatted_and_used() {
+    for cluster in ["4k", "64k", "2M"] {
+        for compat in ["0.10", "1.1"] {
+            for prealloc in ["off", "metadata"] {
+                let dir = scratch();
+                let image = dir.path().join("nvram.qcow2");
+                let opts =
+                    format!("cluster_size={cluster},compat={compat},preallocation={prealloc}");
+                let (code, _, err) = qemu_img(&[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    path_str(&image),
+                    "4M",
+                ]);
+                assert_eq!(code, 0, "{opts}: {err}");
+                format_put_get(&image);
+            }
+        }
+    }
+}
+
+#[test]
+fn created_image_is_valid_qcow2_for_each_cluster_size() {
+    for cs in ["4K", "64K", "2M"] {
+        let dir = scratch();
+        let image = dir.path().join("new.qcow2");
+        let (code, _, err) = cli(&[
+            "create",
+            path_str(&image),
+            "--cluster-size",
+            cs,
+            "--size",
+            "8M",
+        ]);
+        assert_eq!(code, 0, "{cs}: {err}");
+        assert_qemu_check_clean(&image);
+        let (_, out, _) = qemu_img(&["info", path_str(&image)]);
+        assert!(out.contains("virtual size: 8 MiB"), "{out}");
+        let blob = dir.path().join("b");
+        std::fs::write(&blob, vec![5u8; 3000]).unwrap();
+        assert_eq!(
+            cli(&["put", path_str(&image), "volatilestate", path_str(&blob)]).0,
+            0
+        );
+        assert_qemu_check_clean(&image);
+    }
+}
+
+#[test]
+fn create_refuses_to_overwrite_an_existing_file() {
+    let dir = scratch();
+    let image = dir.path().join("x.qcow2");
+    std::fs::write(&image, b"precious").unwrap();
+    let (code, _, err) = cli(&["create", path_str(&image)]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(std::fs::read(&image).unwrap(), b"precious");
+}
+
+fn expect_refused(image: &std::path::Path, code: i32, what: &str) {
+    let img = path_str(image);
+    let before = std::fs::read(image).unwrap();
+    for args in [
+        vec!["format", img],
+        vec!["info", img],
+        vec!["get", img, "permall"],
+        vec!["check", img],
+    ] {
+        let (got, _, err) = cli(&args);
+        assert_eq!(got, code, "{what}: {args:?}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(err.contains(img), "{what}: error must name the file: {err}");
+    }
+    assert_eq!(
+        std::fs::read(image).unwrap(),
+        before,
+        "{what}: refused image was modified"
+    );
+}
+
+#[test]
+fn unsupported_and_foreign_images_get_their_exit_codes_and_stay_untouched() {
+    let dir = scratch();
+    let p = |n: &str| dir.path().join(n);
+
+    let snap = p("snap.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&snap), "4M"]);
+    assert_eq!(qemu_img(&["snapshot", "-c", "s1", path_str(&snap)]).0, 0);
+    expect_refused(&snap, 7, "internal snapshot");
+
+    let base = p("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
+    let overlay = p("overlay.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(&base),
+        "-F",
+        "qcow2",
+        path_str(&overlay),
+    ]);
+    expect_refused(&overlay, 7, "backing file");
+
+    let small = p("small.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        path_str(&small),
+        "4M",
+    ]);
+    expect_refused(&small, 7, "512-byte clusters");
+
+    let raw = p("raw.img");
+    qemu_img(&["create", "-q", "-f", "raw", path_str(&raw), "4M"]);
+    expect_refused(&raw, 2, "raw file");
+
+    let random = p("random.bin");
+    let bytes: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&random, bytes).unwrap();
+    expect_refused(&random, 2, "random bytes");
+
+    let empty = p("empty");
+    std::fs::write(&empty, b"").unwrap();
+    expect_refused(&empty, 2, "empty file");
+
+    let truncated = p("trunc.qcow2");
+    assert_eq!(cli(&["create", path_str(&truncated)]).0, 0);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap();
+    f.set_len(100_000).unwrap();
+    drop(f);
+    expect_refused(&truncated, 3, "truncated image");
+
+    let blank = p("blank.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&blank), "4M"]);
+    let (code, _, err) = cli(&["info", path_str(&blank)]);
+    assert_eq!(code, 2, "unformatted qcow2 is not a store: {err}");
+    assert_qemu_check_clean(&blank);
+}
+
+#[test]
+fn dirty_and_qcow2_encrypted_images_are_refused() {
+    let dir = scratch();
+    let dirty = dir.path().join("dirty.qcow2");
+    assert_eq!(cli(&["create", path_str(&dirty)]).0, 0);
+    let mut bytes = std::fs::read(&dirty).unwrap();
+    bytes[79] |= 1; // incompatible_features bit 0 (dirty)
+    std::fs::write(&dirty, &bytes).unwrap();
+    expect_refused(&dirty, 7, "dirty bit");
+
+    let enc = dir.path().join("enc.qcow2");
+    assert_eq!(cli(&["create", path_str(&enc)]).0, 0);
+    let mut bytes = std::fs::read(&enc).unwrap();
+    bytes[35] = 1; // crypt_method = AES
+    std::fs::write(&enc, &bytes).unwrap();
+    expect_refused(&enc, 7, "qcow2 encryption");
+}
