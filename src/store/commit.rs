@@ -182,7 +182,7 @@ impl<'s> Transaction<'s> {
         // full size of the new data means the new blocks alone hold it, so a
         // second failure cannot happen; it is reported rather than looped on.
         let mut area = cur.slot.area_len;
-        let (dir_bytes, dir_extent) = loop {
+        let placement = loop {
             match place(cur, area, &mut staged, &mut dir) {
                 Some(placed) => break placed,
                 None if area == cur.slot.area_len => {
@@ -217,22 +217,17 @@ impl<'s> Transaction<'s> {
             generation,
             store_id: id,
             area_len: area,
-            directory: dir_extent,
-            directory_crc: crc32c::crc32c(&dir_bytes),
+            directory: placement.dir_extent,
+            directory_crc: crc32c::crc32c(&placement.dir_bytes),
             directory_mac: key
-                .map(|k| k.directory_mac(&id, &dir_bytes))
+                .map(|k| k.directory_mac(&id, &placement.dir_bytes))
                 .unwrap_or([0; 32]),
         };
         let slot_index = 1 - cur.slot_index;
 
         // (3) + (4): write everything, then the one sync.
         let written = (|| {
-            for (_, stored, entry) in &staged {
-                if !stored.is_empty() {
-                    store.disk.write_at(entry.extent.offset, stored)?;
-                }
-            }
-            store.disk.write_at(dir_extent.offset, &dir_bytes)?;
+            write_placed(&mut *store.disk, &staged, &placement)?;
             store
                 .disk
                 .write_at(SLOT_OFFSETS[slot_index], &slot.encode())?;
@@ -265,13 +260,23 @@ impl<'s> Transaction<'s> {
             slot_index,
             slot,
             dir,
-            dir_bytes,
+            dir_bytes: placement.dir_bytes,
         };
         if let Some((k, _)) = rekey {
             store.key = Some(k);
         }
         Ok(generation)
     }
+}
+
+/// Where a commit's new blocks go.
+struct Placement {
+    dir_bytes: Vec<u8>,
+    dir_extent: Extent,
+    /// Start of one contiguous run holding every new blob and the directory,
+    /// written with a single `pwrite`; `None` when free space was too
+    /// fragmented and each extent is written on its own.
+    run: Option<u64>,
 }
 
 /// Places the staged blobs and the directory in free blocks of `area`, filling
@@ -281,15 +286,78 @@ fn place(
     area: u64,
     staged: &mut [(String, Vec<u8>, BlobEntry)],
     dir: &mut format::Directory,
-) -> Option<(Vec<u8>, Extent)> {
+) -> Option<Placement> {
+    let blocks = |len: usize| (len as u64).div_ceil(BLOCK) * BLOCK;
+    // Fewer separate dirty regions make the one fdatasync cheaper: try one
+    // run first, sized with room for the directory to grow by its offsets.
+    let data: u64 = staged.iter().map(|(_, s, _)| blocks(s.len())).sum();
+    let dir_room = blocks(dir.encode().len() + 16 * staged.len() + 64);
+    let mut alloc = Allocator::new(area, cur.dir.extents(&cur.slot));
+    if let Some(run) = u32::try_from(data + dir_room)
+        .ok()
+        .and_then(|len| alloc.alloc(len))
+    {
+        let mut at = run.offset;
+        for (name, stored, entry) in staged.iter_mut() {
+            entry.extent = Extent {
+                offset: if stored.is_empty() { 0 } else { at },
+                len: stored.len() as u32,
+            };
+            at += blocks(stored.len());
+            dir.blobs.insert(name.clone(), entry.clone());
+        }
+        let dir_bytes = dir.encode();
+        if at + dir_bytes.len() as u64 <= run.end() {
+            let dir_extent = Extent {
+                offset: at,
+                len: dir_bytes.len() as u32,
+            };
+            return Some(Placement {
+                dir_bytes,
+                dir_extent,
+                run: Some(run.offset),
+            });
+        }
+    }
     let mut alloc = Allocator::new(area, cur.dir.extents(&cur.slot));
     for (name, stored, entry) in staged.iter_mut() {
         entry.extent = alloc.alloc(stored.len() as u32)?;
         dir.blobs.insert(name.clone(), entry.clone());
     }
-    let bytes = dir.encode();
-    let extent = alloc.alloc(bytes.len() as u32)?;
-    Some((bytes, extent))
+    let dir_bytes = dir.encode();
+    let dir_extent = alloc.alloc(dir_bytes.len() as u32)?;
+    Some(Placement {
+        dir_bytes,
+        dir_extent,
+        run: None,
+    })
+}
+
+/// Writes the placed blobs and directory: one `pwrite` for a contiguous run.
+fn write_placed(
+    disk: &mut dyn crate::image::Disk,
+    staged: &[(String, Vec<u8>, BlobEntry)],
+    p: &Placement,
+) -> Result<(), crate::image::ImageError> {
+    match p.run {
+        Some(start) => {
+            let end = p.dir_extent.offset + p.dir_bytes.len() as u64;
+            let mut buf = vec![0u8; (end - start) as usize];
+            for (_, stored, entry) in staged.iter().filter(|(_, s, _)| !s.is_empty()) {
+                let at = (entry.extent.offset - start) as usize;
+                buf[at..at + stored.len()].copy_from_slice(stored);
+            }
+            let at = (p.dir_extent.offset - start) as usize;
+            buf[at..].copy_from_slice(&p.dir_bytes);
+            disk.write_at(start, &buf)
+        }
+        None => {
+            for (_, stored, entry) in staged.iter().filter(|(_, s, _)| !s.is_empty()) {
+                disk.write_at(entry.extent.offset, stored)?;
+            }
+            disk.write_at(p.dir_extent.offset, &p.dir_bytes)
+        }
+    }
 }
 
 #[cfg(test)]
