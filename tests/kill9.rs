@@ -85,7 +85,7 @@ fn store_survives_100_sigkills_during_commits() {
         let reader = std::thread::spawn(move || {
             let mut last = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(g) = line.strip_prefix("committed ") {
+                if let Some((_, g)) = line.split_once("committed ") {
                     last = g.parse::<u64>().ok();
                 }
             }
