@@ -75,6 +75,10 @@ pub struct BlobInfo {
     pub size: u32,
     /// Generation that last wrote it.
     pub written_generation: u64,
+    /// Area offset of its stored bytes (for diagnostics).
+    pub area_offset: u64,
+    /// Stored bytes (plaintext size plus the 16-byte tag when encrypted).
+    pub stored_bytes: u32,
 }
 
 /// What `tpmstate info` shows.
@@ -416,6 +420,8 @@ impl Store {
                 name: name.clone(),
                 size: b.plain_len,
                 written_generation: b.written_gen,
+                area_offset: b.extent.offset,
+                stored_bytes: b.extent.len,
             })
             .collect()
     }
@@ -639,6 +645,14 @@ impl Store {
             _ => Ok(()),
         }
     }
+}
+
+/// The decodable header slots of an open store (for diagnostics and tests).
+pub fn dump_headers_of(store: &Store) -> Vec<Slot> {
+    dump_headers(&*store.disk)
+        .into_iter()
+        .filter_map(|(_, s)| s.ok())
+        .collect()
 }
 
 /// Raw view of both header slots, for `tpmstate dump-headers` on a damaged

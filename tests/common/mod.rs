@@ -59,3 +59,31 @@ pub fn sha(path: &Path) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(std::fs::read(path).unwrap()).to_vec()
 }
+
+/// Host file offset of guest offset `guest` (from `qemu-img map`).
+pub fn host_offset(image: &Path, guest: u64) -> u64 {
+    let (_, out, err) = qemu_img(&["map", "-U", "--output=json", image.to_str().unwrap()]);
+    let map: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+    for e in map.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        if (start..start + len).contains(&guest) {
+            return e["offset"].as_u64().expect("allocated") + (guest - start);
+        }
+    }
+    panic!("guest offset {guest} not mapped")
+}
+
+/// XORs `mask` into the byte at host offset `at`.
+pub fn flip(image: &Path, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= mask;
+    f.write_all_at(&b, at).unwrap();
+}
