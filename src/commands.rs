@@ -396,7 +396,7 @@ fn print_info(i: &store::StoreInfo) {
 fn dump_headers(image: &Path) -> Result<(), Failure> {
     let file = std::fs::File::open(image).map_err(|e| io(image, e))?;
     let disk = Qcow2Disk::open(image, std::sync::Arc::new(file))?;
-    println!("allocated store area: {} bytes", disk.len());
+    println!("allocated store area: {} bytes", disk.size());
     for (i, slot) in store::dump_headers(&disk) {
         match slot {
             Ok(s) => println!(

@@ -231,7 +231,8 @@ fn timeout_waits_for_the_holder_and_gives_up_after_it() {
         std::thread::sleep(Duration::from_millis(100));
         drop(held);
     });
-    b.acquire(LockMode::Writer, Some(Duration::from_secs(5)))
+    let _acquired = b
+        .acquire(LockMode::Writer, Some(Duration::from_secs(5)))
         .expect("acquired once the holder let go");
     releaser.join().unwrap();
 }

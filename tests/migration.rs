@@ -37,7 +37,7 @@ fn source(dir: &Path) -> (PathBuf, Store) {
         let mut t = store.transaction();
         t.put("permall", &vec![round; 20_000]).unwrap();
         t.put("volatilestate", &vec![round + 1; 3000]).unwrap();
-        t.put("savestate", &vec![round + 2; 100]).unwrap();
+        t.put("savestate", &[round + 2; 100]).unwrap();
         t.commit().unwrap();
     }
     (img, store)

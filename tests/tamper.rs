@@ -8,7 +8,10 @@ use tpmstate::{Key, KeySource, Store};
 
 const AREA: u64 = 64 * 1024;
 
-fn history(key: Option<&KeySource>) -> (CrashDisk, Vec<Vec<(String, Vec<u8>)>>) {
+/// One committed state: every blob's name and content.
+type State = Vec<(String, Vec<u8>)>;
+
+fn history(key: Option<&KeySource>) -> (CrashDisk, Vec<State>) {
     let mut disk = CrashDisk::new(AREA, AREA);
     Store::format_disk(&mut disk, Path::new("<memory>"), AREA, key).unwrap();
     let shared = SharedDisk::new(disk);

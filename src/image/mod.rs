@@ -16,14 +16,14 @@ use std::path::PathBuf;
 
 /// What the store needs from the storage below it.
 pub trait Disk: Send + Sync {
-    /// Reads exactly `buf.len()` bytes at `offset` (which must lie below [`Disk::len`]).
+    /// Reads exactly `buf.len()` bytes at `offset` (which must lie below [`Disk::size`]).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
     /// Writes `data` at `offset`; not durable until [`Disk::sync`] returns.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError>;
     /// Makes every earlier write durable (one `fdatasync` on a file).
     fn sync(&mut self) -> Result<(), ImageError>;
     /// Bytes that are allocated and writable in place.
-    fn len(&self) -> u64;
+    fn size(&self) -> u64;
     /// Makes at least `min_len` bytes allocated, durably, before it returns.
     /// Fails with [`ImageError::CapacityLimit`] when the image cannot hold that much.
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError>;

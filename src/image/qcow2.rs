@@ -178,7 +178,7 @@ impl Qcow2Disk {
             cluster_size: self.header.cluster_size(),
             virtual_size: self.header.size,
             file_size: self.file.metadata().map(|m| m.len()).unwrap_or(0),
-            allocated_prefix: self.len(),
+            allocated_prefix: self.size(),
             refcount_bits: 1 << self.header.refcount_order,
             lazy_refcounts: self.header.compatible_features & 1 != 0,
         }
@@ -366,12 +366,12 @@ impl Qcow2Disk {
         len: usize,
     ) -> Result<impl Iterator<Item = (u64, usize, usize)> + '_, ImageError> {
         let end = offset.checked_add(len as u64);
-        if end.is_none_or(|e| e > self.len()) {
+        if end.is_none_or(|e| e > self.size()) {
             return Err(ImageError::OutOfBounds {
                 path: self.path.clone(),
                 offset,
                 len: len as u64,
-                area: self.len(),
+                area: self.size(),
             });
         }
         let cs = self.header.cluster_size();
@@ -438,15 +438,15 @@ impl Disk for Qcow2Disk {
             .map_err(io_err(&self.path, "fdatasync"))
     }
 
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         (self.host.len() as u64 * self.header.cluster_size()).min(self.header.size)
     }
 
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
-        if min_len <= self.len() {
+        if min_len <= self.size() {
             return Ok(());
         }
-        let from = self.len();
+        let from = self.size();
         self.allocate(from, min_len)
     }
 }

@@ -170,12 +170,12 @@ impl Disk for CrashDisk {
         Ok(())
     }
 
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.live.len() as u64
     }
 
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
-        if min_len <= self.len() {
+        if min_len <= self.size() {
             return Ok(());
         }
         if min_len > self.max_len {
@@ -220,8 +220,8 @@ impl Disk for SharedDisk {
     fn sync(&mut self) -> Result<(), ImageError> {
         self.with(|d| d.sync())
     }
-    fn len(&self) -> u64 {
-        self.with(|d| d.len())
+    fn size(&self) -> u64 {
+        self.with(|d| d.size())
     }
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
         self.with(|d| d.grow(min_len))

@@ -41,7 +41,7 @@ pub(crate) fn read_slot(
     index: usize,
 ) -> Result<Result<Slot, SlotProblem>, ImageError> {
     let mut buf = [0u8; SLOT_BYTES];
-    if disk.len() < SLOT_OFFSETS[index] + SLOT_BYTES as u64 {
+    if disk.size() < SLOT_OFFSETS[index] + SLOT_BYTES as u64 {
         return Ok(Err(SlotProblem::NoMagic));
     }
     disk.read_at(SLOT_OFFSETS[index], &mut buf)?;
@@ -69,11 +69,11 @@ pub(crate) fn read_checked(
 
 /// Verifies the generation `slot` describes: directory and every blob.
 pub(crate) fn load(disk: &dyn Disk, index: usize, slot: Slot) -> Result<Generation, LoadFailure> {
-    if slot.area_len > disk.len() {
+    if slot.area_len > disk.size() {
         return Err(LoadFailure::Bad(format!(
             "store area of {} bytes exceeds the {} allocated bytes of the image",
             slot.area_len,
-            disk.len()
+            disk.size()
         )));
     }
     let d = slot.directory;
