@@ -326,6 +326,21 @@ impl KeySource {
     }
 }
 
+/// Parses key-file content: 64 hex digits (whitespace around them ignored)
+/// or exactly 32 raw bytes; an all-zero key is refused.
+pub fn parse_key(data: &[u8]) -> Result<Key, String> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    let text = std::str::from_utf8(data).map(str::trim).unwrap_or("");
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex::decode_to_slice(text, &mut *key).map_err(|_| "bad hex key".to_string())?;
+    } else if data.len() == 32 {
+        key.copy_from_slice(data);
+    } else {
+        return Err("a key file holds 32 raw bytes or 64 hex digits".into());
+    }
+    Key::from_bytes(*key)
+}
+
 fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     std::fs::read(path)
         .map(Zeroizing::new)

@@ -258,3 +258,27 @@ fn store_from_a_newer_format_version_is_refused_clearly() {
     assert_eq!(code, 7, "{err}");
     assert!(err.contains("newer"), "{err}");
 }
+
+#[test]
+fn rekey_of_a_plaintext_store_leaves_no_plaintext_behind() {
+    let dir = scratch();
+    let img = dir.path().join("s.qcow2");
+    let i = path_str(&img);
+    let (blob, data) = secret_blob(dir.path());
+    assert_eq!(cli(&["create", i]).0, 0);
+    for _ in 0..3 {
+        assert_eq!(cli(&["put", i, "permall", path_str(&blob)]).0, 0);
+    }
+    assert!(find(&std::fs::read(&img).unwrap(), b"TPM-OWNER-SECRET-"));
+    let k = key_file(dir.path(), "k", 0x12);
+    let (code, _, err) = cli(&["rekey", i, "--new-key-file", path_str(&k)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !find(&std::fs::read(&img).unwrap(), b"TPM-OWNER-SECRET-"),
+        "old plaintext left in free space"
+    );
+    let (code, out, _) = cli(&["get", i, "permall", "--key-file", path_str(&k)]);
+    assert_eq!((code, out.as_bytes()), (0, &data[..]));
+    assert_eq!(cli(&["check", i, "--key-file", path_str(&k)]).0, 0);
+    assert_qemu_check_clean(&img);
+}

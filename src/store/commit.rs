@@ -276,7 +276,7 @@ struct Placement {
     /// Start of one contiguous run holding every new blob and the directory,
     /// written with a single `pwrite`; `None` when free space was too
     /// fragmented and each extent is written on its own.
-    run: Option<u64>,
+    run: Option<Extent>,
 }
 
 /// Places the staged blobs and the directory in free blocks of `area`, filling
@@ -315,7 +315,7 @@ fn place(
             return Some(Placement {
                 dir_bytes,
                 dir_extent,
-                run: Some(run.offset),
+                run: Some(run),
             });
         }
     }
@@ -339,23 +339,32 @@ fn write_placed(
     staged: &[(String, Vec<u8>, BlobEntry)],
     p: &Placement,
 ) -> Result<(), crate::image::ImageError> {
+    // Whole blocks are written, zero-padded, so no block in use ever keeps
+    // stale bytes of an older version (or of old plaintext after a rekey).
     match p.run {
-        Some(start) => {
-            let end = p.dir_extent.offset + p.dir_bytes.len() as u64;
-            let mut buf = vec![0u8; (end - start) as usize];
+        Some(run) => {
+            let mut buf = vec![0u8; (run.end() - run.offset) as usize];
             for (_, stored, entry) in staged.iter().filter(|(_, s, _)| !s.is_empty()) {
-                let at = (entry.extent.offset - start) as usize;
+                let at = (entry.extent.offset - run.offset) as usize;
                 buf[at..at + stored.len()].copy_from_slice(stored);
             }
-            let at = (p.dir_extent.offset - start) as usize;
-            buf[at..].copy_from_slice(&p.dir_bytes);
-            disk.write_at(start, &buf)
+            let at = (p.dir_extent.offset - run.offset) as usize;
+            buf[at..at + p.dir_bytes.len()].copy_from_slice(&p.dir_bytes);
+            disk.write_at(run.offset, &buf)
         }
         None => {
+            let padded = |bytes: &[u8]| {
+                let mut v = bytes.to_vec();
+                v.resize(
+                    (bytes.len() as u64).div_ceil(BLOCK) as usize * BLOCK as usize,
+                    0,
+                );
+                v
+            };
             for (_, stored, entry) in staged.iter().filter(|(_, s, _)| !s.is_empty()) {
-                disk.write_at(entry.extent.offset, stored)?;
+                disk.write_at(entry.extent.offset, &padded(stored))?;
             }
-            disk.write_at(p.dir_extent.offset, &p.dir_bytes)
+            disk.write_at(p.dir_extent.offset, &padded(&p.dir_bytes))
         }
     }
 }

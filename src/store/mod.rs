@@ -574,7 +574,10 @@ impl Store {
     }
 
     /// Changes the key (or encrypts a plaintext store) in one atomic commit:
-    /// every blob is re-encrypted under `new`, with a new key check.
+    /// every blob is re-encrypted under `new`, with a new key check. Once that
+    /// commit is durable, every block it does not use and the other header
+    /// slot are overwritten with zeros (and synced), so no ciphertext under
+    /// the old key (or old plaintext) is left in the store area.
     pub fn rekey(&mut self, new: &KeySource) -> Result<u64, StoreError> {
         if self.is_encrypted() && self.key.is_none() {
             return Err(StoreError::KeyMissing {
@@ -588,7 +591,57 @@ impl Store {
         })?;
         let mut t = Transaction::new(self);
         t.rekey_to(master, kdf)?;
-        t.commit()
+        let generation = t.commit()?;
+        self.scrub_free_space()?;
+        Ok(generation)
+    }
+
+    /// Zeroes every block of the area the current generation does not use,
+    /// and the other header slot. Only free space is written, so a crash
+    /// part-way leaves the current generation intact.
+    fn scrub_free_space(&mut self) -> Result<(), StoreError> {
+        let g = &self.current;
+        let mut used: Vec<(u64, u64)> = g
+            .dir
+            .extents(&g.slot)
+            .filter(|e| e.len > 0)
+            .map(|e| (e.offset, e.end()))
+            .collect();
+        used.sort_unstable();
+        let mut free = Vec::new();
+        let mut at = format::DATA_START;
+        for (s, e) in used.into_iter().chain([(g.slot.area_len, g.slot.area_len)]) {
+            if s > at {
+                free.push((at, s));
+            }
+            at = at.max(e);
+        }
+        let other = 1 - g.slot_index;
+        let zeros = vec![0u8; 64 * 1024];
+        let result = (|| {
+            self.disk
+                .write_at(format::SLOT_OFFSETS[other], &[0u8; SLOT_BYTES])?;
+            for (start, end) in free {
+                let mut off = start;
+                while off < end {
+                    let n = (end - off).min(zeros.len() as u64);
+                    self.disk.write_at(off, &zeros[..n as usize])?;
+                    off += n;
+                }
+            }
+            self.disk.sync()
+        })();
+        if let Err(e) = result {
+            self.poisoned = true;
+            return Err(e.into());
+        }
+        self.slots[other] = SlotReport {
+            index: other,
+            generation: None,
+            status: "no tpmstate magic".into(),
+            sound: true,
+        };
+        Ok(())
     }
 
     /// Attaches the lock a migration claim took (crate-internal).

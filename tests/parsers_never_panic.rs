@@ -1,0 +1,78 @@
+//! The fuzz targets' entry points, run on random input in every test run (the
+//! cargo-fuzz targets under fuzz/ explore the same code with coverage).
+
+use proptest::prelude::*;
+use std::path::Path;
+use tpmstate::format::{Directory, Extent, Slot, FORMAT_VERSION};
+use tpmstate::image::{qcow2_header, CrashDisk};
+use tpmstate::{Key, KeySource, Store};
+
+fn qcow2_like() -> impl Strategy<Value = Vec<u8>> {
+    (prop::collection::vec(any::<u8>(), 0..600), any::<bool>()).prop_map(|(mut v, magic)| {
+        if magic && v.len() >= 8 {
+            v[0..4].copy_from_slice(&qcow2_header::MAGIC.to_be_bytes());
+            let version = 2 + (v[7] & 1);
+            v[4..8].copy_from_slice(&[0, 0, 0, version]);
+        }
+        v
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+    #[test]
+    fn qcow2_header_parser_returns_errors_not_panics(data in qcow2_like()) {
+        let _ = qcow2_header::parse(&data, data.len() as u64);
+    }
+
+    #[test]
+    fn slot_decoder_round_trips_what_it_accepts(mut data in prop::collection::vec(any::<u8>(), 0..600), magic in any::<bool>()) {
+        if magic && data.len() >= 8 {
+            data[..8].copy_from_slice(tpmstate::format::MAGIC);
+        }
+        if let Ok(slot) = Slot::decode(&data) {
+            prop_assert_eq!(Slot::decode(&slot.encode()), Ok(slot));
+        }
+    }
+
+    #[test]
+    fn directory_decoder_returns_errors_not_panics(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        let slot = Slot {
+            format_version: FORMAT_VERSION,
+            encrypted: false,
+            generation: 3,
+            store_id: [0; 16],
+            area_len: 1 << 20,
+            directory: Extent { offset: 8192, len: data.len() as u32 },
+            directory_crc: 0,
+            directory_mac: [0; 32],
+        };
+        let _ = Directory::decode(&data, &slot);
+    }
+
+    #[test]
+    fn key_parser_returns_errors_not_panics(data in prop::collection::vec(any::<u8>(), 0..100)) {
+        let _ = tpmstate::crypto::parse_key(&data);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+    #[test]
+    fn store_open_on_random_disks_returns_errors_not_panics(data in prop::collection::vec(any::<u8>(), 0..20_000), stamp in any::<bool>()) {
+        let mut data = data;
+        if stamp && data.len() >= 8 {
+            data[..8].copy_from_slice(tpmstate::format::MAGIC);
+        }
+        let key = KeySource::Key(Key::from_bytes([7; 32]).unwrap());
+        for k in [None, Some(&key)] {
+            let disk = CrashDisk::from_image(data.clone(), data.len() as u64);
+            if let Ok(mut store) = Store::open_disk(Box::new(disk), Path::new("<random>"), k) {
+                let _ = store.check();
+                let _ = store.put("permall", b"x");
+            }
+        }
+    }
+}
