@@ -173,9 +173,21 @@ pub enum ConflictKind {
 
 fn describe(c: ConflictKind) -> String {
     match c {
-        ConflictKind::UnsharedByOther(p) => format!("Failed to get \"{}\" lock", p.name()),
-        ConflictKind::UsedByOther(p) => format!("Failed to get shared \"{}\" lock", p.name()),
-        ConflictKind::ByteLocked(b) => format!("Failed to lock byte {b}"),
+        ConflictKind::UnsharedByOther(p) => {
+            format!(
+                "Failed to get \"{0}\" lock: another holder does not share \"{0}\"",
+                p.name()
+            )
+        }
+        ConflictKind::UsedByOther(p) => {
+            format!(
+                "Failed to get shared \"{0}\" lock: another holder uses \"{0}\"",
+                p.name()
+            )
+        }
+        ConflictKind::ByteLocked(b) => {
+            format!("Failed to lock byte {b}: another holder has a write lock on it")
+        }
     }
 }
 
