@@ -14,7 +14,7 @@
 //!   swapped for older versions of themselves.
 
 use crate::format::{Kdf, Sealed};
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -149,14 +149,16 @@ impl Key {
         Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(&*k))
     }
 
-    /// Encrypts one blob version under a fresh derived key.
-    pub fn seal(
+    /// Encrypts one blob version under a fresh derived key, in place: `buf`
+    /// holds the plaintext followed by [`crate::format::TAG_BYTES`] bytes that
+    /// receive the tag.
+    pub fn seal_in_place(
         &self,
         store_id: &[u8; 16],
         name: &str,
         generation: u64,
-        plain: &[u8],
-    ) -> (Sealed, Vec<u8>) {
+        buf: &mut [u8],
+    ) -> Sealed {
         let mut sealed = Sealed {
             salt: [0; 32],
             nonce: [0; 12],
@@ -164,18 +166,28 @@ impl Key {
         rand::rngs::OsRng.fill_bytes(&mut sealed.salt);
         rand::rngs::OsRng.fill_bytes(&mut sealed.nonce);
         let aad = associated_data(store_id, name, generation);
-        let ct = self
+        let (plain, tag_out) = buf.split_at_mut(buf.len() - crate::format::TAG_BYTES as usize);
+        let tag = self
             .blob_cipher(store_id, &sealed.salt)
-            .encrypt(
-                Nonce::from_slice(&sealed.nonce),
-                Payload {
-                    msg: plain,
-                    aad: &aad,
-                },
-            )
+            .encrypt_in_place_detached(Nonce::from_slice(&sealed.nonce), &aad, plain)
             // AES-GCM encryption only fails for inputs over 64 GiB; blobs are u32-sized.
             .expect("AES-GCM encrypts any blob below 64 GiB");
-        (sealed, ct)
+        tag_out.copy_from_slice(&tag);
+        sealed
+    }
+
+    /// Encrypts one blob version into a new buffer (ciphertext then tag).
+    pub fn seal(
+        &self,
+        store_id: &[u8; 16],
+        name: &str,
+        generation: u64,
+        plain: &[u8],
+    ) -> (Sealed, Vec<u8>) {
+        let mut buf = plain.to_vec();
+        buf.resize(plain.len() + crate::format::TAG_BYTES as usize, 0);
+        let sealed = self.seal_in_place(store_id, name, generation, &mut buf);
+        (sealed, buf)
     }
 
     /// Decrypts and authenticates one blob version.

@@ -178,7 +178,7 @@ enum Command {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
         /// Commits per measurement.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 1000)]
         iterations: u32,
     },
 }

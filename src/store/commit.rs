@@ -144,7 +144,9 @@ impl<'s> Transaction<'s> {
             }
             None => None,
         };
+        let tag = if key.is_some() { format::TAG_BYTES } else { 0 };
 
+        // (1) The next generation's directory, built on a copy.
         let mut dir = cur.dir.clone();
         dir.generation = generation;
         if let Some((k, kdf)) = &rekey {
@@ -153,42 +155,31 @@ impl<'s> Transaction<'s> {
                 key_check: k.key_check(&id),
             });
         }
-        // (1) Stage the new versions.
-        let mut staged: Vec<(String, Vec<u8>, BlobEntry)> = Vec::new();
-        for (name, change) in &changes {
-            dir.blobs.remove(name);
-            let Some(plain) = change else { continue };
-            let (sealed, stored) = match key {
-                Some(k) => {
-                    let (s, ct) = k.seal(&id, name, generation, plain);
-                    (Some(s), ct)
-                }
-                None => (None, plain.to_vec()),
-            };
-            let entry = BlobEntry {
-                extent: Extent {
-                    offset: 0,
-                    len: stored.len() as u32,
-                },
-                plain_len: plain.len() as u32,
-                crc: crc32c::crc32c(&stored),
-                written_gen: generation,
-                sealed,
-            };
-            staged.push((name.clone(), stored, entry));
+        let mut staged = Vec::new();
+        for (name, change) in changes {
+            dir.blobs.remove(&name);
+            if let Some(plain) = change {
+                let stored_len = plain.len() as u32 + tag;
+                staged.push(Staged {
+                    name,
+                    plain,
+                    stored_len,
+                });
+            }
         }
 
         // (2) Place them; grow the area once if they do not fit. Growing by the
         // full size of the new data means the new blocks alone hold it, so a
         // second failure cannot happen; it is reported rather than looped on.
         let mut area = cur.slot.area_len;
-        let placement = loop {
-            match place(cur, area, &mut staged, &mut dir) {
-                Some(placed) => break placed,
+        let layout = loop {
+            let dir_bound = directory_bound(&dir, &staged, area, key.is_some());
+            match layout(cur, area, &staged, dir_bound) {
+                Some(l) => break l,
                 None if area == cur.slot.area_len => {
-                    let extra: u64 = staged.iter().map(|(_, s, _)| s.len() as u64).sum::<u64>()
-                        + dir.encode().len() as u64;
-                    area = (area + extra.div_ceil(BLOCK) * BLOCK + BLOCK).div_ceil(BLOCK) * BLOCK;
+                    let extra = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>()
+                        + blocks(dir_bound as u32);
+                    area += extra + BLOCK;
                     if let Err(e) = store.disk.grow(area) {
                         return Err(match e {
                             crate::image::ImageError::CapacityLimit { max, .. } => {
@@ -211,23 +202,64 @@ impl<'s> Transaction<'s> {
                 }
             }
         };
+
+        // (3) Fill the blocks: each new version is copied once into the buffer
+        // that is written, and encrypted there in place.
+        let mut writes = layout.buffers();
+        for (s, extent) in staged.iter().zip(&layout.blobs) {
+            // Only a plaintext store has empty stored bytes (a sealed blob has its tag).
+            let (crc, sealed) = if s.stored_len == 0 {
+                (crc32c::crc32c(&[]), None)
+            } else {
+                let buf = writes.slice(extent.offset, s.stored_len);
+                buf[..s.plain.len()].copy_from_slice(&s.plain);
+                let sealed = key.map(|k| k.seal_in_place(&id, &s.name, generation, buf));
+                (crc32c::crc32c(buf), sealed)
+            };
+            let entry = BlobEntry {
+                extent: *extent,
+                plain_len: s.plain.len() as u32,
+                crc,
+                written_gen: generation,
+                sealed,
+            };
+            dir.blobs.insert(s.name.clone(), entry);
+        }
+        let dir_bytes = dir.encode();
+        if dir_bytes.len() as u64 > layout.dir_room {
+            // directory_bound() is an upper bound by construction (CBOR integer
+            // sizes grow with their values); report a broken bound, never write past it.
+            return Err(StoreError::Usage(format!(
+                "internal error: directory of {} bytes exceeds its bound",
+                dir_bytes.len()
+            )));
+        }
+        writes
+            .slice(layout.dir_at, dir_bytes.len() as u32)
+            .copy_from_slice(&dir_bytes);
+        let dir_extent = Extent {
+            offset: layout.dir_at,
+            len: dir_bytes.len() as u32,
+        };
         let slot = Slot {
             format_version: format::FORMAT_VERSION,
             encrypted: key.is_some(),
             generation,
             store_id: id,
             area_len: area,
-            directory: placement.dir_extent,
-            directory_crc: crc32c::crc32c(&placement.dir_bytes),
+            directory: dir_extent,
+            directory_crc: crc32c::crc32c(&dir_bytes),
             directory_mac: key
-                .map(|k| k.directory_mac(&id, &placement.dir_bytes))
+                .map(|k| k.directory_mac(&id, &dir_bytes))
                 .unwrap_or([0; 32]),
         };
         let slot_index = 1 - cur.slot_index;
 
-        // (3) + (4): write everything, then the one sync.
+        // (4) Write everything, then the one sync.
         let written = (|| {
-            write_placed(&mut *store.disk, &staged, &placement)?;
+            for (offset, buf) in &writes.0 {
+                store.disk.write_at(*offset, buf)?;
+            }
             store
                 .disk
                 .write_at(SLOT_OFFSETS[slot_index], &slot.encode())?;
@@ -241,26 +273,23 @@ impl<'s> Transaction<'s> {
         }
 
         // (5) The new generation is durable: switch to it.
-        store.slots = vec![
-            super::SlotReport {
-                index: slot_index,
-                generation: Some(generation),
-                status: "ok (current)".into(),
-                sound: true,
-            },
-            super::SlotReport {
-                index: cur.slot_index,
-                generation: Some(cur.slot.generation),
-                status: "ok".into(),
-                sound: true,
-            },
+        let report = |index, generation, status: &str| super::SlotReport {
+            index,
+            generation: Some(generation),
+            status: status.into(),
+            sound: true,
+        };
+        let mut slots = vec![
+            report(slot_index, generation, "ok (current)"),
+            report(cur.slot_index, cur.slot.generation, "ok"),
         ];
-        store.slots.sort_by_key(|r| r.index);
+        slots.sort_by_key(|r| r.index);
+        store.slots = slots;
         store.current = Generation {
             slot_index,
             slot,
             dir,
-            dir_bytes: placement.dir_bytes,
+            dir_bytes,
         };
         if let Some((k, _)) = rekey {
             store.key = Some(k);
@@ -269,103 +298,130 @@ impl<'s> Transaction<'s> {
     }
 }
 
-/// Where a commit's new blocks go.
-struct Placement {
-    dir_bytes: Vec<u8>,
-    dir_extent: Extent,
-    /// Start of one contiguous run holding every new blob and the directory,
-    /// written with a single `pwrite`; `None` when free space was too
-    /// fragmented and each extent is written on its own.
+/// A new blob version on its way to disk.
+struct Staged {
+    name: String,
+    plain: Zeroizing<Vec<u8>>,
+    stored_len: u32,
+}
+
+fn blocks(len: u32) -> u64 {
+    u64::from(len).div_ceil(BLOCK) * BLOCK
+}
+
+/// An upper bound on the encoded size of `dir` once the staged entries are
+/// added: they are encoded with the largest values they can take, and a CBOR
+/// integer never gets shorter as its value grows.
+fn directory_bound(dir: &format::Directory, staged: &[Staged], area: u64, encrypted: bool) -> u64 {
+    let mut probe = dir.clone();
+    for s in staged {
+        let entry = BlobEntry {
+            extent: Extent {
+                offset: area,
+                len: s.stored_len,
+            },
+            plain_len: s.plain.len() as u32,
+            crc: u32::MAX,
+            written_gen: probe.generation,
+            sealed: encrypted.then_some(format::Sealed {
+                salt: [0xff; 32],
+                nonce: [0xff; 12],
+            }),
+        };
+        probe.blobs.insert(s.name.clone(), entry);
+    }
+    probe.encode().len() as u64
+}
+
+/// Where a commit's blocks go.
+struct Layout {
+    /// One extent per staged blob, in order.
+    blobs: Vec<Extent>,
+    /// Area offset of the directory and the bytes reserved for it there.
+    dir_at: u64,
+    dir_room: u64,
+    /// One contiguous run holding every new blob and the directory, written
+    /// with a single `pwrite`; `None` when free space was too fragmented and
+    /// each extent is written on its own.
     run: Option<Extent>,
 }
 
-/// Places the staged blobs and the directory in free blocks of `area`, filling
-/// their extents into `dir`; `None` if they do not fit.
-fn place(
-    cur: &Generation,
-    area: u64,
-    staged: &mut [(String, Vec<u8>, BlobEntry)],
-    dir: &mut format::Directory,
-) -> Option<Placement> {
-    let blocks = |len: usize| (len as u64).div_ceil(BLOCK) * BLOCK;
-    // Fewer separate dirty regions make the one fdatasync cheaper: try one
-    // run first, sized with room for the directory to grow by its offsets.
-    let data: u64 = staged.iter().map(|(_, s, _)| blocks(s.len())).sum();
-    let dir_room = blocks(dir.encode().len() + 16 * staged.len() + 64);
+/// Places the staged blobs and the directory in blocks of `area` the current
+/// generation does not use; `None` if they do not fit.
+fn layout(cur: &Generation, area: u64, staged: &[Staged], dir_bound: u64) -> Option<Layout> {
+    let dir_len = u32::try_from(dir_bound).ok()?;
+    // Fewer separate dirty regions make the one fdatasync cheaper: try one run first.
+    let total = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>() + blocks(dir_len);
     let mut alloc = Allocator::new(area, cur.dir.extents(&cur.slot));
-    if let Some(run) = u32::try_from(data + dir_room)
-        .ok()
-        .and_then(|len| alloc.alloc(len))
-    {
+    if let Some(run) = u32::try_from(total).ok().and_then(|len| alloc.alloc(len)) {
         let mut at = run.offset;
-        for (name, stored, entry) in staged.iter_mut() {
-            entry.extent = Extent {
-                offset: if stored.is_empty() { 0 } else { at },
-                len: stored.len() as u32,
-            };
-            at += blocks(stored.len());
-            dir.blobs.insert(name.clone(), entry.clone());
-        }
-        let dir_bytes = dir.encode();
-        if at + dir_bytes.len() as u64 <= run.end() {
-            let dir_extent = Extent {
-                offset: at,
-                len: dir_bytes.len() as u32,
-            };
-            return Some(Placement {
-                dir_bytes,
-                dir_extent,
-                run: Some(run),
-            });
-        }
+        let blobs = staged
+            .iter()
+            .map(|s| {
+                let e = Extent {
+                    offset: if s.stored_len == 0 { 0 } else { at },
+                    len: s.stored_len,
+                };
+                at += blocks(s.stored_len);
+                e
+            })
+            .collect();
+        return Some(Layout {
+            blobs,
+            dir_at: at,
+            dir_room: run.end() - at,
+            run: Some(run),
+        });
     }
     let mut alloc = Allocator::new(area, cur.dir.extents(&cur.slot));
-    for (name, stored, entry) in staged.iter_mut() {
-        entry.extent = alloc.alloc(stored.len() as u32)?;
-        dir.blobs.insert(name.clone(), entry.clone());
-    }
-    let dir_bytes = dir.encode();
-    let dir_extent = alloc.alloc(dir_bytes.len() as u32)?;
-    Some(Placement {
-        dir_bytes,
-        dir_extent,
+    let blobs = staged
+        .iter()
+        .map(|s| alloc.alloc(s.stored_len))
+        .collect::<Option<Vec<_>>>()?;
+    let dir = alloc.alloc(dir_len)?;
+    Some(Layout {
+        blobs,
+        dir_at: dir.offset,
+        dir_room: blocks(dir_len),
         run: None,
     })
 }
 
-/// Writes the placed blobs and directory: one `pwrite` for a contiguous run.
-fn write_placed(
-    disk: &mut dyn crate::image::Disk,
-    staged: &[(String, Vec<u8>, BlobEntry)],
-    p: &Placement,
-) -> Result<(), crate::image::ImageError> {
-    // Whole blocks are written, zero-padded, so no block in use ever keeps
-    // stale bytes of an older version (or of old plaintext after a rekey).
-    match p.run {
-        Some(run) => {
-            let mut buf = vec![0u8; (run.end() - run.offset) as usize];
-            for (_, stored, entry) in staged.iter().filter(|(_, s, _)| !s.is_empty()) {
-                let at = (entry.extent.offset - run.offset) as usize;
-                buf[at..at + stored.len()].copy_from_slice(stored);
-            }
-            let at = (p.dir_extent.offset - run.offset) as usize;
-            buf[at..at + p.dir_bytes.len()].copy_from_slice(&p.dir_bytes);
-            disk.write_at(run.offset, &buf)
+/// The zero-filled, whole-block buffers a commit writes, by area offset.
+/// Whole blocks are written so no block in use keeps stale bytes of an older
+/// version (or old plaintext after a rekey).
+struct Writes(Vec<(u64, Vec<u8>)>);
+
+impl Layout {
+    fn buffers(&self) -> Writes {
+        let zeroed = |offset: u64, len: u64| (offset, vec![0u8; len as usize]);
+        match self.run {
+            Some(run) => Writes(vec![zeroed(run.offset, run.end() - run.offset)]),
+            None => Writes(
+                self.blobs
+                    .iter()
+                    .filter(|e| e.len > 0)
+                    .map(|e| zeroed(e.offset, e.end() - e.offset))
+                    .chain([zeroed(self.dir_at, self.dir_room)])
+                    .collect(),
+            ),
         }
-        None => {
-            let padded = |bytes: &[u8]| {
-                let mut v = bytes.to_vec();
-                v.resize(
-                    (bytes.len() as u64).div_ceil(BLOCK) as usize * BLOCK as usize,
-                    0,
-                );
-                v
-            };
-            for (_, stored, entry) in staged.iter().filter(|(_, s, _)| !s.is_empty()) {
-                disk.write_at(entry.extent.offset, &padded(stored))?;
-            }
-            disk.write_at(p.dir_extent.offset, &padded(&p.dir_bytes))
-        }
+    }
+}
+
+impl Writes {
+    /// The bytes at area `offset..offset+len`, which lie inside one buffer by
+    /// construction of the layout.
+    fn slice(&mut self, offset: u64, len: u32) -> &mut [u8] {
+        let (start, buf) = self
+            .0
+            .iter_mut()
+            .find(|(start, buf)| {
+                *start <= offset && offset + u64::from(len) <= *start + buf.len() as u64
+            })
+            .expect("every placed extent lies inside one write buffer");
+        let at = (offset - *start) as usize;
+        &mut buf[at..at + len as usize]
     }
 }
 
