@@ -64,6 +64,15 @@ pub enum MigrationError {
         /// The check's message.
         reason: String,
     },
+    /// While released, the source's generation stopped verifying on disk; the
+    /// source still holds the lock and should put every blob again.
+    #[error("{}: the image was damaged while released: {reason}; rewrite every blob to repair it", path.display())]
+    Damaged {
+        /// The image.
+        path: PathBuf,
+        /// What no longer verifies.
+        reason: String,
+    },
     /// While released, somebody committed to the image: the source's state is stale.
     #[error("{}: the image changed while released (generation {found}, this handle has {ours})", path.display())]
     Diverged {
@@ -84,8 +93,9 @@ impl MigrationError {
             MigrationError::Store(e) => e.kind(),
             MigrationError::Slot { .. }
             | MigrationError::Rejected { .. }
-            | MigrationError::Diverged { .. } => crate::ErrorKind::Corrupt,
-            MigrationError::MissingBlob { .. } => crate::ErrorKind::Corrupt,
+            | MigrationError::Diverged { .. }
+            | MigrationError::Damaged { .. }
+            | MigrationError::MissingBlob { .. } => crate::ErrorKind::Corrupt,
         }
     }
 }
@@ -102,7 +112,16 @@ pub fn release_outgoing(store: &mut Store) -> Result<(), MigrationError> {
 }
 
 /// Source side after a failed migration: takes the writer lock back, waiting
-/// up to `timeout`, and checks nobody committed meanwhile.
+/// up to `timeout`, then checks the image still holds this handle's generation.
+///
+/// - `Ok`: it does, intact; the source continues.
+/// - [`MigrationError::Diverged`]: a newer generation is on disk (the target
+///   committed); the lock is released again and the source must not continue
+///   with its stale state.
+/// - [`MigrationError::Damaged`]: this handle's generation no longer verifies
+///   (the storage was damaged meanwhile). The lock is **kept**: the source is
+///   the only party still holding the TPM state (in the TPM's memory), and one
+///   transaction that puts every blob again repairs the store.
 pub fn reclaim(store: &mut Store, timeout: Duration) -> Result<(), MigrationError> {
     store
         .reacquire_lock(LockMode::Writer, Some(timeout))
@@ -111,16 +130,24 @@ pub fn reclaim(store: &mut Store, timeout: Duration) -> Result<(), MigrationErro
             other => MigrationError::Store(other),
         })?;
     let ours = store.generation();
-    let found = store.disk_generation().map_err(MigrationError::Store)?;
-    if found != ours {
-        store.release_open_lock();
-        return Err(MigrationError::Diverged {
-            path: store.path().to_path_buf(),
-            found,
-            ours,
-        });
+    let path = store.path().to_path_buf();
+    match store.disk_generation() {
+        Ok(found) if found == ours => Ok(()),
+        Ok(found) if found > ours => {
+            store.release_open_lock();
+            Err(MigrationError::Diverged { path, found, ours })
+        }
+        Ok(found) => Err(MigrationError::Damaged {
+            path,
+            reason: format!(
+                "generation {ours} no longer verifies; the newest intact one is {found}"
+            ),
+        }),
+        Err(e) => Err(MigrationError::Damaged {
+            path,
+            reason: e.to_string(),
+        }),
     }
-    Ok(())
 }
 
 /// Target side: an image opened but not yet locked nor read.

@@ -106,8 +106,21 @@ fn target_process_claims_after_source_release_and_source_reclaim_then_names_it()
     assert!(holders(&img).is_empty());
 }
 
+/// What the source can do after the failed claim.
+#[derive(PartialEq)]
+enum Aftermath {
+    /// The image is as it left it: reclaim and continue.
+    Continue,
+    /// Its generation was damaged: reclaim reports it and keeps the lock; the
+    /// source rewrites every blob from its TPM's memory and continues.
+    Repair,
+    /// The qcow2 file itself was cut short: reclaim reports the damage.
+    Lost,
+}
+
 struct Case {
     name: &'static str,
+    after: Aftermath,
     damage: fn(&Path, &Store),
     opts: fn() -> ClaimOptions<'static>,
     expect: fn(&MigrationError) -> bool,
@@ -149,6 +162,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
     let cases = [
         Case {
             name: "wrong key",
+            after: Aftermath::Continue,
             damage: |_, _| {},
             opts: || ClaimOptions {
                 key: Some(key(0x43)),
@@ -158,6 +172,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         },
         Case {
             name: "no key",
+            after: Aftermath::Continue,
             damage: |_, _| {},
             opts: || ClaimOptions {
                 key: None,
@@ -167,18 +182,21 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         },
         Case {
             name: "flipped blob",
+            after: Aftermath::Repair,
             damage: |img, s| flip_guest(img, blob_at(s, "permall") + 100),
             opts: with_key,
             expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("blob \"permall\"")),
         },
         Case {
             name: "flipped header",
+            after: Aftermath::Repair,
             damage: |img, s| flip_guest(img, current_slot(s) + 20),
             opts: with_key,
             expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("header checksum")),
         },
         Case {
             name: "flipped directory",
+            after: Aftermath::Repair,
             damage: |img, s| {
                 let slot = tpmstate::store::dump_headers_of(s)
                     .into_iter()
@@ -191,6 +209,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         },
         Case {
             name: "truncated image",
+            after: Aftermath::Lost,
             damage: |img, _| {
                 std::fs::OpenOptions::new()
                     .write(true)
@@ -204,6 +223,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         },
         Case {
             name: "required blob missing",
+            after: Aftermath::Continue,
             damage: |_, _| {},
             opts: || ClaimOptions {
                 required: vec!["permall".into(), "nvram-extra".into()],
@@ -213,6 +233,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         },
         Case {
             name: "rejected by the caller's check",
+            after: Aftermath::Continue,
             damage: |_, _| {},
             opts: || ClaimOptions {
                 validate: Some(&|name, data| {
@@ -228,6 +249,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         },
         Case {
             name: "newer format version",
+            after: Aftermath::Repair,
             damage: |img, s| {
                 let at = host_offset(img, current_slot(s));
                 let mut bytes = std::fs::read(img).unwrap();
@@ -277,18 +299,65 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
             case.name,
             holders(&img)
         );
-        if case.name.starts_with("wrong")
-            || case.name.starts_with("no key")
-            || case.name.starts_with("required")
-            || case.name.starts_with("rejected")
-        {
-            migration::reclaim(&mut src, Duration::from_secs(1))
-                .unwrap_or_else(|e| panic!("{}: reclaim: {e}", case.name));
-            src.put("permall", b"source keeps running").unwrap();
-            assert_eq!(
-                &**src.get("permall").unwrap().unwrap(),
-                b"source keeps running"
-            );
+        match case.after {
+            Aftermath::Continue => {
+                migration::reclaim(&mut src, Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("{}: reclaim: {e}", case.name));
+                src.put("permall", b"source keeps running").unwrap();
+                assert_eq!(
+                    &**src.get("permall").unwrap().unwrap(),
+                    b"source keeps running"
+                );
+            }
+            Aftermath::Repair => {
+                let err = migration::reclaim(&mut src, Duration::from_secs(1)).unwrap_err();
+                assert!(
+                    matches!(err, MigrationError::Damaged { .. }),
+                    "{}: {err}",
+                    case.name
+                );
+                assert_eq!(
+                    src.lock().unwrap().held(),
+                    Some(tpmstate::LockMode::Writer),
+                    "{}: lock kept",
+                    case.name
+                );
+                let mut t = src.transaction();
+                for name in ["permall", "volatilestate", "savestate"] {
+                    t.put(name, format!("{name} from the TPM's memory").as_bytes())
+                        .unwrap();
+                }
+                t.commit().unwrap();
+                src.put("volatilestate", b"and later commits").unwrap();
+                drop(src);
+                let reopened = Store::open(
+                    &img,
+                    OpenOptions {
+                        key: Some(key(0x42)),
+                        ..Default::default()
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{}: after repair: {e}", case.name));
+                assert_eq!(
+                    &**reopened.get_required("permall").unwrap(),
+                    b"permall from the TPM's memory"
+                );
+                assert_eq!(
+                    &**reopened.get_required("volatilestate").unwrap(),
+                    b"and later commits"
+                );
+                reopened.check().unwrap();
+                drop(reopened);
+                assert_qemu_check_clean(&img);
+            }
+            Aftermath::Lost => {
+                let err = migration::reclaim(&mut src, Duration::from_secs(1)).unwrap_err();
+                assert!(
+                    matches!(err, MigrationError::Damaged { .. }),
+                    "{}: {err}",
+                    case.name
+                );
+            }
         }
     }
 }
