@@ -31,19 +31,7 @@ fn encrypted_store_needs_the_right_key_and_never_holds_plaintext() {
         key_file(dir.path(), "bad", 0x22),
     );
     let (blob, data) = secret_blob(dir.path());
-    assert_eq!(cli(&["create", i, "--key-file", path_str(&k)]).0, 0);
-    assert_eq!(
-        cli(&[
-            "put",
-            i,
-            "permall",
-            path_str(&blob),
-            "--key-file",
-            path_str(&k)
-        ])
-        .0,
-        0
-    );
+    create_encrypted_with_permall(&img, &k, &blob);
     assert!(
         !find(&std::fs::read(&img).unwrap(), b"TPM-OWNER-SECRET-"),
         "plaintext found in the image"
@@ -99,19 +87,7 @@ fn flipped_tag_byte_is_reported_as_corruption() {
     let img = dir.path().join("t.qcow2");
     let (i, k) = (path_str(&img), key_file(dir.path(), "k", 0x33));
     let (blob, _) = secret_blob(dir.path());
-    assert_eq!(cli(&["create", i, "--key-file", path_str(&k)]).0, 0);
-    assert_eq!(
-        cli(&[
-            "put",
-            i,
-            "permall",
-            path_str(&blob),
-            "--key-file",
-            path_str(&k)
-        ])
-        .0,
-        0
-    );
+    create_encrypted_with_permall(&img, &k, &blob);
     // The first blob of a fresh store lies at area offset 12288 (after two
     // slots and generation 1's directory); qemu-img map gives the host offset.
     let (_, map, _) = qemu_img(&["map", "--output=json", i]);
@@ -183,19 +159,7 @@ fn rekey_switches_keys_atomically() {
         key_file(dir.path(), "new", 0x66),
     );
     let (blob, data) = secret_blob(dir.path());
-    assert_eq!(cli(&["create", i, "--key-file", path_str(&old)]).0, 0);
-    assert_eq!(
-        cli(&[
-            "put",
-            i,
-            "permall",
-            path_str(&blob),
-            "--key-file",
-            path_str(&old)
-        ])
-        .0,
-        0
-    );
+    create_encrypted_with_permall(&img, &old, &blob);
     let (code, _, err) = cli(&[
         "rekey",
         i,

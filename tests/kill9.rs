@@ -69,14 +69,7 @@ fn store_survives_100_sigkills_during_commits() {
     let mut known = 1u64;
     let mut advanced = 0;
     for round in 0..100 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "kill9_child_commit_loop",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &image)
+        let mut child = child_test("kill9_child_commit_loop", CHILD_ENV, &image)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -51,14 +51,7 @@ fn eight_processes_incrementing_under_the_writer_lock_lose_nothing_and_never_ove
     assert_eq!(cli(&["create", path_str(&img)]).0, 0);
     let children: Vec<_> = (0..8)
         .map(|_| {
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "race_child_increment_loop",
-                    "--exact",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CHILD_ENV, &img)
+            child_test("race_child_increment_loop", CHILD_ENV, &img)
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()

@@ -76,14 +76,7 @@ fn target_process_claims_after_source_release_and_source_reclaim_then_names_it()
     let dir = scratch();
     let (img, mut src) = source(dir.path());
     migration::release_outgoing(&mut src).unwrap();
-    let mut target = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "migration_target_child",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(TARGET_ENV, &img)
+    let mut target = child_test("migration_target_child", TARGET_ENV, &img)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

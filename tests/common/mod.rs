@@ -87,3 +87,22 @@ pub fn flip(image: &Path, at: u64, mask: u8) {
     b[0] ^= mask;
     f.write_all_at(&b, at).unwrap();
 }
+
+/// This test binary run again to execute only the child-mode test `name`,
+/// which reads its task from the environment variable `env`.
+pub fn child_test(name: &str, env: &str, value: &Path) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, value);
+    c
+}
+
+/// `tpmstate create IMAGE --key-file KEY` then `put IMAGE permall BLOB` with that key.
+pub fn create_encrypted_with_permall(image: &Path, key: &Path, blob: &Path) {
+    let (i, k) = (path_str(image), path_str(key));
+    assert_eq!(cli(&["create", i, "--key-file", k]).0, 0);
+    assert_eq!(
+        cli(&["put", i, "permall", path_str(blob), "--key-file", k]).0,
+        0
+    );
+}
