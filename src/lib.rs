@@ -59,3 +59,11 @@ impl ErrorKind {
         }
     }
 }
+
+/// The handles an emulator shares between threads must stay `Send + Sync`.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Store>();
+    send_sync::<lock::ImageLock>();
+    send_sync::<lock::LockGuard>();
+};
