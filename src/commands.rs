@@ -395,23 +395,68 @@ fn print_info(i: &store::StoreInfo) {
 
 fn dump_headers(image: &Path) -> Result<(), Failure> {
     let file = std::fs::File::open(image).map_err(|e| io(image, e))?;
-    let disk = Qcow2Disk::open(image, std::sync::Arc::new(file))?;
+    let file = std::sync::Arc::new(file);
+    let disk = match Qcow2Disk::open(image, file.clone()) {
+        Ok(disk) => disk,
+        Err(e) => {
+            // The qcow2 layer is unreadable: look for slots in the raw file.
+            println!("qcow2 layer unusable ({e}); scanning the raw file for header slots");
+            return scan_raw_slots(image, &file);
+        }
+    };
     println!("allocated store area: {} bytes", disk.size());
     for (i, slot) in store::dump_headers(&disk) {
         match slot {
-            Ok(s) => println!(
-                "slot {i}: format {} generation {} encrypted {} store {} area {} directory {}+{} crc {:08x}",
-                s.format_version,
-                s.generation,
-                s.encrypted,
-                hex::encode(s.store_id),
-                s.area_len,
-                s.directory.offset,
-                s.directory.len,
-                s.directory_crc
-            ),
+            Ok(s) => println!("slot {i}: {}", describe_slot(&s)),
             Err(why) => println!("slot {i}: unusable: {why}"),
         }
+    }
+    Ok(())
+}
+
+fn describe_slot(s: &tpmstate::format::Slot) -> String {
+    format!(
+        "format {} generation {} encrypted {} store {} area {} directory {}+{} crc {:08x}",
+        s.format_version,
+        s.generation,
+        s.encrypted,
+        hex::encode(s.store_id),
+        s.area_len,
+        s.directory.offset,
+        s.directory.len,
+        s.directory_crc
+    )
+}
+
+/// Prints every 512-byte-aligned run of the file that carries the slot magic.
+fn scan_raw_slots(image: &Path, file: &std::fs::File) -> Result<(), Failure> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().map_err(|e| io(image, e))?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut found = 0;
+    let mut base = 0u64;
+    while base < len {
+        let n = file.read_at(&mut buf, base).map_err(|e| io(image, e))?;
+        if n == 0 {
+            break;
+        }
+        for at in (0..n).step_by(512) {
+            let sector = &buf[at..n.min(at + 512)];
+            if sector.starts_with(tpmstate::format::MAGIC) {
+                found += 1;
+                match tpmstate::format::Slot::decode(sector) {
+                    Ok(s) => println!("file offset {}: {}", base + at as u64, describe_slot(&s)),
+                    Err(why) => println!(
+                        "file offset {}: magic, but unusable: {why}",
+                        base + at as u64
+                    ),
+                }
+            }
+        }
+        base += n as u64;
+    }
+    if found == 0 {
+        println!("no header slot found in {} bytes", len);
     }
     Ok(())
 }

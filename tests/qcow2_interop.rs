@@ -201,3 +201,29 @@ fn dirty_and_qcow2_encrypted_images_are_refused() {
     std::fs::write(&enc, &bytes).unwrap();
     expect_refused(&enc, 7, "qcow2 encryption");
 }
+
+#[test]
+fn dump_headers_shows_slots_even_when_the_qcow2_layer_is_broken() {
+    let dir = scratch();
+    let image = dir.path().join("d.qcow2");
+    let i = path_str(&image);
+    assert_eq!(cli(&["create", i]).0, 0);
+    let (code, out, _) = cli(&["dump-headers", i]);
+    assert_eq!(code, 0);
+    assert!(out.contains("slot 0: format 1 generation 1"), "{out}");
+    // Cut the file inside the data clusters: the qcow2 layer refuses it, the
+    // raw scan still finds the slot.
+    let host = host_offset(&image, 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(host + 65536)
+        .unwrap();
+    let (code, out, err) = cli(&["dump-headers", i]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("scanning the raw file") && out.contains("generation 1"),
+        "{out}"
+    );
+}
