@@ -177,6 +177,10 @@ fn unsupported_and_foreign_images_get_their_exit_codes_and_stay_untouched() {
     drop(f);
     expect_refused(&truncated, 3, "truncated image");
 
+    let zero = p("zero.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&zero), "0"]);
+    expect_refused(&zero, 7, "zero virtual size");
+
     let blank = p("blank.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&blank), "4M"]);
     let (code, _, err) = cli(&["info", path_str(&blank)]);

@@ -176,6 +176,10 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
             "header_length {header_length} out of range"
         )));
     }
+    if size == 0 {
+        // Also guards qcow2-rs, which asserts on the zero-length L1 buffer it would allocate.
+        return Err(Unsupported("virtual size 0 (no room for a store)".into()));
+    }
     if size > MAX_VIRTUAL_SIZE {
         return Err(Unsupported(format!(
             "virtual size {size} bytes (at most 1 TiB)"
@@ -234,6 +238,21 @@ mod tests {
             Err(HeaderProblem::NotQcow2(_))
         ));
         assert!(matches!(parse(&[], 0), Err(HeaderProblem::NotQcow2(_))));
+    }
+
+    #[test]
+    fn zero_virtual_size_is_refused() {
+        // Found by the qcow2_image fuzz target: qcow2-rs asserts on it.
+        let mut b = vec![0u8; 512];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&12u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        assert!(matches!(
+            parse(&b, 1 << 20),
+            Err(HeaderProblem::Unsupported(_))
+        ));
     }
 
     #[test]
