@@ -14,6 +14,12 @@ pub const MIN_CLUSTER_BITS: u32 = 12;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// Largest virtual size we accept; an NVRAM image is a few MiB.
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 40;
+/// QEMU's limits on the L1 table (32 MiB) and the refcount table (8 MiB). They
+/// also bound what qcow2-rs allocates for a hostile header: an allocation
+/// failure aborts the process, which no error handling could catch.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// See [`MAX_L1_BYTES`].
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -199,6 +205,13 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
     if u64::from(l1_size) < needed_l1 {
         return Err(Corrupt(format!(
             "L1 table of {l1_size} entries too small for {size} bytes"
+        )));
+    }
+    if u64::from(l1_size) * 8 > MAX_L1_BYTES
+        || u64::from(refcount_table_clusters) * cs > MAX_REFTABLE_BYTES
+    {
+        return Err(Corrupt(format!(
+            "L1 table ({l1_size} entries) or refcount table ({refcount_table_clusters} clusters) larger than QEMU allows"
         )));
     }
     if refcount_table_clusters == 0 || refcount_table_offset == 0 {
