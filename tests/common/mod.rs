@@ -88,12 +88,18 @@ pub fn flip(image: &Path, at: u64, mask: u8) {
     f.write_all_at(&b, at).unwrap();
 }
 
-/// This test binary run again to execute only the child-mode test `name`,
-/// which reads its task from the environment variable `env`.
+/// This test binary run again to execute only the (ignored) child-mode test
+/// `name`, which reads its task from the environment variable `env`.
 pub fn child_test(name: &str, env: &str, value: &Path) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(env, value);
+    c.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(env, value);
     c
 }
 
