@@ -75,3 +75,40 @@ fn any_flipped_byte_of_a_plaintext_store_is_detected_or_harmless() {
 fn any_flipped_byte_of_an_encrypted_store_is_detected_or_harmless() {
     sweep(Some(KeySource::Key(Key::generate())));
 }
+
+#[test]
+fn check_catches_damage_that_appears_after_open() {
+    let key = KeySource::Key(Key::generate());
+    let (disk, _) = history(Some(&key));
+    let blob = {
+        let s =
+            Store::open_disk(Box::new(disk.clone()), Path::new("<memory>"), Some(&key)).unwrap();
+        s.list()
+            .into_iter()
+            .find(|b| b.name == "permall")
+            .unwrap()
+            .area_offset as usize
+    };
+    let slot = tpmstate::store::dump_headers_of(
+        &Store::open_disk(Box::new(disk.clone()), Path::new("<memory>"), Some(&key)).unwrap(),
+    )
+    .into_iter()
+    .max_by_key(|s| s.generation)
+    .unwrap();
+    let current_slot = if slot.generation % 2 == 0 { 4096 } else { 0 };
+    for (what, offset) in [
+        ("blob", blob + 10),
+        ("directory", slot.directory.offset as usize + 5),
+        ("header", current_slot + 30),
+    ] {
+        let shared = SharedDisk::new(disk.clone());
+        let store =
+            Store::open_disk(Box::new(shared.clone()), Path::new("<memory>"), Some(&key)).unwrap();
+        store.check().unwrap();
+        shared.with(|d| d.flip_byte(offset, 0x04));
+        assert!(
+            store.check().is_err(),
+            "{what}: damage after open must fail check"
+        );
+    }
+}

@@ -507,24 +507,33 @@ impl Store {
     /// MAC and every blob's tag. Fails with [`StoreError::KeyMissing`] on an
     /// encrypted store opened without a key.
     pub fn check(&self) -> Result<CheckReport, StoreError> {
-        let g = match recover::load(
-            &*self.disk,
-            self.current.slot_index,
-            self.current.slot.clone(),
-        ) {
-            Ok(g) => g,
-            Err(recover::LoadFailure::Disk(e)) => return Err(e.into()),
-            Err(recover::LoadFailure::Bad(why)) | Err(recover::LoadFailure::Newer(why)) => {
-                return Err(StoreError::Corrupt {
-                    path: self.path.clone(),
-                    reason: why,
-                })
-            }
-        };
         if self.is_encrypted() && self.key.is_none() {
             return Err(StoreError::KeyMissing {
                 path: self.path.clone(),
             });
+        }
+        let g = &self.current;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        };
+        // The header and directory as they are on disk now must be the ones
+        // opened; every blob is then read once, checksummed and decrypted.
+        if recover::read_slot(&*self.disk, g.slot_index)?.as_ref() != Ok(&g.slot) {
+            return Err(corrupt(format!(
+                "header slot {} changed or damaged since the store was opened",
+                g.slot_index
+            )));
+        }
+        let d = g.slot.directory;
+        match recover::read_checked(&*self.disk, d.offset, d.len, g.slot.directory_crc)? {
+            Ok(bytes) if bytes == g.dir_bytes => {}
+            Ok(_) => {
+                return Err(corrupt(
+                    "directory changed on disk since the store was opened".into(),
+                ))
+            }
+            Err(why) => return Err(corrupt(format!("directory: {why}"))),
         }
         if let Some(key) = &self.key {
             key.verify_directory_mac(&g.slot.store_id, &g.dir_bytes, &g.slot.directory_mac)
