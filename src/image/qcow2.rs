@@ -142,7 +142,10 @@ impl Qcow2Disk {
         {
             return Err(bad(format!("cluster size 2^{} bytes", opts.cluster_bits)));
         }
-        if opts.size == 0 || opts.size % 512 != 0 || opts.size > qcow2_header::MAX_VIRTUAL_SIZE {
+        if opts.size == 0
+            || !opts.size.is_multiple_of(512)
+            || opts.size > qcow2_header::MAX_VIRTUAL_SIZE
+        {
             return Err(bad(format!(
                 "image size {} bytes (a non-zero multiple of 512 up to 1 TiB)",
                 opts.size
@@ -380,13 +383,20 @@ impl Qcow2Disk {
             if pos >= len {
                 return None;
             }
+            let start = pos;
             let guest = offset + pos as u64;
-            let in_cluster = guest % cs;
-            let n = ((cs - in_cluster) as usize).min(len - pos);
-            let host = self.host[(guest / cs) as usize] + in_cluster;
-            let item = (host, pos, n);
-            pos += n;
-            Some(item)
+            let host = self.host[(guest / cs) as usize] + guest % cs;
+            // Clusters that follow each other in the file too make one range
+            // (one syscall): preallocated areas usually are contiguous.
+            while pos < len {
+                let guest = offset + pos as u64;
+                let in_cluster = guest % cs;
+                if self.host[(guest / cs) as usize] + in_cluster != host + (pos - start) as u64 {
+                    break;
+                }
+                pos += ((cs - in_cluster) as usize).min(len - pos);
+            }
+            Some((host, start, pos - start))
         }))
     }
 }
