@@ -179,11 +179,10 @@ fn claims(work: &Path, key: &KeySource) -> std::io::Result<()> {
             },
         )
         .map_err(fail)?;
+        let (permall, volatile) = (random_bytes(total * 3 / 4, 7), random_bytes(total / 4, 8));
         let mut t = s.transaction();
-        t.put("permall", &random_bytes(total * 3 / 4, 7))
-            .map_err(fail)?;
-        t.put("volatilestate", &random_bytes(total / 4, 8))
-            .map_err(fail)?;
+        t.put("permall", &permall).map_err(fail)?;
+        t.put("volatilestate", &volatile).map_err(fail)?;
         t.commit().map_err(fail)?;
         migration::release_outgoing(&mut s).map_err(fail)?;
         drop(s);

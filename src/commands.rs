@@ -407,7 +407,22 @@ fn dump_headers(image: &Path) -> Result<(), Failure> {
     println!("allocated store area: {} bytes", disk.size());
     for (i, slot) in store::dump_headers(&disk) {
         match slot {
-            Ok(s) => println!("slot {i}: {}", describe_slot(&s)),
+            Ok(s) => {
+                println!("slot {i}: {}", describe_slot(&s));
+                match store::dump_chain(&disk, i, &s) {
+                    Ok(chain) => {
+                        for (at, header) in chain {
+                            match header {
+                                Ok(h) => {
+                                    println!("  chained at area offset {at}: {}", describe_slot(&h))
+                                }
+                                Err(why) => println!("  chain ends at damage: {why}"),
+                            }
+                        }
+                    }
+                    Err(e) => println!("  chain unreadable: {e}"),
+                }
+            }
             Err(why) => println!("slot {i}: unusable: {why}"),
         }
     }
@@ -416,7 +431,7 @@ fn dump_headers(image: &Path) -> Result<(), Failure> {
 
 fn describe_slot(s: &tpmstate::format::Slot) -> String {
     format!(
-        "format {} generation {} encrypted {} store {} area {} directory {}+{} crc {:08x}",
+        "format {} generation {} encrypted {} store {} area {} directory {}+{} crc {:08x} next {}",
         s.format_version,
         s.generation,
         s.encrypted,
@@ -424,7 +439,8 @@ fn describe_slot(s: &tpmstate::format::Slot) -> String {
         s.area_len,
         s.directory.offset,
         s.directory.len,
-        s.directory_crc
+        s.directory_crc,
+        s.next
     )
 }
 

@@ -14,8 +14,9 @@
 //!   swapped for older versions of themselves.
 
 use crate::format::{Kdf, Sealed};
-use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::inout::InOutBuf;
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
+use aes_gcm::Aes256Gcm;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
@@ -146,18 +147,20 @@ impl Key {
 
     fn blob_cipher(&self, store_id: &[u8; 16], salt: &[u8; 32]) -> Aes256Gcm {
         let k = self.derive(salt, &[b"tpmstate/v1/blob", store_id]);
-        Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(&*k))
+        Aes256Gcm::new(&aes_gcm::Key::<Aes256Gcm>::from(*k))
     }
 
-    /// Encrypts one blob version under a fresh derived key, in place: `buf`
-    /// holds the plaintext followed by [`crate::format::TAG_BYTES`] bytes that
-    /// receive the tag.
-    pub fn seal_in_place(
+    /// Encrypts one blob version under a fresh derived key from `plain` into
+    /// `out`, which must be [`crate::format::TAG_BYTES`] longer than `plain`
+    /// and receives the ciphertext followed by the tag. Encrypting straight
+    /// into the buffer that is written saves a copy (and wiping that copy).
+    pub fn seal_into(
         &self,
         store_id: &[u8; 16],
         name: &str,
         generation: u64,
-        buf: &mut [u8],
+        plain: &[u8],
+        out: &mut [u8],
     ) -> Sealed {
         let mut sealed = Sealed {
             salt: [0; 32],
@@ -166,11 +169,16 @@ impl Key {
         rand::rngs::OsRng.fill_bytes(&mut sealed.salt);
         rand::rngs::OsRng.fill_bytes(&mut sealed.nonce);
         let aad = associated_data(store_id, name, generation);
-        let (plain, tag_out) = buf.split_at_mut(buf.len() - crate::format::TAG_BYTES as usize);
-        let tag = self
-            .blob_cipher(store_id, &sealed.salt)
-            .encrypt_in_place_detached(Nonce::from_slice(&sealed.nonce), &aad, plain)
-            // AES-GCM encryption only fails for inputs over 64 GiB; blobs are u32-sized.
+        let (body, tag_out) = out.split_at_mut(plain.len());
+        let tag = InOutBuf::new(plain, body)
+            .ok()
+            .and_then(|buf| {
+                self.blob_cipher(store_id, &sealed.salt)
+                    .encrypt_inout_detached(&sealed.nonce.into(), &aad, buf)
+                    .ok()
+            })
+            // Both slices have plain.len() bytes by the split above, and AES-GCM
+            // only refuses inputs over 64 GiB; blobs are u32-sized.
             .expect("AES-GCM encrypts any blob below 64 GiB");
         tag_out.copy_from_slice(&tag);
         sealed
@@ -184,9 +192,8 @@ impl Key {
         generation: u64,
         plain: &[u8],
     ) -> (Sealed, Vec<u8>) {
-        let mut buf = plain.to_vec();
-        buf.resize(plain.len() + crate::format::TAG_BYTES as usize, 0);
-        let sealed = self.seal_in_place(store_id, name, generation, &mut buf);
+        let mut buf = vec![0; plain.len() + crate::format::TAG_BYTES as usize];
+        let sealed = self.seal_into(store_id, name, generation, plain, &mut buf);
         (sealed, buf)
     }
 
@@ -202,7 +209,7 @@ impl Key {
         let aad = associated_data(store_id, name, generation);
         self.blob_cipher(store_id, &sealed.salt)
             .decrypt(
-                Nonce::from_slice(&sealed.nonce),
+                &sealed.nonce.into(),
                 Payload {
                     msg: stored,
                     aad: &aad,

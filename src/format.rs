@@ -1,21 +1,28 @@
-//! The on-disk format: two header slots and a CBOR directory of blob extents.
-//! Pure data and checks, no I/O; `docs/format.md` describes every byte.
+//! The on-disk format: commit headers, two header slots and a CBOR directory
+//! of blob extents. Pure data and checks, no I/O; `docs/format.md` describes
+//! every byte.
 //!
 //! ```text
-//! area offset 0      slot 0 (512 meaningful bytes, padded to 4 KiB)
+//! area offset 0      slot 0 (a 512-byte header, padded to 4 KiB)
 //! area offset 4096   slot 1
-//! area offset 8192.. 4 KiB blocks: blob extents and the directory extent,
-//!                    written copy-on-write into blocks the committed
-//!                    generation does not use
+//! area offset 8192.. 4 KiB blocks: blob extents, directory extents and the
+//!                    header blocks of chained commits, written copy-on-write
+//!                    into blocks the committed generation does not use
 //! ```
+//!
+//! A commit's header is either *anchored* (copied into a slot) or *chained*:
+//! written in the first block of the commit's own run, at the place its
+//! predecessor's header named in `next`, so that a commit is one contiguous
+//! write.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Magic at the start of a slot.
 pub const MAGIC: &[u8; 8] = b"TPMSTATE";
-/// The format version this code writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes and the newest it reads (version 1
+/// had no chained headers; its `next` field is always zero, so it reads as is).
+pub const FORMAT_VERSION: u32 = 2;
 /// The directory schema version this code writes and the newest it reads.
 pub const DIRECTORY_VERSION: u32 = 1;
 /// Bytes of a slot that carry data (the rest of its 4 KiB is zero).
@@ -55,7 +62,8 @@ impl Extent {
     }
 }
 
-/// One header slot (little-endian, 512 bytes, CRC32C in the last 4).
+/// A commit header (little-endian, 512 bytes, CRC32C in the last 4), kept in
+/// a header slot (anchored) or in the first block of a chained commit's run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
     /// Format version that wrote the slot.
@@ -74,6 +82,13 @@ pub struct Slot {
     pub directory_crc: u32,
     /// HMAC-SHA256 of the directory bytes (zeros for a plaintext store).
     pub directory_mac: [u8; 32],
+    /// Random id of this commit; a chained successor names it in `prev_id`.
+    pub commit_id: [u8; 16],
+    /// `commit_id` of the commit this one follows.
+    pub prev_id: [u8; 16],
+    /// Area offset of the block where the next commit's header may be chained
+    /// (a block free in this generation); 0 if the next commit must anchor.
+    pub next: u64,
 }
 
 /// Why a slot was not usable.
@@ -118,6 +133,9 @@ impl Slot {
         b[56..60].copy_from_slice(&self.directory.len.to_le_bytes());
         b[60..64].copy_from_slice(&self.directory_crc.to_le_bytes());
         b[64..96].copy_from_slice(&self.directory_mac);
+        b[96..112].copy_from_slice(&self.commit_id);
+        b[112..128].copy_from_slice(&self.prev_id);
+        b[128..136].copy_from_slice(&self.next.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SLOT_BYTES - 4]);
         b[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -146,6 +164,10 @@ impl Slot {
         store_id.copy_from_slice(&b[24..40]);
         let mut directory_mac = [0u8; 32];
         directory_mac.copy_from_slice(&b[64..96]);
+        let mut commit_id = [0u8; 16];
+        commit_id.copy_from_slice(&b[96..112]);
+        let mut prev_id = [0u8; 16];
+        prev_id.copy_from_slice(&b[112..128]);
         let slot = Slot {
             format_version,
             encrypted: flags & FLAG_ENCRYPTED != 0,
@@ -158,11 +180,14 @@ impl Slot {
             },
             directory_crc: le32(b, 60),
             directory_mac,
+            commit_id,
+            prev_id,
+            next: le64(b, 128),
         };
         if slot.generation == 0 {
             return Err(SlotProblem::Invalid("generation 0".into()));
         }
-        if slot.area_len < DATA_START + BLOCK || slot.area_len % BLOCK != 0 {
+        if slot.area_len < DATA_START + BLOCK || !slot.area_len.is_multiple_of(BLOCK) {
             return Err(SlotProblem::Invalid(format!(
                 "area length {}",
                 slot.area_len
@@ -175,6 +200,12 @@ impl Slot {
             )));
         }
         check_extent(&slot.directory, slot.area_len).map_err(SlotProblem::Invalid)?;
+        let next = Extent {
+            offset: slot.next,
+            len: if slot.next == 0 { 0 } else { SLOT_BYTES as u32 },
+        };
+        check_extent(&next, slot.area_len)
+            .map_err(|why| SlotProblem::Invalid(format!("next header: {why}")))?;
         Ok(slot)
     }
 }
@@ -278,7 +309,7 @@ fn check_extent(e: &Extent, area_len: u64) -> Result<(), String> {
             Err("empty extent with an offset".into())
         };
     }
-    if e.offset < DATA_START || e.offset % BLOCK != 0 || e.end() > area_len {
+    if e.offset < DATA_START || !e.offset.is_multiple_of(BLOCK) || e.end() > area_len {
         return Err(format!(
             "extent {}+{} outside the area of {area_len} bytes",
             e.offset, e.len
@@ -379,6 +410,9 @@ mod tests {
             },
             directory_crc: 1,
             directory_mac: [0; 32],
+            commit_id: [4; 16],
+            prev_id: [5; 16],
+            next: DATA_START + BLOCK,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Live migration on shared storage (`docs/migration.md`).
 //!
-//! Source: [`release_outgoing`] makes sure everything is durable and both header
-//! slots verify, then drops the store's lock while keeping the handle;
+//! Source: [`release_outgoing`] makes sure everything is durable, anchored in
+//! a header slot, and both slots verify, then drops the store's lock while keeping the handle;
 //! [`reclaim`] takes it back with a bounded wait if the migration fails.
 //!
 //! Target: [`Incoming::open_deferred`] opens the image without locking or
@@ -45,6 +45,15 @@ pub enum MigrationError {
         slot: usize,
         /// What is wrong with it.
         status: String,
+    },
+    /// A newer generation than the one that verifies was found (a torn
+    /// commit, or damage to the newest header): refused rather than rolled back.
+    #[error("{}: validation failed: {what}", path.display())]
+    Unsettled {
+        /// The image.
+        path: PathBuf,
+        /// What was found.
+        what: String,
     },
     /// A required blob is absent.
     #[error("{}: validation failed: required blob {name:?} is missing", path.display())]
@@ -92,6 +101,7 @@ impl MigrationError {
             MigrationError::Locked(e) => e.kind(),
             MigrationError::Store(e) => e.kind(),
             MigrationError::Slot { .. }
+            | MigrationError::Unsettled { .. }
             | MigrationError::Rejected { .. }
             | MigrationError::Diverged { .. }
             | MigrationError::Damaged { .. }
@@ -101,12 +111,11 @@ impl MigrationError {
 }
 
 /// Source side: everything is durable after each commit already; this makes
-/// sure both header slots verify (so the target can be strict) and releases
+/// sure the current generation is anchored in a slot, names no successor and
+/// both header slots verify (so the target can be strict), and releases
 /// the handle's lock. The handle stays open for [`reclaim`].
 pub fn release_outgoing(store: &mut Store) -> Result<(), MigrationError> {
-    store
-        .make_both_slots_verify()
-        .map_err(MigrationError::Store)?;
+    store.prepare_handover().map_err(MigrationError::Store)?;
     store.release_open_lock();
     Ok(())
 }
@@ -137,16 +146,22 @@ pub fn reclaim(store: &mut Store, timeout: Duration) -> Result<(), MigrationErro
             store.release_open_lock();
             Err(MigrationError::Diverged { path, found, ours })
         }
-        Ok(found) => Err(MigrationError::Damaged {
-            path,
-            reason: format!(
-                "generation {ours} no longer verifies; the newest intact one is {found}"
-            ),
-        }),
-        Err(e) => Err(MigrationError::Damaged {
-            path,
-            reason: e.to_string(),
-        }),
+        Ok(found) => {
+            store.settle_next_commit();
+            Err(MigrationError::Damaged {
+                path,
+                reason: format!(
+                    "generation {ours} no longer verifies; the newest intact one is {found}"
+                ),
+            })
+        }
+        Err(e) => {
+            store.settle_next_commit();
+            Err(MigrationError::Damaged {
+                path,
+                reason: e.to_string(),
+            })
+        }
     }
 }
 
@@ -215,7 +230,8 @@ fn validate(
     let facts = disk.facts();
     let store =
         Store::open_disk(Box::new(disk), path, opts.key.as_ref()).map_err(MigrationError::Store)?;
-    for r in store.info().slots {
+    let info = store.info();
+    for r in info.slots {
         if !r.sound {
             return Err(MigrationError::Slot {
                 path: path.to_path_buf(),
@@ -223,6 +239,12 @@ fn validate(
                 status: r.status,
             });
         }
+    }
+    if let Some(what) = info.leftover {
+        return Err(MigrationError::Unsettled {
+            path: path.to_path_buf(),
+            what,
+        });
     }
     store.check().map_err(MigrationError::Store)?;
     for name in &opts.required {

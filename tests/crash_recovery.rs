@@ -20,8 +20,12 @@ fn mem() -> &'static Path {
 }
 
 fn fresh(key: Option<&KeySource>) -> CrashDisk {
-    let mut d = CrashDisk::new(AREA, MAX_AREA);
-    Store::format_disk(&mut d, mem(), AREA, key).unwrap();
+    fresh_with_area(key, AREA)
+}
+
+fn fresh_with_area(key: Option<&KeySource>, area: u64) -> CrashDisk {
+    let mut d = CrashDisk::new(area, MAX_AREA);
+    Store::format_disk(&mut d, mem(), area, key).unwrap();
     d
 }
 
@@ -45,28 +49,34 @@ fn contents(store: &Store) -> Model {
 }
 
 fn run_txn(store: &mut Store, txn: &Txn) -> Result<u64, tpmstate::StoreError> {
+    let data: Vec<Option<Vec<u8>>> = txn
+        .iter()
+        .map(|(_, change)| change.map(|(len, fill)| vec![fill; len]))
+        .collect();
     let mut t = store.transaction();
-    for (n, change) in txn {
+    for ((n, _), change) in txn.iter().zip(&data) {
         let name = NAMES[*n as usize % NAMES.len()];
         match change {
-            Some((len, fill)) => t.put(name, &vec![*fill; *len])?,
+            Some(bytes) => t.put(name, bytes)?,
             None => t.delete(name)?,
         }
     }
     t.commit()
 }
 
-/// Runs `txns` on a copy of `base` that crashes at operation `crash_at`;
-/// returns the crashed disk, the last committed model and the in-progress one.
+/// Runs `txns` on a copy of `base` (holding `start`) that crashes at
+/// operation `crash_at`; returns the crashed disk, the last committed model
+/// and the in-progress one.
 fn run_until_crash(
     base: &CrashDisk,
+    start: &Model,
     key: Option<&KeySource>,
     txns: &[Txn],
     crash_at: u64,
 ) -> (CrashDisk, Model, Option<Model>) {
     let mut disk = base.clone();
     disk.crash_at(crash_at);
-    let mut committed = Model::new();
+    let mut committed = start.clone();
     let shared = SharedDisk::new(disk);
     let mut store = Store::open_disk(Box::new(shared.clone()), mem(), key).unwrap();
     let mut in_progress = None;
@@ -96,14 +106,26 @@ fn txn_strategy() -> impl Strategy<Value = Txn> {
 }
 
 fn check_all_crash_points(key: Option<KeySource>, txns: Vec<Txn>, seed: u64) {
-    let base = fresh(key.as_ref());
-    let total = {
-        let (d, _, _) = run_until_crash(&base, key.as_ref(), &txns, u64::MAX);
-        d.ops() - base.ops()
-    };
+    check_all_crash_points_from(&fresh(key.as_ref()), &Model::new(), key, txns, seed);
+}
+
+/// Operations `txns` issue on a copy of `base`, crash-free.
+fn ops_of(base: &CrashDisk, start: &Model, key: Option<&KeySource>, txns: &[Txn]) -> u64 {
+    let (d, _, _) = run_until_crash(base, start, key, txns, u64::MAX);
+    d.ops() - base.ops()
+}
+
+fn check_all_crash_points_from(
+    base: &CrashDisk,
+    start: &Model,
+    key: Option<KeySource>,
+    txns: Vec<Txn>,
+    seed: u64,
+) {
+    let total = ops_of(base, start, key.as_ref(), &txns);
     for crash_at in 0..=total {
         let (crashed, committed, in_progress) =
-            run_until_crash(&base, key.as_ref(), &txns, crash_at);
+            run_until_crash(base, start, key.as_ref(), &txns, crash_at);
         for plan in [
             CrashPlan::DurableOnly,
             CrashPlan::AllWritten,
@@ -145,6 +167,60 @@ proptest! {
     ) {
         check_all_crash_points(Some(KeySource::Key(Key::generate())), txns, seed);
     }
+
+    /// A crash, recovery, more commits and a second crash: what the first
+    /// recovery dropped (a torn commit) must never come back.
+    #[test]
+    fn store_survives_a_second_crash_after_recovering_from_a_first(
+        first in prop::collection::vec(txn_strategy(), 1..5),
+        second in prop::collection::vec(txn_strategy(), 1..5),
+        at in any::<(u64, u64)>(),
+        seed in any::<u64>(),
+        encrypted in any::<bool>(),
+    ) {
+        let key = encrypted.then(|| KeySource::Key(Key::generate()));
+        let key = key.as_ref();
+        let base = fresh(key);
+        let empty = Model::new();
+        let crash1 = at.0 % (ops_of(&base, &empty, key, &first) + 1);
+        let (crashed, _, _) = run_until_crash(&base, &empty, key, &first, crash1);
+        let recovered = crashed.after_crash(CrashPlan::Random(seed));
+        let start = contents(&Store::open_disk(Box::new(recovered.clone()), mem(), key).unwrap());
+        let crash2 = at.1 % (ops_of(&recovered, &start, key, &second) + 1);
+        let (crashed, committed, in_progress) =
+            run_until_crash(&recovered, &start, key, &second, crash2);
+        let after = crashed.after_crash(CrashPlan::Random(seed.rotate_left(17)));
+        let store = Store::open_disk(Box::new(after), mem(), key).unwrap();
+        let got = contents(&store);
+        prop_assert!(
+            got == committed || Some(&got) == in_progress.as_ref(),
+            "crashes at {crash1} then {crash2}: content is neither the last commit nor the one in progress"
+        );
+    }
+}
+
+/// Commits chain until the chain is full, then one anchors in a slot and
+/// frees the chain's blocks: crash at every point around that switch.
+#[test]
+fn crash_anywhere_around_a_full_chain_anchoring_is_recovered() {
+    for key in [None, Some(KeySource::Key(Key::generate()))] {
+        // Room for a full chain: each chained header pins a block until the
+        // next anchor.
+        let shared = SharedDisk::new(fresh_with_area(key.as_ref(), 1024 * 1024));
+        let mut store = Store::open_disk(Box::new(shared.clone()), mem(), key.as_ref()).unwrap();
+        let mut model = Model::new();
+        let txn = |i: usize| -> Txn { vec![((i % 3) as u8, Some((1000 + i * 37, i as u8)))] };
+        // The first commit anchors; the next 32 chain; stop two short of full.
+        for i in 0..31 {
+            run_txn(&mut store, &txn(i)).unwrap();
+            model = apply(&model, &txn(i));
+        }
+        assert_eq!(store.info().chained_commits, 30);
+        drop(store);
+        let base = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
+        let txns: Vec<Txn> = (31..36).map(txn).collect();
+        check_all_crash_points_from(&base, &model, key, txns, 7);
+    }
 }
 
 #[test]
@@ -154,9 +230,10 @@ fn steady_state_commit_issues_exactly_one_sync() {
     let mut store = Store::open_disk(Box::new(disk.clone()), mem(), Some(&key)).unwrap();
     for i in 0..20u8 {
         let before = disk.with(|d| d.syncs());
+        let (permall, volatile) = (vec![i; 4096], vec![i; 1000]);
         let mut t = store.transaction();
-        t.put("permall", &vec![i; 4096]).unwrap();
-        t.put("volatilestate", &vec![i; 1000]).unwrap();
+        t.put("permall", &permall).unwrap();
+        t.put("volatilestate", &volatile).unwrap();
         t.commit().unwrap();
         assert_eq!(disk.with(|d| d.syncs()) - before, 1, "commit {i}");
     }

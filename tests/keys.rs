@@ -214,7 +214,7 @@ fn store_from_a_newer_format_version_is_refused_clearly() {
     assert_eq!(cli(&["create", i]).0, 0);
     let mut bytes = std::fs::read(&img).unwrap();
     let at = bytes.windows(8).position(|w| w == b"TPMSTATE").unwrap();
-    bytes[at + 8] = 2; // format_version 2
+    bytes[at + 8] = 3; // format_version 3
     let crc = crc32c::crc32c(&bytes[at..at + 508]);
     bytes[at + 508..at + 512].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&img, &bytes).unwrap();

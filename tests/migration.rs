@@ -34,10 +34,15 @@ fn source(dir: &Path) -> (PathBuf, Store) {
     )
     .unwrap();
     for round in 0..3u8 {
+        let blobs = [
+            ("permall", vec![round; 20_000]),
+            ("volatilestate", vec![round + 1; 3000]),
+            ("savestate", vec![round + 2; 100]),
+        ];
         let mut t = store.transaction();
-        t.put("permall", &vec![round; 20_000]).unwrap();
-        t.put("volatilestate", &vec![round + 1; 3000]).unwrap();
-        t.put("savestate", &[round + 2; 100]).unwrap();
+        for (name, data) in &blobs {
+            t.put(name, data).unwrap();
+        }
         t.commit().unwrap();
     }
     (img, store)
@@ -316,10 +321,11 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
                     "{}: lock kept",
                     case.name
                 );
+                let names = ["permall", "volatilestate", "savestate"];
+                let memory = names.map(|name| format!("{name} from the TPM's memory"));
                 let mut t = src.transaction();
-                for name in ["permall", "volatilestate", "savestate"] {
-                    t.put(name, format!("{name} from the TPM's memory").as_bytes())
-                        .unwrap();
+                for (name, data) in names.iter().zip(&memory) {
+                    t.put(name, data.as_bytes()).unwrap();
                 }
                 t.commit().unwrap();
                 src.put("volatilestate", b"and later commits").unwrap();
@@ -394,8 +400,8 @@ fn claim_succeeds_when_the_source_releases_during_the_wait() {
         .map(|s| s.generation())
     });
     std::thread::sleep(Duration::from_millis(150));
-    let generation = src.generation();
     migration::release_outgoing(&mut src).unwrap();
+    let generation = src.generation();
     assert_eq!(waiter.join().unwrap().unwrap(), generation);
 }
 

@@ -47,6 +47,9 @@ proptest! {
             directory: Extent { offset: 8192, len: data.len() as u32 },
             directory_crc: 0,
             directory_mac: [0; 32],
+            commit_id: [1; 16],
+            prev_id: [0; 16],
+            next: 0,
         };
         let _ = Directory::decode(&data, &slot);
     }

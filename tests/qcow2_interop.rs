@@ -214,7 +214,7 @@ fn dump_headers_shows_slots_even_when_the_qcow2_layer_is_broken() {
     assert_eq!(cli(&["create", i]).0, 0);
     let (code, out, _) = cli(&["dump-headers", i]);
     assert_eq!(code, 0);
-    assert!(out.contains("slot 0: format 1 generation 1"), "{out}");
+    assert!(out.contains("slot 0: format 2 generation 1"), "{out}");
     // Cut the file inside the data clusters: the qcow2 layer refuses it, the
     // raw scan still finds the slot.
     let host = host_offset(&image, 0);

@@ -18,9 +18,10 @@ fn history(key: Option<&KeySource>) -> (CrashDisk, Vec<State>) {
     let mut store = Store::open_disk(Box::new(shared.clone()), Path::new("<memory>"), key).unwrap();
     let mut states = vec![vec![]];
     for i in 0..4u8 {
+        let (permall, volatile) = (vec![i; 3000 + i as usize * 100], [i, 1, 2, 3]);
         let mut t = store.transaction();
-        t.put("permall", &vec![i; 3000 + i as usize * 100]).unwrap();
-        t.put("volatilestate", &[i, 1, 2, 3]).unwrap();
+        t.put("permall", &permall).unwrap();
+        t.put("volatilestate", &volatile).unwrap();
         t.commit().unwrap();
         let state = store
             .names()
@@ -89,17 +90,19 @@ fn check_catches_damage_that_appears_after_open() {
             .unwrap()
             .area_offset as usize
     };
-    let slot = tpmstate::store::dump_headers_of(
-        &Store::open_disk(Box::new(disk.clone()), Path::new("<memory>"), Some(&key)).unwrap(),
-    )
-    .into_iter()
-    .max_by_key(|s| s.generation)
-    .unwrap();
-    let current_slot = if slot.generation % 2 == 0 { 4096 } else { 0 };
+    let header = Store::open_disk(Box::new(disk.clone()), Path::new("<memory>"), Some(&key))
+        .unwrap()
+        .info()
+        .header_offset as usize;
+    let directory = {
+        let mut b = [0u8; 512];
+        b.copy_from_slice(&disk.live()[header..header + 512]);
+        tpmstate::format::Slot::decode(&b).unwrap().directory.offset as usize
+    };
     for (what, offset) in [
         ("blob", blob + 10),
-        ("directory", slot.directory.offset as usize + 5),
-        ("header", current_slot + 30),
+        ("directory", directory + 5),
+        ("header", header + 30),
     ] {
         let shared = SharedDisk::new(disk.clone());
         let store =

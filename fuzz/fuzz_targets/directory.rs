@@ -12,6 +12,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             directory: Extent { offset: 8192, len: data.len() as u32 },
             directory_crc: 0,
             directory_mac: [0; 32],
+            commit_id: [1; 16],
+            prev_id: [0; 16],
+            next: 0,
         };
         if let Ok(dir) = Directory::decode(data, &slot) {
             let again = Directory::decode(&dir.encode(), &slot).expect("re-encoded directory decodes");

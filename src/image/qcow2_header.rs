@@ -192,7 +192,7 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
         )));
     }
     let cs = 1u64 << cluster_bits;
-    let aligned = |off: u64| off % cs == 0;
+    let aligned = |off: u64| off.is_multiple_of(cs);
     if !aligned(l1_table_offset)
         || !aligned(refcount_table_offset)
         || l1_table_offset == 0 && l1_size != 0

@@ -1,13 +1,17 @@
 //! Transactions and the one-sync commit.
 //!
-//! Commit order: (1) stage every new blob version (encrypted under a fresh
-//! per-version key), (2) place it and the new directory in blocks the current
-//! generation does not use, growing the area first if needed, (3) write blobs,
-//! directory, then the *other* header slot, (4) sync once, (5) switch the
-//! in-memory state. Until (4) returns, the current generation's slot and blocks
-//! are untouched, so a crash anywhere opens at it or at the new one.
+//! Commit order: (1) build the next generation's directory on a copy, (2)
+//! place the new blob versions and the directory in blocks the current
+//! generation and the chain headers do not use: as one run starting with a
+//! header block at the current header's `next` (a *chained* commit: one
+//! contiguous write), or anywhere, growing the area first if needed, with the
+//! header going to the slot that does not hold the current anchor (an
+//! *anchored* commit), (3) encrypt each blob straight into the buffer that is
+//! written, (4) write, then sync once, (5) switch the in-memory state. Until
+//! (4) returns, nothing recovery needs to reach the current generation has
+//! been touched, so a crash anywhere opens at it or at the new one.
 
-use super::recover::Generation;
+use super::recover::{Chain, Generation, MAX_CHAIN};
 use super::{Store, StoreError};
 use crate::crypto::Key;
 use crate::format::{
@@ -17,12 +21,29 @@ use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
 /// A set of puts and deletes applied all together by [`Transaction::commit`],
-/// or not at all. Dropping it without committing changes nothing.
-pub struct Transaction<'s> {
+/// or not at all. Dropping it without committing changes nothing. It borrows
+/// the data it is given (`'d`) rather than copying it: the bytes are read
+/// once, when they are encrypted or copied into the buffer that is written.
+pub struct Transaction<'s, 'd> {
     store: &'s mut Store,
-    changes: BTreeMap<String, Option<Zeroizing<Vec<u8>>>>,
+    changes: BTreeMap<String, Option<Data<'d>>>,
     rekey: Option<(Key, Kdf)>,
-    force: bool,
+    settle: bool,
+}
+
+/// A new blob version: the caller's bytes, or bytes read back for a rekey.
+enum Data<'d> {
+    Borrowed(&'d [u8]),
+    Owned(Zeroizing<Vec<u8>>),
+}
+
+impl Data<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Borrowed(b) => b,
+            Data::Owned(v) => v,
+        }
+    }
 }
 
 /// First-fit allocation of blocks between `DATA_START` and the area's end,
@@ -42,16 +63,19 @@ impl Allocator {
         Allocator { area, used }
     }
 
+    fn mark(&mut self, start: u64, end: u64) {
+        let at = self.used.partition_point(|&(s, _)| s < start);
+        self.used.insert(at, (start, end));
+    }
+
     fn alloc(&mut self, len: u32) -> Option<Extent> {
         if len == 0 {
             return Some(Extent::default());
         }
         let size = u64::from(len).div_ceil(BLOCK) * BLOCK;
         let mut start = DATA_START;
-        let mut at = self.used.len();
-        for (i, (s, e)) in self.used.iter().enumerate() {
+        for (s, e) in &self.used {
             if start + size <= *s {
-                at = i;
                 break;
             }
             start = start.max(*e);
@@ -59,23 +83,47 @@ impl Allocator {
         if start + size > self.area {
             return None;
         }
-        self.used.insert(at, (start, start + size));
+        self.mark(start, start + size);
         Some(Extent { offset: start, len })
+    }
+
+    /// Takes `len` bytes (rounded up to blocks) exactly at `offset`, if free.
+    fn alloc_at(&mut self, offset: u64, len: u64) -> Option<Extent> {
+        let end = offset + len.div_ceil(BLOCK) * BLOCK;
+        let free = offset >= DATA_START
+            && end <= self.area
+            && self.used.iter().all(|&(s, e)| e <= offset || s >= end);
+        let len = u32::try_from(len).ok().filter(|_| free)?;
+        self.mark(offset, end);
+        Some(Extent { offset, len })
+    }
+
+    /// Start of the largest free run (the lowest of equals), if any block is free.
+    fn largest_free(&self) -> Option<u64> {
+        let mut best: Option<(u64, u64)> = None;
+        let mut at = DATA_START;
+        for &(s, e) in self.used.iter().chain([&(self.area, self.area)]) {
+            if s > at && best.is_none_or(|(_, len)| s - at > len) {
+                best = Some((at, s - at));
+            }
+            at = at.max(e);
+        }
+        best.map(|(start, _)| start)
     }
 }
 
-impl<'s> Transaction<'s> {
+impl<'s, 'd> Transaction<'s, 'd> {
     pub(super) fn new(store: &'s mut Store) -> Self {
         Transaction {
             store,
             changes: BTreeMap::new(),
             rekey: None,
-            force: false,
+            settle: false,
         }
     }
 
     /// Sets blob `name` to `data` (creating or replacing it).
-    pub fn put(&mut self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    pub fn put(&mut self, name: &str, data: &'d [u8]) -> Result<(), StoreError> {
         format::check_name(name).map_err(|reason| StoreError::InvalidName {
             name: name.to_string(),
             reason,
@@ -87,7 +135,7 @@ impl<'s> Transaction<'s> {
             )));
         }
         self.changes
-            .insert(name.to_string(), Some(Zeroizing::new(data.to_vec())));
+            .insert(name.to_string(), Some(Data::Borrowed(data)));
         Ok(())
     }
 
@@ -101,9 +149,10 @@ impl<'s> Transaction<'s> {
         Ok(())
     }
 
-    /// Commits a new generation even with no changes.
-    pub(super) fn force(&mut self) {
-        self.force = true;
+    /// Commits a new generation even with no changes, anchored in a slot and
+    /// naming no successor block (see [`Store::prepare_handover`]).
+    pub(super) fn settle(&mut self) {
+        self.settle = true;
     }
 
     /// Re-encrypts every blob under `key` in this commit.
@@ -112,7 +161,7 @@ impl<'s> Transaction<'s> {
         for name in names {
             if !self.changes.contains_key(&name) {
                 let data = self.store.get_required(&name)?;
-                self.changes.insert(name, Some(data));
+                self.changes.insert(name, Some(Data::Owned(data)));
             }
         }
         self.rekey = Some((key, kdf));
@@ -126,13 +175,14 @@ impl<'s> Transaction<'s> {
             store,
             changes,
             rekey,
-            force,
+            settle,
         } = self;
         store.writable()?;
         let cur = &store.current;
-        if changes.is_empty() && rekey.is_none() && !force {
+        if changes.is_empty() && rekey.is_none() && !settle {
             return Ok(cur.slot.generation);
         }
+        let settle = settle || store.settle_next;
         let generation = cur.slot.generation + 1;
         let id = cur.slot.store_id;
         let key = match &rekey {
@@ -158,28 +208,40 @@ impl<'s> Transaction<'s> {
         let mut staged = Vec::new();
         for (name, change) in changes {
             dir.blobs.remove(&name);
-            if let Some(plain) = change {
-                let stored_len = plain.len() as u32 + tag;
+            if let Some(data) = change {
+                let stored_len = data.bytes().len() as u32 + tag;
                 staged.push(Staged {
                     name,
-                    plain,
+                    data,
                     stored_len,
                 });
             }
         }
 
-        // (2) Place them; grow the area once if they do not fit. Growing by the
-        // full size of the new data means the new blocks alone hold it, so a
-        // second failure cannot happen; it is reported rather than looped on.
+        // (2) Place them. A commit chains when it can: at the block the
+        // current header named, behind a chain not yet at its limit, with no
+        // torn commit left to keep in quarantine. Rekeys and settling commits
+        // anchor. Growing by the full size of the new data means the new
+        // blocks alone hold it, so a second failure cannot happen; it is
+        // reported rather than looped on.
+        let chain_at = (rekey.is_none()
+            && !settle
+            && cur.slot.next != 0
+            && store.chain.headers.len() < MAX_CHAIN
+            && store.chain.quarantine.is_empty())
+        .then_some(cur.slot.next);
         let mut area = cur.slot.area_len;
         let layout = loop {
             let dir_bound = directory_bound(&dir, &staged, area, key.is_some());
-            match layout(cur, area, &staged, dir_bound) {
+            match layout(cur, &store.chain, area, &staged, dir_bound, chain_at) {
                 Some(l) => break l,
                 None if area == cur.slot.area_len => {
                     let extra = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>()
                         + blocks(dir_bound as u32);
-                    area += extra + BLOCK;
+                    // Quarantined blocks of a torn commit that grew the area may
+                    // lie past this generation's end: grow beyond them.
+                    let top = store.chain.pinned().map(|e| e.end()).fold(area, u64::max);
+                    area = top + extra + BLOCK;
                     if let Err(e) = store.disk.grow(area) {
                         return Err(match e {
                             crate::image::ImageError::CapacityLimit { max, .. } => {
@@ -203,8 +265,8 @@ impl<'s> Transaction<'s> {
             }
         };
 
-        // (3) Fill the blocks: each new version is copied once into the buffer
-        // that is written, and encrypted there in place.
+        // (3) Fill the blocks: each new version is encrypted (or copied)
+        // straight from the caller's bytes into the buffer that is written.
         let mut writes = layout.buffers();
         for (s, extent) in staged.iter().zip(&layout.blobs) {
             // Only a plaintext store has empty stored bytes (a sealed blob has its tag).
@@ -212,13 +274,18 @@ impl<'s> Transaction<'s> {
                 (crc32c::crc32c(&[]), None)
             } else {
                 let buf = writes.slice(extent.offset, s.stored_len);
-                buf[..s.plain.len()].copy_from_slice(&s.plain);
-                let sealed = key.map(|k| k.seal_in_place(&id, &s.name, generation, buf));
+                let sealed = match key {
+                    Some(k) => Some(k.seal_into(&id, &s.name, generation, s.data.bytes(), buf)),
+                    None => {
+                        buf.copy_from_slice(s.data.bytes());
+                        None
+                    }
+                };
                 (crc32c::crc32c(buf), sealed)
             };
             let entry = BlobEntry {
                 extent: *extent,
-                plain_len: s.plain.len() as u32,
+                plain_len: s.data.bytes().len() as u32,
                 crc,
                 written_gen: generation,
                 sealed,
@@ -241,6 +308,31 @@ impl<'s> Transaction<'s> {
             offset: layout.dir_at,
             len: dir_bytes.len() as u32,
         };
+
+        // The successor's header block: the largest run free once this
+        // generation is durable (its blocks, plus the chain headers if it is
+        // chained; an anchored commit frees the old chain).
+        let next = if settle {
+            0
+        } else {
+            let pinned = layout.chained_at.iter().chain(match layout.chained_at {
+                Some(_) => &store.chain.headers[..],
+                None => &[],
+            });
+            Allocator::new(
+                area,
+                dir.blobs
+                    .values()
+                    .map(|b| b.extent)
+                    .chain([dir_extent])
+                    .chain(pinned.map(|&offset| Extent {
+                        offset,
+                        len: BLOCK as u32,
+                    })),
+            )
+            .largest_free()
+            .unwrap_or(0)
+        };
         let slot = Slot {
             format_version: format::FORMAT_VERSION,
             encrypted: key.is_some(),
@@ -252,17 +344,29 @@ impl<'s> Transaction<'s> {
             directory_mac: key
                 .map(|k| k.directory_mac(&id, &dir_bytes))
                 .unwrap_or([0; 32]),
+            commit_id: rand::random(),
+            prev_id: cur.slot.commit_id,
+            next,
         };
-        let slot_index = 1 - cur.slot_index;
+        let header = slot.encode();
+        let header_at = match layout.chained_at {
+            Some(at) => {
+                writes
+                    .slice(at, header.len() as u32)
+                    .copy_from_slice(&header);
+                at
+            }
+            None => SLOT_OFFSETS[1 - store.chain.anchor_slot],
+        };
 
         // (4) Write everything, then the one sync.
         let written = (|| {
             for (offset, buf) in &writes.0 {
                 store.disk.write_at(*offset, buf)?;
             }
-            store
-                .disk
-                .write_at(SLOT_OFFSETS[slot_index], &slot.encode())?;
+            if layout.chained_at.is_none() {
+                store.disk.write_at(header_at, &header)?;
+            }
             store.disk.sync()
         })();
         if let Err(e) = written {
@@ -273,20 +377,33 @@ impl<'s> Transaction<'s> {
         }
 
         // (5) The new generation is durable: switch to it.
-        let report = |index, generation, status: &str| super::SlotReport {
-            index,
-            generation: Some(generation),
-            status: status.into(),
-            sound: true,
-        };
-        let mut slots = vec![
-            report(slot_index, generation, "ok (current)"),
-            report(cur.slot_index, cur.slot.generation, "ok"),
-        ];
-        slots.sort_by_key(|r| r.index);
-        store.slots = slots;
+        match layout.chained_at {
+            Some(at) => {
+                store.chain.headers.push(at);
+                let anchor = &mut store.slots[store.chain.anchor_slot];
+                anchor.status = format!(
+                    "ok (anchor of the current generation {generation}, {} chained commits on)",
+                    store.chain.headers.len()
+                );
+            }
+            None => {
+                let old = store.chain.anchor_slot;
+                store.chain = Chain {
+                    anchor_slot: 1 - old,
+                    ..Chain::default()
+                };
+                store.leftover = None;
+                store.slots[1 - old] = super::SlotReport {
+                    index: 1 - old,
+                    generation: Some(generation),
+                    status: "ok (current)".into(),
+                    sound: true,
+                };
+                store.slots[old].status = "ok (older anchor, not needed)".into();
+            }
+        }
         store.current = Generation {
-            slot_index,
+            header_at,
             slot,
             dir,
             dir_bytes,
@@ -294,14 +411,15 @@ impl<'s> Transaction<'s> {
         if let Some((k, _)) = rekey {
             store.key = Some(k);
         }
+        store.settle_next = false;
         Ok(generation)
     }
 }
 
 /// A new blob version on its way to disk.
-struct Staged {
+struct Staged<'d> {
     name: String,
-    plain: Zeroizing<Vec<u8>>,
+    data: Data<'d>,
     stored_len: u32,
 }
 
@@ -320,7 +438,7 @@ fn directory_bound(dir: &format::Directory, staged: &[Staged], area: u64, encryp
                 offset: area,
                 len: s.stored_len,
             },
-            plain_len: s.plain.len() as u32,
+            plain_len: s.data.bytes().len() as u32,
             crc: u32::MAX,
             written_gen: probe.generation,
             sealed: encrypted.then_some(format::Sealed {
@@ -335,26 +453,37 @@ fn directory_bound(dir: &format::Directory, staged: &[Staged], area: u64, encryp
 
 /// Where a commit's blocks go.
 struct Layout {
+    /// The header block of a chained commit (the run's first block); `None`
+    /// for an anchored commit, whose header goes to a slot.
+    chained_at: Option<u64>,
     /// One extent per staged blob, in order.
     blobs: Vec<Extent>,
     /// Area offset of the directory and the bytes reserved for it there.
     dir_at: u64,
     dir_room: u64,
-    /// One contiguous run holding every new blob and the directory, written
-    /// with a single `pwrite`; `None` when free space was too fragmented and
-    /// each extent is written on its own.
+    /// One contiguous run holding everything, written with a single `pwrite`;
+    /// `None` when free space was too fragmented and each extent is written
+    /// on its own (anchored commits only).
     run: Option<Extent>,
 }
 
-/// Places the staged blobs and the directory in blocks of `area` the current
-/// generation does not use; `None` if they do not fit.
-fn layout(cur: &Generation, area: u64, staged: &[Staged], dir_bound: u64) -> Option<Layout> {
+/// Places the staged blobs and the directory in blocks of `area` that neither
+/// the current generation nor the chain uses: chained at `chain_at` if the
+/// whole run fits there, else anchored. `None` if they do not fit.
+fn layout(
+    cur: &Generation,
+    chain: &Chain,
+    area: u64,
+    staged: &[Staged],
+    dir_bound: u64,
+    chain_at: Option<u64>,
+) -> Option<Layout> {
     let dir_len = u32::try_from(dir_bound).ok()?;
-    // Fewer separate dirty regions make the one fdatasync cheaper: try one run first.
-    let total = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>() + blocks(dir_len);
-    let mut alloc = Allocator::new(area, cur.dir.extents(&cur.slot));
-    if let Some(run) = u32::try_from(total).ok().and_then(|len| alloc.alloc(len)) {
-        let mut at = run.offset;
+    let in_use = || cur.dir.extents(&cur.slot).chain(chain.pinned());
+    let body = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>() + blocks(dir_len);
+    // One run in sequence: [header block,] blobs, directory.
+    let in_run = |run: Extent, header: bool| {
+        let mut at = run.offset + if header { BLOCK } else { 0 };
         let blobs = staged
             .iter()
             .map(|s| {
@@ -366,20 +495,34 @@ fn layout(cur: &Generation, area: u64, staged: &[Staged], dir_bound: u64) -> Opt
                 e
             })
             .collect();
-        return Some(Layout {
+        Layout {
+            chained_at: header.then_some(run.offset),
             blobs,
             dir_at: at,
             dir_room: run.end() - at,
             run: Some(run),
-        });
+        }
+    };
+    if let Some(at) = chain_at {
+        if let Some(run) = Allocator::new(area, in_use()).alloc_at(at, BLOCK + body) {
+            return Some(in_run(run, true));
+        }
     }
-    let mut alloc = Allocator::new(area, cur.dir.extents(&cur.slot));
+    // Fewer separate dirty regions make the one fdatasync cheaper: try one run first.
+    if let Some(run) = u32::try_from(body)
+        .ok()
+        .and_then(|len| Allocator::new(area, in_use()).alloc(len))
+    {
+        return Some(in_run(run, false));
+    }
+    let mut alloc = Allocator::new(area, in_use());
     let blobs = staged
         .iter()
         .map(|s| alloc.alloc(s.stored_len))
         .collect::<Option<Vec<_>>>()?;
     let dir = alloc.alloc(dir_len)?;
     Some(Layout {
+        chained_at: None,
         blobs,
         dir_at: dir.offset,
         dir_room: blocks(dir_len),

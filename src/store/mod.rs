@@ -3,9 +3,11 @@
 //!
 //! A [`Store`] holds the last committed [`recover::Generation`] in memory. A
 //! [`Transaction`] collects puts and deletes; its commit builds the next
-//! generation on a copy, writes it to blocks the current one does not use,
-//! writes the other header slot, syncs once, and only then replaces the
-//! in-memory state. A failed commit leaves the handle at the old generation.
+//! generation on a copy, writes it to blocks the current one does not use
+//! (with its header in the run's first block, where the current header's
+//! `next` points, or in the other header slot), syncs once, and only then
+//! replaces the in-memory state. A failed commit leaves the handle at the old
+//! generation.
 
 mod commit;
 mod error;
@@ -19,7 +21,7 @@ use crate::crypto::{Key, KeySource};
 use crate::format::{self, Slot, SLOT_BYTES};
 use crate::image::{CreateOptions, Disk, Qcow2Disk, Qcow2Facts};
 use crate::lock::{ImageLock, LockGuard, LockMode, Locking};
-use recover::Generation;
+use recover::{Chain, Generation};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,6 +102,12 @@ pub struct StoreInfo {
     pub area_bytes: u64,
     /// Bytes used by the current generation (blocks of blobs and directory, plus header slots).
     pub used_bytes: u64,
+    /// Area offset of the current generation's header (a slot or a chained block).
+    pub header_offset: u64,
+    /// Chained commits since the anchor in a header slot.
+    pub chained_commits: usize,
+    /// A newer generation that did not verify (left by a crash, or damage).
+    pub leftover: Option<String>,
     /// Blobs, by name.
     pub blobs: Vec<BlobInfo>,
     /// Both header slots.
@@ -119,6 +127,8 @@ pub struct CheckReport {
     pub bytes: u64,
     /// Both header slots.
     pub slots: Vec<SlotReport>,
+    /// A newer generation that did not verify (left by a crash, or damage).
+    pub leftover: Option<String>,
 }
 
 struct Locks {
@@ -132,7 +142,12 @@ pub struct Store {
     path: PathBuf,
     disk: Box<dyn Disk>,
     current: Generation,
+    chain: Chain,
     slots: Vec<SlotReport>,
+    leftover: Option<String>,
+    /// The next commit anchors and names no successor, so that it and the
+    /// one after rewrite both header slots (a repair after damage).
+    settle_next: bool,
     key: Option<Key>,
     locks: Option<Locks>,
     facts: Option<Qcow2Facts>,
@@ -197,7 +212,10 @@ impl Store {
             path: path.to_path_buf(),
             disk,
             current: recovery.chosen,
+            chain: recovery.chain,
             slots: recovery.reports,
+            leftover: recovery.leftover,
+            settle_next: false,
             key: None,
             locks: None,
             facts: None,
@@ -350,6 +368,10 @@ impl Store {
             directory_mac: master
                 .map(|m| m.directory_mac(&store_id, &bytes))
                 .unwrap_or([0; 32]),
+            commit_id: rand::random(),
+            prev_id: [0; 16],
+            // The first commit anchors.
+            next: 0,
         };
         disk.write_at(format::DATA_START, &bytes)?;
         disk.write_at(format::SLOT_OFFSETS[0], &slot.encode())?;
@@ -478,7 +500,7 @@ impl Store {
     }
 
     /// Starts a transaction.
-    pub fn transaction(&mut self) -> Transaction<'_> {
+    pub fn transaction<'d>(&mut self) -> Transaction<'_, 'd> {
         Transaction::new(self)
     }
 
@@ -519,10 +541,10 @@ impl Store {
         };
         // The header and directory as they are on disk now must be the ones
         // opened; every blob is then read once, checksummed and decrypted.
-        if recover::read_slot(&*self.disk, g.slot_index)?.as_ref() != Ok(&g.slot) {
+        if recover::read_header(&*self.disk, g.header_at)?.as_ref() != Ok(&g.slot) {
             return Err(corrupt(format!(
-                "header slot {} changed or damaged since the store was opened",
-                g.slot_index
+                "header at area offset {} changed or damaged since the store was opened",
+                g.header_at
             )));
         }
         let d = g.slot.directory;
@@ -551,6 +573,7 @@ impl Store {
             blobs: g.dir.blobs.len(),
             bytes,
             slots: self.slots.clone(),
+            leftover: self.leftover.clone(),
         })
     }
 
@@ -575,7 +598,10 @@ impl Store {
                 }
             }),
             area_bytes: g.slot.area_len,
-            used_bytes: used + format::DATA_START,
+            used_bytes: used + format::DATA_START + self.chain.headers.len() as u64 * format::BLOCK,
+            header_offset: g.header_at,
+            chained_commits: self.chain.headers.len(),
+            leftover: self.leftover.clone(),
             blobs: self.list(),
             slots: self.slots.clone(),
             qcow2: self.facts.clone(),
@@ -613,6 +639,7 @@ impl Store {
         let mut used: Vec<(u64, u64)> = g
             .dir
             .extents(&g.slot)
+            .chain(self.chain.pinned())
             .filter(|e| e.len > 0)
             .map(|e| (e.offset, e.end()))
             .collect();
@@ -625,7 +652,7 @@ impl Store {
             }
             at = at.max(e);
         }
-        let other = 1 - g.slot_index;
+        let other = 1 - self.chain.anchor_slot;
         let zeros = vec![0u8; 64 * 1024];
         let result = (|| {
             self.disk
@@ -682,16 +709,28 @@ impl Store {
             .generation)
     }
 
-    /// Ensures both header slots verify, committing an unchanged generation if
-    /// the other slot is damaged or torn (left by a crash). A migration source
-    /// calls this before hand-over so the target can refuse any damaged slot.
-    pub fn make_both_slots_verify(&mut self) -> Result<(), StoreError> {
-        if self.slots.iter().all(|r| r.sound) {
+    /// Leaves the image in the form a migration target can check strictly:
+    /// the current generation anchored in a header slot, naming no successor
+    /// block, with both slots sound and nothing newer left by a crash. Commits
+    /// an unchanged generation when the image is not already in that form.
+    pub fn prepare_handover(&mut self) -> Result<(), StoreError> {
+        let settled = self.slots.iter().all(|r| r.sound)
+            && self.chain.headers.is_empty()
+            && self.leftover.is_none()
+            && self.current.slot.next == 0;
+        if settled {
             return Ok(());
         }
         let mut t = Transaction::new(self);
-        t.force();
+        t.settle();
         t.commit().map(|_| ())
+    }
+
+    /// Makes the next commit anchor in a slot and name no successor, so
+    /// that it and the commit after it rewrite both header slots: a source
+    /// whose image was damaged during a migration repairs it this way.
+    pub(crate) fn settle_next_commit(&mut self) {
+        self.settle_next = true;
     }
 
     fn writable(&self) -> Result<(), StoreError> {
@@ -715,6 +754,33 @@ pub fn dump_headers_of(store: &Store) -> Vec<Slot> {
         .into_iter()
         .filter_map(|(_, s)| s.ok())
         .collect()
+}
+
+/// A chained header's area offset, and the header or why it is unusable.
+pub type ChainedHeader = (u64, Result<Slot, String>);
+
+/// The chained headers reached from `anchor` (read from slot `index`), each
+/// with its area offset, ending with the damaged header the walk stopped at,
+/// if any: for `tpmstate dump-headers`.
+pub fn dump_chain(
+    disk: &dyn Disk,
+    index: usize,
+    anchor: &Slot,
+) -> Result<Vec<ChainedHeader>, StoreError> {
+    let (chain, damaged) = recover::walk(disk, format::SLOT_OFFSETS[index], anchor.clone())?;
+    let mut out: Vec<_> = chain
+        .into_iter()
+        .skip(1)
+        .map(|(at, s)| (at, Ok(s)))
+        .collect();
+    if let Some(why) = damaged {
+        let at = out.last().map_or(anchor.next, |(_, s)| match s {
+            Ok(s) => s.next,
+            Err(_) => 0,
+        });
+        out.push((at, Err(why)));
+    }
+    Ok(out)
 }
 
 /// Raw view of both header slots, for `tpmstate dump-headers` on a damaged

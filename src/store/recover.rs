@@ -1,19 +1,55 @@
-//! Reading a generation back and choosing the one to open: the newest slot
-//! whose header, directory and every blob verify (`docs/format.md` argues why
-//! that is always the last durable commit or the one being written).
+//! Reading a generation back and choosing the one to open: from the newest
+//! header slot, follow the chain of headers each commit names in `next`, and
+//! take the newest generation whose header, directory and every blob verify
+//! (`docs/format.md` argues why that is always the last durable commit or the
+//! one being written).
 
 use super::StoreError;
-use crate::format::{Directory, DirectoryProblem, Slot, SlotProblem, SLOT_BYTES, SLOT_OFFSETS};
+use crate::format::{
+    Directory, DirectoryProblem, Extent, Slot, SlotProblem, BLOCK, SLOT_BYTES, SLOT_OFFSETS,
+};
 use crate::image::{Disk, ImageError};
 use std::path::Path;
+
+/// Most chained commits after an anchor. A commit past it anchors, which
+/// bounds both the blocks pinned by chain headers and the reads at open.
+pub(crate) const MAX_CHAIN: usize = 32;
 
 /// A fully verified generation.
 #[derive(Debug, Clone)]
 pub(crate) struct Generation {
-    pub slot_index: usize,
+    /// Area offset its header was read from (a slot, or a chained block).
+    pub header_at: u64,
     pub slot: Slot,
     pub dir: Directory,
     pub dir_bytes: Vec<u8>,
+}
+
+/// The headers recovery depends on besides the current generation's blocks:
+/// nothing may overwrite them until a newer anchor is durable.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Chain {
+    /// Slot holding the anchor the current generation is reached from.
+    pub anchor_slot: usize,
+    /// Area offsets of the chained headers after the anchor, oldest first.
+    pub headers: Vec<u64>,
+    /// Blocks of a newer, unverifiable generation left by a crash (a torn
+    /// commit). Kept unused, and the next commit anchors, so that no later
+    /// write can complete it into a generation that verifies.
+    pub quarantine: Vec<Extent>,
+}
+
+impl Chain {
+    /// Every block recovery needs besides the current generation's own.
+    pub fn pinned(&self) -> impl Iterator<Item = Extent> + '_ {
+        self.headers
+            .iter()
+            .map(|&offset| Extent {
+                offset,
+                len: BLOCK as u32,
+            })
+            .chain(self.quarantine.iter().copied())
+    }
 }
 
 /// What one slot holds, for `check` and `dump-headers`.
@@ -36,16 +72,24 @@ pub(crate) enum LoadFailure {
     Disk(ImageError),
 }
 
+/// Reads and decodes the header at area `offset`.
+pub(crate) fn read_header(
+    disk: &dyn Disk,
+    offset: u64,
+) -> Result<Result<Slot, SlotProblem>, ImageError> {
+    let mut buf = [0u8; SLOT_BYTES];
+    if disk.size() < offset + SLOT_BYTES as u64 {
+        return Ok(Err(SlotProblem::NoMagic));
+    }
+    disk.read_at(offset, &mut buf)?;
+    Ok(Slot::decode(&buf))
+}
+
 pub(crate) fn read_slot(
     disk: &dyn Disk,
     index: usize,
 ) -> Result<Result<Slot, SlotProblem>, ImageError> {
-    let mut buf = [0u8; SLOT_BYTES];
-    if disk.size() < SLOT_OFFSETS[index] + SLOT_BYTES as u64 {
-        return Ok(Err(SlotProblem::NoMagic));
-    }
-    disk.read_at(SLOT_OFFSETS[index], &mut buf)?;
-    Ok(Slot::decode(&buf))
+    read_header(disk, SLOT_OFFSETS[index])
 }
 
 /// Reads `len` stored bytes at `offset` and checks their CRC32C.
@@ -67,8 +111,8 @@ pub(crate) fn read_checked(
     Ok(Ok(buf))
 }
 
-/// Verifies the generation `slot` describes: directory and every blob.
-pub(crate) fn load(disk: &dyn Disk, index: usize, slot: Slot) -> Result<Generation, LoadFailure> {
+/// Reads and checks the directory `slot` names.
+fn load_directory(disk: &dyn Disk, slot: &Slot) -> Result<(Directory, Vec<u8>), LoadFailure> {
     if slot.area_len > disk.size() {
         return Err(LoadFailure::Bad(format!(
             "store area of {} bytes exceeds the {} allocated bytes of the image",
@@ -82,13 +126,18 @@ pub(crate) fn load(disk: &dyn Disk, index: usize, slot: Slot) -> Result<Generati
             Ok(b) => b,
             Err(why) => return Err(LoadFailure::Bad(format!("directory: {why}"))),
         };
-    let dir = match Directory::decode(&dir_bytes, &slot) {
-        Ok(dir) => dir,
+    match Directory::decode(&dir_bytes, slot) {
+        Ok(dir) => Ok((dir, dir_bytes)),
         Err(DirectoryProblem::NewerVersion(v)) => {
-            return Err(LoadFailure::Newer(format!("directory version {v}")))
+            Err(LoadFailure::Newer(format!("directory version {v}")))
         }
-        Err(e) => return Err(LoadFailure::Bad(e.to_string())),
-    };
+        Err(e) => Err(LoadFailure::Bad(e.to_string())),
+    }
+}
+
+/// Verifies the generation `slot` describes: directory and every blob.
+pub(crate) fn load(disk: &dyn Disk, header_at: u64, slot: Slot) -> Result<Generation, LoadFailure> {
+    let (dir, dir_bytes) = load_directory(disk, &slot)?;
     for (name, b) in &dir.blobs {
         if let Err(why) =
             read_checked(disk, b.extent.offset, b.extent.len, b.crc).map_err(LoadFailure::Disk)?
@@ -97,17 +146,75 @@ pub(crate) fn load(disk: &dyn Disk, index: usize, slot: Slot) -> Result<Generati
         }
     }
     Ok(Generation {
-        slot_index: index,
+        header_at,
         slot,
         dir,
         dir_bytes,
     })
 }
 
-/// Both slots' state plus the generation to open.
+/// The blocks a header that did not verify may claim: its own block, its
+/// directory, and the blobs that directory lists if it still decodes.
+fn claimed_extents(disk: &dyn Disk, header_at: u64, slot: &Slot) -> Vec<Extent> {
+    let mut out = vec![slot.directory];
+    if !SLOT_OFFSETS.contains(&header_at) {
+        out.push(Extent {
+            offset: header_at,
+            len: BLOCK as u32,
+        });
+    }
+    if let Ok((dir, _)) = load_directory(disk, slot) {
+        out.extend(dir.blobs.values().map(|b| b.extent));
+    }
+    out.retain(|e| e.len > 0 && e.end() <= disk.size());
+    out
+}
+
+/// Headers with their area offsets, anchor first, and why the walk stopped
+/// if it stopped at damage.
+pub(crate) type Walk = (Vec<(u64, Slot)>, Option<String>);
+
+/// The headers reachable from an anchor: the anchor, then each successor
+/// found where its predecessor's `next` points, with the next generation
+/// number and the predecessor's commit id. Also returns why the walk stopped,
+/// when it stopped at something damaged rather than at unused space.
+pub(crate) fn walk(disk: &dyn Disk, anchor_at: u64, anchor: Slot) -> Result<Walk, ImageError> {
+    let mut chain = vec![(anchor_at, anchor)];
+    let mut damaged = None;
+    while chain.len() <= MAX_CHAIN {
+        let cur = &chain[chain.len() - 1].1;
+        if cur.next == 0 {
+            break;
+        }
+        let at = cur.next;
+        match read_header(disk, at)? {
+            Ok(s)
+                if s.generation == cur.generation + 1
+                    && s.prev_id == cur.commit_id
+                    && s.store_id == cur.store_id =>
+            {
+                chain.push((at, s));
+            }
+            // Unused space, or an older commit's header: the chain ends here.
+            Ok(_) | Err(SlotProblem::NoMagic) => break,
+            Err(p) => {
+                damaged = Some(format!("header at area offset {at}: {p}"));
+                break;
+            }
+        }
+    }
+    Ok((chain, damaged))
+}
+
+/// The generation to open, how it is reached, and what the slots hold.
 pub(crate) struct Recovery {
     pub chosen: Generation,
+    pub chain: Chain,
     pub reports: Vec<SlotReport>,
+    /// Something newer than the chosen generation that did not verify (a
+    /// torn commit, or damage): reported by `check` and refused by a
+    /// migration claim.
+    pub leftover: Option<String>,
 }
 
 /// Opens at the newest generation that verifies.
@@ -122,8 +229,8 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
                 reports.push(SlotReport {
                     index,
                     generation: Some(slot.generation),
-                    status: "header ok".into(),
-                    sound: false,
+                    status: "ok (older anchor, not needed)".into(),
+                    sound: true,
                 });
                 candidates.push((index, slot));
             }
@@ -154,41 +261,83 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
         });
     }
     candidates.sort_by_key(|(_, s)| std::cmp::Reverse(s.generation));
-    let mut chosen = None;
-    for (index, slot) in candidates {
-        let status = match load(disk, index, slot) {
-            Ok(g) => {
-                let status = if chosen.is_none() {
-                    "ok (current)"
-                } else {
-                    "ok"
-                };
-                chosen.get_or_insert(g);
-                reports[index].sound = true;
-                status.to_string()
+    // Headers newer than the generation finally chosen, which did not verify.
+    let mut unverified: Vec<(u64, Slot, String)> = Vec::new();
+    let mut damaged_next = None;
+    for (index, anchor) in candidates {
+        let (chain, damaged) = walk(disk, SLOT_OFFSETS[index], anchor)?;
+        let mut failures = Vec::new();
+        for (pos, (at, header)) in chain.iter().enumerate().rev() {
+            match load(disk, *at, header.clone()) {
+                Ok(chosen) => {
+                    reports[index].status = if pos == 0 {
+                        "ok (current)".to_string()
+                    } else {
+                        format!(
+                            "ok (anchor of the current generation {}, {pos} chained commits on)",
+                            chosen.slot.generation
+                        )
+                    };
+                    unverified.extend(failures);
+                    let quarantine = unverified
+                        .iter()
+                        .flat_map(|(at, s, _)| claimed_extents(disk, *at, s))
+                        .collect();
+                    let leftover = unverified
+                        .iter()
+                        .map(|(at, s, why)| {
+                            format!(
+                                "generation {} (header at area offset {at}) does not verify: {why}",
+                                s.generation
+                            )
+                        })
+                        .chain(if pos + 1 == chain.len() {
+                            damaged
+                        } else {
+                            None
+                        })
+                        .chain(damaged_next)
+                        .collect::<Vec<_>>();
+                    return Ok(Recovery {
+                        chosen,
+                        chain: Chain {
+                            anchor_slot: index,
+                            headers: chain[1..=pos].iter().map(|(at, _)| *at).collect(),
+                            quarantine,
+                        },
+                        reports,
+                        leftover: (!leftover.is_empty()).then(|| leftover.join("; ")),
+                    });
+                }
+                Err(LoadFailure::Disk(e)) => return Err(e.into()),
+                Err(LoadFailure::Newer(what)) => {
+                    return Err(StoreError::NewerFormat {
+                        path: path.to_path_buf(),
+                        what: format!(
+                            "{what} (header at area offset {at}) is newer than supported"
+                        ),
+                    })
+                }
+                Err(LoadFailure::Bad(why)) => failures.push((*at, header.clone(), why)),
             }
-            Err(LoadFailure::Disk(e)) => return Err(e.into()),
-            Err(LoadFailure::Newer(what)) => {
-                return Err(StoreError::NewerFormat {
-                    path: path.to_path_buf(),
-                    what: format!("{what} (slot {index}) is newer than supported"),
-                })
-            }
-            Err(LoadFailure::Bad(why)) => format!("does not verify: {why}"),
-        };
-        reports[index].status = status;
-    }
-    match chosen {
-        Some(chosen) => Ok(Recovery { chosen, reports }),
-        None => {
-            let why: Vec<String> = reports
-                .iter()
-                .map(|r| format!("slot {}: {}", r.index, r.status))
-                .collect();
-            Err(StoreError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("no header slot verifies ({})", why.join("; ")),
-            })
         }
+        // Nothing reached from this slot verifies: it is damaged or its
+        // anchored commit was torn; fall back to the other slot.
+        let why = failures
+            .first()
+            .map(|(_, _, why)| why.clone())
+            .unwrap_or_default();
+        reports[index].status = format!("does not verify: {why}");
+        reports[index].sound = false;
+        damaged_next = damaged_next.or(damaged);
+        unverified.extend(failures);
     }
+    let why: Vec<String> = reports
+        .iter()
+        .map(|r| format!("slot {}: {}", r.index, r.status))
+        .collect();
+    Err(StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("no header slot verifies ({})", why.join("; ")),
+    })
 }
