@@ -271,6 +271,9 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             for s in &r.slots {
                 println!("slot {}: {}", s.index, s.status);
             }
+            if let Some(what) = &r.leftover {
+                println!("left over: {what}");
+            }
             println!(
                 "ok: generation {}, {} blob(s), {} bytes verified",
                 r.generation, r.blobs, r.bytes
@@ -372,6 +375,13 @@ fn print_info(i: &store::StoreInfo) {
                 .map(|g| format!(" (generation {g})"))
                 .unwrap_or_default()
         );
+    }
+    println!(
+        "header:         area offset {} ({} chained commits since the anchor)",
+        i.header_offset, i.chained_commits
+    );
+    if let Some(what) = &i.leftover {
+        println!("left over:      {what}");
     }
     if let Some(q) = &i.qcow2 {
         println!(

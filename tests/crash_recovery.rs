@@ -292,3 +292,37 @@ fn commit_larger_than_the_area_grows_it_in_one_step() {
     .unwrap();
     assert_eq!(&**reopened.get("permall").unwrap().unwrap(), &big[..]);
 }
+
+#[test]
+fn newer_generation_that_fails_to_verify_is_reported_quarantined_and_anchored_past() {
+    let shared = SharedDisk::new(fresh(None));
+    let mut store = Store::open_disk(Box::new(shared.clone()), mem(), None).unwrap();
+    // Generation 2 anchors (format names no successor); 3 and 4 chain.
+    for i in 0..3u8 {
+        store.put("permall", &[i; 5000]).unwrap();
+    }
+    assert_eq!(store.info().chained_commits, 2);
+    let blob = store.list()[0].area_offset as usize;
+    drop(store);
+    let mut disk = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
+    disk.flip_byte(blob + 7, 0x01);
+
+    let shared = SharedDisk::new(disk);
+    let mut store = Store::open_disk(Box::new(shared.clone()), mem(), None).unwrap();
+    assert_eq!(store.generation(), 3);
+    assert_eq!(&**store.get("permall").unwrap().unwrap(), &[1u8; 5000][..]);
+    let leftover = store.info().leftover.expect("generation 4 is reported");
+    assert!(leftover.contains("generation 4"), "{leftover}");
+    assert!(store.check().unwrap().leftover.is_some());
+
+    // The next commit anchors (a chained one would reuse generation 4's
+    // header block) and clears the report.
+    store.put("permall", b"after").unwrap();
+    let info = store.info();
+    assert_eq!((info.generation, info.chained_commits), (4, 0));
+    assert!(info.leftover.is_none());
+    drop(store);
+    let reopened = Store::open_disk(Box::new(shared.with(|d| d.clone())), mem(), None).unwrap();
+    assert_eq!(&**reopened.get("permall").unwrap().unwrap(), b"after");
+    assert!(reopened.info().leftover.is_none());
+}

@@ -516,3 +516,23 @@ mod property {
         }
     }
 }
+
+#[test]
+fn claim_refuses_an_image_whose_newest_chained_generation_does_not_verify() {
+    let dir = scratch();
+    let (img, src) = source(dir.path());
+    // No hand-over: the newest generation is a chained commit.
+    assert!(src.info().chained_commits > 0);
+    let blob = blob_at(&src, "permall");
+    drop(src);
+    flip_guest(&img, blob + 100);
+    let before = sha(&img);
+    let err = claim(&img, with_key()).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&err, MigrationError::Unsettled { what, .. } if what.contains("does not verify")),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert_eq!(sha(&img), before, "a failed claim writes nothing");
+    assert!(holders(&img).is_empty());
+}
