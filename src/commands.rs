@@ -441,7 +441,7 @@ fn dump_headers(image: &Path) -> Result<(), Failure> {
 
 fn describe_slot(s: &tpmstate::format::Slot) -> String {
     format!(
-        "format {} generation {} encrypted {} store {} area {} directory {}+{} crc {:08x} next {}",
+        "format {} generation {} encrypted {} store {} area {} directory {}+{}{} crc {:08x} next {}",
         s.format_version,
         s.generation,
         s.encrypted,
@@ -449,6 +449,11 @@ fn describe_slot(s: &tpmstate::format::Slot) -> String {
         s.area_len,
         s.directory.offset,
         s.directory.len,
+        if s.directory.is_embedded() {
+            " (in the header's block)"
+        } else {
+            ""
+        },
         s.directory_crc,
         s.next
     )

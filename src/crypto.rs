@@ -151,9 +151,12 @@ impl Key {
     }
 
     /// Encrypts one blob version under a fresh derived key from `plain` into
-    /// `out`, which must be [`crate::format::TAG_BYTES`] longer than `plain`
-    /// and receives the ciphertext followed by the tag. Encrypting straight
-    /// into the buffer that is written saves a copy (and wiping that copy).
+    /// `out` (of the same length), returning the parameters and the tag that
+    /// the directory keeps. Encrypting straight into the buffer that is
+    /// written saves a copy (and wiping that copy).
+    ///
+    /// # Panics
+    /// If `out` and `plain` differ in length (a caller's bug).
     pub fn seal_into(
         &self,
         store_id: &[u8; 16],
@@ -162,29 +165,28 @@ impl Key {
         plain: &[u8],
         out: &mut [u8],
     ) -> Sealed {
+        // One system call for both: salt (32 bytes) then nonce (12).
+        let mut random = [0u8; 44];
+        rand::rngs::OsRng.fill_bytes(&mut random);
+        let (salt, nonce) = random.split_at(32);
         let mut sealed = Sealed {
-            salt: [0; 32],
-            nonce: [0; 12],
+            salt: salt.try_into().expect("32 bytes by the split"),
+            nonce: nonce.try_into().expect("12 bytes by the split"),
+            tag: None,
         };
-        rand::rngs::OsRng.fill_bytes(&mut sealed.salt);
-        rand::rngs::OsRng.fill_bytes(&mut sealed.nonce);
         let aad = associated_data(store_id, name, generation);
-        let (body, tag_out) = out.split_at_mut(plain.len());
-        let tag = InOutBuf::new(plain, body)
-            .ok()
-            .and_then(|buf| {
-                self.blob_cipher(store_id, &sealed.salt)
-                    .encrypt_inout_detached(&sealed.nonce.into(), &aad, buf)
-                    .ok()
-            })
-            // Both slices have plain.len() bytes by the split above, and AES-GCM
-            // only refuses inputs over 64 GiB; blobs are u32-sized.
+        let buf = InOutBuf::new(plain, out).expect("seal_into: out must be as long as plain");
+        let tag = self
+            .blob_cipher(store_id, &sealed.salt)
+            .encrypt_inout_detached(&sealed.nonce.into(), &aad, buf)
+            // AES-GCM only refuses inputs over 64 GiB; blobs are u32-sized.
             .expect("AES-GCM encrypts any blob below 64 GiB");
-        tag_out.copy_from_slice(&tag);
+        sealed.tag = Some(tag.into());
         sealed
     }
 
-    /// Encrypts one blob version into a new buffer (ciphertext then tag).
+    /// Encrypts one blob version into a new buffer (the ciphertext; the tag
+    /// is in the returned [`Sealed`]).
     pub fn seal(
         &self,
         store_id: &[u8; 16],
@@ -192,12 +194,14 @@ impl Key {
         generation: u64,
         plain: &[u8],
     ) -> (Sealed, Vec<u8>) {
-        let mut buf = vec![0; plain.len() + crate::format::TAG_BYTES as usize];
+        let mut buf = vec![0; plain.len()];
         let sealed = self.seal_into(store_id, name, generation, plain, &mut buf);
         (sealed, buf)
     }
 
-    /// Decrypts and authenticates one blob version.
+    /// Decrypts and authenticates one blob version: `stored` is the
+    /// ciphertext, followed by the tag when `sealed` does not hold it (as
+    /// directory version 1 wrote it).
     pub fn open(
         &self,
         store_id: &[u8; 16],
@@ -207,16 +211,26 @@ impl Key {
         stored: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let aad = associated_data(store_id, name, generation);
-        self.blob_cipher(store_id, &sealed.salt)
-            .decrypt(
-                &sealed.nonce.into(),
-                Payload {
-                    msg: stored,
-                    aad: &aad,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| CryptoError::Tampered(format!("blob {name:?} does not authenticate")))
+        let cipher = self.blob_cipher(store_id, &sealed.salt);
+        let nonce = sealed.nonce.into();
+        let opened = match &sealed.tag {
+            Some(tag) => {
+                let mut plain = Zeroizing::new(stored.to_vec());
+                cipher
+                    .decrypt_inout_detached(&nonce, &aad, plain.as_mut_slice().into(), tag.into())
+                    .map(|()| plain)
+            }
+            None => cipher
+                .decrypt(
+                    &nonce,
+                    Payload {
+                        msg: stored,
+                        aad: &aad,
+                    },
+                )
+                .map(Zeroizing::new),
+        };
+        opened.map_err(|_| CryptoError::Tampered(format!("blob {name:?} does not authenticate")))
     }
 }
 
@@ -404,6 +418,23 @@ mod tests {
         let mut flipped = ct.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(k.open(&ID, "permall", 3, &s, &flipped).is_err());
+        let mut bad_tag = s;
+        bad_tag.tag.as_mut().unwrap()[0] ^= 1;
+        assert!(k.open(&ID, "permall", 3, &bad_tag, &ct).is_err());
+    }
+
+    #[test]
+    fn blob_sealed_with_its_tag_after_the_ciphertext_still_opens() {
+        // Directory version 1 kept the tag at the end of the stored bytes.
+        let k = Key::generate();
+        let (mut s, mut stored) = k.seal(&ID, "permall", 3, b"old layout");
+        stored.extend_from_slice(&s.tag.take().unwrap());
+        assert_eq!(
+            &**k.open(&ID, "permall", 3, &s, &stored).unwrap(),
+            b"old layout"
+        );
+        *stored.last_mut().unwrap() ^= 1;
+        assert!(k.open(&ID, "permall", 3, &s, &stored).is_err());
     }
 
     #[test]

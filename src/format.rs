@@ -3,28 +3,33 @@
 //! every byte.
 //!
 //! ```text
-//! area offset 0      slot 0 (a 512-byte header, padded to 4 KiB)
+//! area offset 0      slot 0 (a 512-byte header, then usually its directory)
 //! area offset 4096   slot 1
 //! area offset 8192.. 4 KiB blocks: blob extents, directory extents and the
 //!                    header blocks of chained commits, written copy-on-write
 //!                    into blocks the committed generation does not use
 //! ```
 //!
-//! A commit's header is either *anchored* (copied into a slot) or *chained*:
+//! A commit's header is either *anchored* (written to a slot) or *chained*:
 //! written in the first block of the commit's own run, at the place its
 //! predecessor's header named in `next`, so that a commit is one contiguous
-//! write.
+//! write. A directory of up to [`EMBEDDED_DIRECTORY_MAX`] bytes is *embedded*
+//! in its header's block, right after the header, so a small commit writes
+//! one block besides its data.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Magic at the start of a slot.
 pub const MAGIC: &[u8; 8] = b"TPMSTATE";
-/// The format version this code writes and the newest it reads (version 1
-/// had no chained headers; its `next` field is always zero, so it reads as is).
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this code writes and the newest it reads. Version 1
+/// had no chained headers (its `next` is always zero), version 2 no embedded
+/// directories; both read as they are.
+pub const FORMAT_VERSION: u32 = 3;
 /// The directory schema version this code writes and the newest it reads.
-pub const DIRECTORY_VERSION: u32 = 1;
+/// Version 1 wrote byte arrays as CBOR arrays of integers and kept every
+/// GCM tag after its ciphertext; both still decode.
+pub const DIRECTORY_VERSION: u32 = 2;
 /// Bytes of a slot that carry data (the rest of its 4 KiB is zero).
 pub const SLOT_BYTES: usize = 512;
 /// Area offsets of the two slots.
@@ -39,26 +44,37 @@ pub const TAG_BYTES: u32 = 16;
 pub const MAX_NAME_BYTES: usize = 255;
 /// Largest directory we accept (bounds memory use on hostile input).
 pub const MAX_DIRECTORY_BYTES: u32 = 1 << 20;
+/// Largest directory embedded in its header's block, after the header.
+pub const EMBEDDED_DIRECTORY_MAX: u32 = (BLOCK - SLOT_BYTES as u64) as u32;
 
 const FLAG_ENCRYPTED: u32 = 1;
 
 /// A contiguous run of bytes in the extent space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Extent {
-    /// Area offset (a multiple of [`BLOCK`], at least [`DATA_START`]; 0 when empty).
+    /// Area offset (a multiple of [`BLOCK`], at least [`DATA_START`]; 0 when
+    /// empty; a header's offset + [`SLOT_BYTES`] for an embedded directory).
     pub offset: u64,
     /// Bytes used.
     pub len: u32,
 }
 
 impl Extent {
-    /// Blocks the extent occupies.
-    pub fn blocks(&self) -> u64 {
-        u64::from(self.len).div_ceil(BLOCK)
+    /// Start of the first block the extent touches.
+    pub fn start(&self) -> u64 {
+        self.offset / BLOCK * BLOCK
     }
-    /// End of the occupied blocks.
+    /// End of the last block the extent touches.
     pub fn end(&self) -> u64 {
-        self.offset + self.blocks() * BLOCK
+        (self.offset + u64::from(self.len)).div_ceil(BLOCK) * BLOCK
+    }
+    /// Blocks the extent touches.
+    pub fn blocks(&self) -> u64 {
+        (self.end() - self.start()) / BLOCK
+    }
+    /// Whether this (directory) extent lies inside a header's block, after the header.
+    pub fn is_embedded(&self) -> bool {
+        self.offset % BLOCK == SLOT_BYTES as u64
     }
 }
 
@@ -141,7 +157,21 @@ impl Slot {
         b
     }
 
-    /// Decodes and checks a slot.
+    /// Decodes a header found at area offset `at` and checks it, including
+    /// that an embedded directory lies in this header's own block.
+    pub fn decode_at(b: &[u8], at: u64) -> Result<Slot, SlotProblem> {
+        let slot = Slot::decode(b)?;
+        if slot.directory.is_embedded() && slot.directory.offset != at + SLOT_BYTES as u64 {
+            return Err(SlotProblem::Invalid(format!(
+                "directory at area offset {} is embedded in another header's block",
+                slot.directory.offset
+            )));
+        }
+        Ok(slot)
+    }
+
+    /// Decodes and checks a header wherever it was found: every field alone
+    /// (see [`Slot::decode_at`] for where its directory may lie).
     pub fn decode(b: &[u8]) -> Result<Slot, SlotProblem> {
         if b.len() < SLOT_BYTES || &b[0..8] != MAGIC {
             return Err(SlotProblem::NoMagic);
@@ -199,7 +229,20 @@ impl Slot {
                 slot.directory.len
             )));
         }
-        check_extent(&slot.directory, slot.area_len).map_err(SlotProblem::Invalid)?;
+        let d = slot.directory;
+        if d.is_embedded() {
+            if slot.format_version < 3
+                || d.len > EMBEDDED_DIRECTORY_MAX
+                || d.offset + u64::from(d.len) > slot.area_len
+            {
+                return Err(SlotProblem::Invalid(format!(
+                    "embedded directory {}+{} does not fit its block",
+                    d.offset, d.len
+                )));
+            }
+        } else {
+            check_extent(&d, slot.area_len).map_err(SlotProblem::Invalid)?;
+        }
         let next = Extent {
             offset: slot.next,
             len: if slot.next == 0 { 0 } else { SLOT_BYTES as u32 },
@@ -218,6 +261,7 @@ pub enum Kdf {
     /// Argon2id over a passphrase.
     Argon2id {
         /// Per-store random salt.
+        #[serde(with = "serde_bytes")]
         salt: [u8; 16],
         /// Memory in KiB.
         m_kib: u32,
@@ -234,22 +278,31 @@ pub struct Encryption {
     /// How the master key is made.
     pub kdf: Kdf,
     /// HMAC proving the master key, so a wrong key is told from corrupt data.
+    #[serde(with = "serde_bytes")]
     pub key_check: [u8; 32],
 }
 
-/// Per-version AEAD parameters of an encrypted blob.
+/// Per-version AEAD parameters of an encrypted blob. Byte arrays are CBOR
+/// byte strings (directory version 1 wrote arrays of integers; both decode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
     /// Random salt from which this blob version's key is derived.
+    #[serde(with = "serde_bytes")]
     pub salt: [u8; 32],
     /// AES-GCM nonce.
+    #[serde(with = "serde_bytes")]
     pub nonce: [u8; 12],
+    /// The GCM tag. `None` for a version written by directory version 1,
+    /// whose extent holds the ciphertext followed by the tag.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub tag: Option<[u8; 16]>,
 }
 
 /// A blob as the directory records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobEntry {
-    /// Where its stored bytes (ciphertext + tag when encrypted) lie.
+    /// Where its stored bytes (the ciphertext when encrypted, followed by the
+    /// tag if `sealed` does not hold it) lie.
     pub extent: Extent,
     /// Plaintext length.
     pub plain_len: u32,
@@ -267,6 +320,7 @@ pub struct Directory {
     /// Schema version ([`DIRECTORY_VERSION`]).
     pub version: u32,
     /// Must equal the slot's store id.
+    #[serde(with = "serde_bytes")]
     pub store_id: [u8; 16],
     /// Must equal the slot's generation.
     pub generation: u64,
@@ -318,6 +372,14 @@ fn check_extent(e: &Extent, area_len: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Bytes of `value`'s CBOR encoding.
+pub fn encoded_len<T: Serialize>(value: &T) -> u64 {
+    let mut out = Vec::with_capacity(256);
+    // As in Directory::encode: plain serde data into a Vec cannot fail.
+    ciborium::into_writer(value, &mut out).expect("CBOR encoding into a Vec cannot fail");
+    out.len() as u64
+}
+
 impl Directory {
     /// Encodes as CBOR.
     pub fn encode(&self) -> Vec<u8> {
@@ -346,13 +408,44 @@ impl Directory {
         Ok(dir)
     }
 
+    /// An upper bound on the bytes the encoding grows by when an entry for
+    /// `name` is added (or replaces one of that name), whatever its values:
+    /// CBOR integers never get shorter as they grow, so the entry is measured
+    /// with every field at its largest.
+    pub fn entry_bound(name: &str) -> u64 {
+        static LARGEST_ENTRY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let entry = *LARGEST_ENTRY.get_or_init(|| {
+            encoded_len(&BlobEntry {
+                extent: Extent {
+                    offset: u64::MAX,
+                    len: u32::MAX,
+                },
+                plain_len: u32::MAX,
+                crc: u32::MAX,
+                written_gen: u64::MAX,
+                sealed: Some(Sealed {
+                    salt: [0xff; 32],
+                    nonce: [0xff; 12],
+                    tag: Some([0xff; 16]),
+                }),
+            })
+        });
+        // The name's text header (at most 9 bytes) and the map's count header,
+        // which may grow by up to 8 bytes.
+        entry + name.len() as u64 + 9 + 8
+    }
+
+    /// Bytes by which the encoding may grow when the generation number grows
+    /// (a CBOR integer takes 1 to 9 bytes).
+    pub const GENERATION_GROWTH_BOUND: u64 = 8;
+
     /// Every extent this generation uses, the directory's own included.
     pub fn extents<'a>(&'a self, slot: &'a Slot) -> impl Iterator<Item = Extent> + 'a {
         std::iter::once(slot.directory).chain(self.blobs.values().map(|b| b.extent))
     }
 
     fn validate(&self, slot: &Slot) -> Result<(), String> {
-        if self.version != DIRECTORY_VERSION {
+        if self.version == 0 || self.version > DIRECTORY_VERSION {
             return Err(format!("version {}", self.version));
         }
         if self.store_id != slot.store_id || self.generation != slot.generation {
@@ -361,11 +454,12 @@ impl Directory {
         if self.encryption.is_some() != slot.encrypted {
             return Err("encryption flag differs from the header".into());
         }
-        let mut ranges = Vec::new();
-        for e in self.extents(slot) {
-            check_extent(&e, slot.area_len)?;
-            if e.len > 0 {
-                ranges.push((e.offset, e.end()));
+        // The directory's own extent was checked with its header.
+        let mut ranges = vec![(slot.directory.start(), slot.directory.end())];
+        for b in self.blobs.values() {
+            check_extent(&b.extent, slot.area_len)?;
+            if b.extent.len > 0 {
+                ranges.push((b.extent.start(), b.extent.end()));
             }
         }
         ranges.sort_unstable();
@@ -378,7 +472,8 @@ impl Directory {
                 return Err(format!("{name:?}: written in generation {}", b.written_gen));
             }
             let expected = match (&b.sealed, slot.encrypted) {
-                (Some(_), true) => b.plain_len.checked_add(TAG_BYTES),
+                (Some(Sealed { tag: Some(_), .. }), true) => Some(b.plain_len),
+                (Some(Sealed { tag: None, .. }), true) => b.plain_len.checked_add(TAG_BYTES),
                 (None, false) => Some(b.plain_len),
                 _ => return Err(format!("{name:?}: encryption differs from the store's")),
             };
@@ -426,6 +521,149 @@ mod tests {
             c[i] ^= 0x01;
             assert!(Slot::decode(&c).is_err(), "flip at {i} not caught");
         }
+    }
+
+    fn entry(offset: u64, len: u32, written_gen: u64, sealed: bool) -> BlobEntry {
+        BlobEntry {
+            extent: Extent { offset, len },
+            plain_len: len,
+            crc: len.wrapping_mul(2654435761),
+            written_gen,
+            sealed: sealed.then_some(Sealed {
+                salt: [0xa5; 32],
+                nonce: [0x5a; 12],
+                tag: Some([0xff; 16]),
+            }),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn directory_grows_by_at_most_the_bound_a_commit_reserves(
+            names in proptest::collection::vec("[a-z]{1,40}", 0..40),
+            new in "[a-z]{1,255}",
+            generation in proptest::num::u64::ANY,
+            offset in proptest::num::u64::ANY,
+            len in proptest::num::u32::ANY,
+            sealed in proptest::bool::ANY,
+        ) {
+            let mut dir = Directory {
+                version: DIRECTORY_VERSION,
+                store_id: [1; 16],
+                generation: 1,
+                encryption: None,
+                blobs: names.iter().map(|n| (n.clone(), entry(DATA_START, 1, 1, sealed))).collect(),
+            };
+            let before = dir.encode().len() as u64;
+            dir.generation = generation;
+            dir.blobs.insert(new.clone(), entry(offset, len, generation, sealed));
+            let after = dir.encode().len() as u64;
+            proptest::prop_assert!(
+                after <= before + Directory::entry_bound(&new) + Directory::GENERATION_GROWTH_BOUND,
+                "{before} -> {after}"
+            );
+        }
+    }
+
+    #[test]
+    fn directory_of_version_1_with_integer_arrays_and_trailing_tags_decodes() {
+        // Directory version 1 encoded byte arrays as CBOR arrays of integers
+        // and had no tag field; the same field names otherwise.
+        #[derive(Serialize)]
+        struct OldSealed {
+            salt: [u8; 32],
+            nonce: [u8; 12],
+        }
+        #[derive(Serialize)]
+        struct OldEntry {
+            extent: Extent,
+            plain_len: u32,
+            crc: u32,
+            written_gen: u64,
+            sealed: Option<OldSealed>,
+        }
+        #[derive(Serialize)]
+        struct OldEncryption {
+            kdf: Kdf,
+            key_check: [u8; 32],
+        }
+        #[derive(Serialize)]
+        struct OldDirectory {
+            version: u32,
+            store_id: [u8; 16],
+            generation: u64,
+            encryption: Option<OldEncryption>,
+            blobs: BTreeMap<String, OldEntry>,
+        }
+        let old = OldDirectory {
+            version: 1,
+            store_id: [3; 16],
+            generation: 7,
+            encryption: Some(OldEncryption {
+                kdf: Kdf::RawKey,
+                key_check: [1; 32],
+            }),
+            blobs: [(
+                "permall".to_string(),
+                OldEntry {
+                    extent: Extent {
+                        offset: DATA_START + BLOCK,
+                        len: 116,
+                    },
+                    plain_len: 100,
+                    crc: 9,
+                    written_gen: 2,
+                    sealed: Some(OldSealed {
+                        salt: [200; 32],
+                        nonce: [7; 12],
+                    }),
+                },
+            )]
+            .into(),
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&old, &mut bytes).unwrap();
+        let mut s = slot();
+        s.encrypted = true;
+        let dir = Directory::decode(&bytes, &s).unwrap();
+        let b = &dir.blobs["permall"];
+        assert_eq!(b.extent.len, 116);
+        assert_eq!(
+            b.sealed,
+            Some(Sealed {
+                salt: [200; 32],
+                nonce: [7; 12],
+                tag: None
+            })
+        );
+        assert_eq!(dir.store_id, [3; 16]);
+        assert_eq!(dir.encryption.unwrap().key_check, [1; 32]);
+    }
+
+    #[test]
+    fn embedded_directory_must_lie_in_its_own_headers_block() {
+        let mut s = slot();
+        s.directory = Extent {
+            offset: DATA_START + BLOCK + SLOT_BYTES as u64,
+            len: 100,
+        };
+        let b = s.encode();
+        assert!(Slot::decode_at(&b, DATA_START + BLOCK).is_ok());
+        assert!(matches!(
+            Slot::decode_at(&b, DATA_START),
+            Err(SlotProblem::Invalid(_))
+        ));
+        s.directory.len = EMBEDDED_DIRECTORY_MAX + 1;
+        assert!(matches!(
+            Slot::decode(&s.encode()),
+            Err(SlotProblem::Invalid(_))
+        ));
+        s.directory.len = 100;
+        s.format_version = 2;
+        assert!(matches!(
+            Slot::decode(&s.encode()),
+            Err(SlotProblem::Invalid(_))
+        ));
     }
 
     #[test]

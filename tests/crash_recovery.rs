@@ -223,6 +223,40 @@ fn crash_anywhere_around_a_full_chain_anchoring_is_recovered() {
     }
 }
 
+/// A directory too large for its header's block (here 40 blobs) goes into
+/// blocks of its own, chained or anchored: crash at every point of commits
+/// that chain with it and of the one that anchors.
+#[test]
+fn crash_anywhere_with_a_directory_too_large_to_embed_is_recovered() {
+    for key in [None, Some(KeySource::Key(Key::generate()))] {
+        let shared = SharedDisk::new(fresh_with_area(key.as_ref(), 1024 * 1024));
+        let mut store = Store::open_disk(Box::new(shared.clone()), mem(), key.as_ref()).unwrap();
+        let names: Vec<String> = (0..40).map(|i| format!("nvindex-{i:02}")).collect();
+        let mut t = store.transaction();
+        for n in &names {
+            t.put(n, n.as_bytes()).unwrap();
+        }
+        t.commit().unwrap();
+        let mut model: Model = names
+            .iter()
+            .map(|n| (n.clone(), n.as_bytes().to_vec()))
+            .collect();
+        let txn = |i: usize| -> Txn { vec![((i % 3) as u8, Some((1000 + i * 37, i as u8)))] };
+        for i in 0..30 {
+            run_txn(&mut store, &txn(i)).unwrap();
+            model = apply(&model, &txn(i));
+        }
+        let header = store.info().header_offset as usize;
+        let slot = shared
+            .with(|d| tpmstate::format::Slot::decode(&d.live()[header..header + 512]).unwrap());
+        assert!(!slot.directory.is_embedded(), "{slot:?}");
+        drop(store);
+        let base = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
+        let txns: Vec<Txn> = (30..35).map(txn).collect();
+        check_all_crash_points_from(&base, &model, key, txns, 11);
+    }
+}
+
 #[test]
 fn steady_state_commit_issues_exactly_one_sync() {
     let key = KeySource::Key(Key::generate());

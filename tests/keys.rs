@@ -88,18 +88,18 @@ fn flipped_tag_byte_is_reported_as_corruption() {
     let (i, k) = (path_str(&img), key_file(dir.path(), "k", 0x33));
     let (blob, _) = secret_blob(dir.path());
     create_encrypted_with_permall(&img, &k, &blob);
-    // The first blob of a fresh store lies at area offset 12288 (after two
-    // slots and generation 1's directory); qemu-img map gives the host offset.
-    let (_, map, _) = qemu_img(&["map", "--output=json", i]);
-    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
-    let host0 = map[0]["offset"].as_u64().unwrap();
-    let start = host0 as usize + 12288;
-    let needle_len = 9000 + 16; // ciphertext + tag
+    // The GCM tag is kept in the directory entry: CBOR key "tag", then a
+    // 16-byte byte string (header 0x50).
     let mut bytes = std::fs::read(&img).unwrap();
-    bytes[start + needle_len - 1] ^= 0x40;
+    let at = bytes
+        .windows(4)
+        .position(|w| w == b"tag\x50")
+        .expect("the directory holds the blob's tag");
+    bytes[at + 4 + 15] ^= 0x40;
     std::fs::write(&img, &bytes).unwrap();
-    // A flipped tag byte also breaks the checksum, so recovery falls back to
-    // the previous generation (which never had the blob): never to wrong data.
+    // A flipped tag byte also breaks the directory's checksum, so recovery
+    // falls back to the previous generation (which never had the blob):
+    // never to wrong data.
     let (code, out, err) = cli(&["get", i, "permall", "--key-file", path_str(&k)]);
     assert_ne!(code, 0, "flipped tag must not read back: {err}");
     assert!(out.is_empty());
@@ -214,7 +214,7 @@ fn store_from_a_newer_format_version_is_refused_clearly() {
     assert_eq!(cli(&["create", i]).0, 0);
     let mut bytes = std::fs::read(&img).unwrap();
     let at = bytes.windows(8).position(|w| w == b"TPMSTATE").unwrap();
-    bytes[at + 8] = 3; // format_version 3
+    bytes[at + 8] = tpmstate::format::FORMAT_VERSION as u8 + 1;
     let crc = crc32c::crc32c(&bytes[at..at + 508]);
     bytes[at + 508..at + 512].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&img, &bytes).unwrap();

@@ -6,16 +6,18 @@
 //! header block at the current header's `next` (a *chained* commit: one
 //! contiguous write), or anywhere, growing the area first if needed, with the
 //! header going to the slot that does not hold the current anchor (an
-//! *anchored* commit), (3) encrypt each blob straight into the buffer that is
-//! written, (4) write, then sync once, (5) switch the in-memory state. Until
-//! (4) returns, nothing recovery needs to reach the current generation has
-//! been touched, so a crash anywhere opens at it or at the new one.
+//! *anchored* commit); a small directory goes into the header's block, (3)
+//! encrypt each blob straight into the buffer that is written, (4) write,
+//! then sync once, (5) switch the in-memory state. Until (4) returns, nothing
+//! recovery needs to reach the current generation has been touched, so a
+//! crash anywhere opens at it or at the new one.
 
 use super::recover::{Chain, Generation, MAX_CHAIN};
 use super::{Store, StoreError};
 use crate::crypto::Key;
 use crate::format::{
-    self, BlobEntry, Encryption, Extent, Kdf, Slot, BLOCK, DATA_START, SLOT_OFFSETS,
+    self, BlobEntry, Directory, Encryption, Extent, Kdf, Slot, BLOCK, DATA_START,
+    EMBEDDED_DIRECTORY_MAX, SLOT_BYTES, SLOT_OFFSETS,
 };
 use std::collections::BTreeMap;
 use zeroize::Zeroizing;
@@ -57,7 +59,7 @@ impl Allocator {
     fn new(area: u64, in_use: impl Iterator<Item = Extent>) -> Self {
         let mut used: Vec<(u64, u64)> = in_use
             .filter(|e| e.len > 0)
-            .map(|e| (e.offset, e.end()))
+            .map(|e| (e.start(), e.end()))
             .collect();
         used.sort_unstable();
         Allocator { area, used }
@@ -128,7 +130,7 @@ impl<'s, 'd> Transaction<'s, 'd> {
             name: name.to_string(),
             reason,
         })?;
-        if data.len() > (u32::MAX - format::TAG_BYTES) as usize {
+        if u32::try_from(data.len()).is_err() {
             return Err(StoreError::Usage(format!(
                 "blob {name:?} of {} bytes is too large",
                 data.len()
@@ -194,22 +196,28 @@ impl<'s, 'd> Transaction<'s, 'd> {
             }
             None => None,
         };
-        let tag = if key.is_some() { format::TAG_BYTES } else { 0 };
 
         // (1) The next generation's directory, built on a copy.
         let mut dir = cur.dir.clone();
         dir.generation = generation;
+        dir.version = format::DIRECTORY_VERSION;
+        // What the encoding can grow by: see Directory::entry_bound.
+        let mut dir_bound = cur.dir_bytes.len() as u64 + Directory::GENERATION_GROWTH_BOUND;
         if let Some((k, kdf)) = &rekey {
-            dir.encryption = Some(Encryption {
+            let encryption = Encryption {
                 kdf: kdf.clone(),
                 key_check: k.key_check(&id),
-            });
+            };
+            dir_bound += format::encoded_len(&Some(&encryption));
+            dir.encryption = Some(encryption);
         }
         let mut staged = Vec::new();
         for (name, change) in changes {
             dir.blobs.remove(&name);
             if let Some(data) = change {
-                let stored_len = data.bytes().len() as u32 + tag;
+                dir_bound += Directory::entry_bound(&name);
+                // The tag of a sealed blob is kept in the directory.
+                let stored_len = data.bytes().len() as u32;
                 staged.push(Staged {
                     name,
                     data,
@@ -231,13 +239,21 @@ impl<'s, 'd> Transaction<'s, 'd> {
             && store.chain.quarantine.is_empty())
         .then_some(cur.slot.next);
         let mut area = cur.slot.area_len;
+        let anchor_at = SLOT_OFFSETS[1 - store.chain.anchor_slot];
         let layout = loop {
-            let dir_bound = directory_bound(&dir, &staged, area, key.is_some());
-            match layout(cur, &store.chain, area, &staged, dir_bound, chain_at) {
+            match layout(
+                cur,
+                &store.chain,
+                area,
+                &staged,
+                dir_bound,
+                chain_at,
+                anchor_at,
+            ) {
                 Some(l) => break l,
                 None if area == cur.slot.area_len => {
                     let extra = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>()
-                        + blocks(dir_bound as u32);
+                        + dir_bound.div_ceil(BLOCK) * BLOCK;
                     // Quarantined blocks of a torn commit that grew the area may
                     // lie past this generation's end: grow beyond them.
                     let top = store.chain.pinned().map(|e| e.end()).fold(area, u64::max);
@@ -267,22 +283,26 @@ impl<'s, 'd> Transaction<'s, 'd> {
 
         // (3) Fill the blocks: each new version is encrypted (or copied)
         // straight from the caller's bytes into the buffer that is written.
-        let mut writes = layout.buffers();
+        let mut writes = Writes(
+            layout
+                .regions
+                .iter()
+                .map(|&(offset, len)| (offset, vec![0u8; len as usize]))
+                .collect(),
+        );
         for (s, extent) in staged.iter().zip(&layout.blobs) {
-            // Only a plaintext store has empty stored bytes (a sealed blob has its tag).
-            let (crc, sealed) = if s.stored_len == 0 {
-                (crc32c::crc32c(&[]), None)
-            } else {
-                let buf = writes.slice(extent.offset, s.stored_len);
-                let sealed = match key {
-                    Some(k) => Some(k.seal_into(&id, &s.name, generation, s.data.bytes(), buf)),
-                    None => {
-                        buf.copy_from_slice(s.data.bytes());
-                        None
-                    }
-                };
-                (crc32c::crc32c(buf), sealed)
+            let buf = match s.stored_len {
+                0 => &mut [][..],
+                len => writes.slice(extent.offset, len),
             };
+            let sealed = match key {
+                Some(k) => Some(k.seal_into(&id, &s.name, generation, s.data.bytes(), buf)),
+                None => {
+                    buf.copy_from_slice(s.data.bytes());
+                    None
+                }
+            };
+            let crc = crc32c::crc32c(buf);
             let entry = BlobEntry {
                 extent: *extent,
                 plain_len: s.data.bytes().len() as u32,
@@ -294,8 +314,8 @@ impl<'s, 'd> Transaction<'s, 'd> {
         }
         let dir_bytes = dir.encode();
         if dir_bytes.len() as u64 > layout.dir_room {
-            // directory_bound() is an upper bound by construction (CBOR integer
-            // sizes grow with their values); report a broken bound, never write past it.
+            // dir_bound is an upper bound by construction (Directory::entry_bound);
+            // report a broken bound, never write past it.
             return Err(StoreError::Usage(format!(
                 "internal error: directory of {} bytes exceeds its bound",
                 dir_bytes.len()
@@ -312,13 +332,17 @@ impl<'s, 'd> Transaction<'s, 'd> {
         // The successor's header block: the largest run free once this
         // generation is durable (its blocks, plus the chain headers if it is
         // chained; an anchored commit frees the old chain).
+        let chained = layout.header_at >= DATA_START;
         let next = if settle {
             0
         } else {
-            let pinned = layout.chained_at.iter().chain(match layout.chained_at {
-                Some(_) => &store.chain.headers[..],
-                None => &[],
-            });
+            let pinned = chained
+                .then_some(&layout.header_at)
+                .into_iter()
+                .chain(match chained {
+                    true => &store.chain.headers[..],
+                    false => &[],
+                });
             Allocator::new(
                 area,
                 dir.blobs
@@ -348,24 +372,15 @@ impl<'s, 'd> Transaction<'s, 'd> {
             prev_id: cur.slot.commit_id,
             next,
         };
-        let header = slot.encode();
-        let header_at = match layout.chained_at {
-            Some(at) => {
-                writes
-                    .slice(at, header.len() as u32)
-                    .copy_from_slice(&header);
-                at
-            }
-            None => SLOT_OFFSETS[1 - store.chain.anchor_slot],
-        };
+        let header_at = layout.header_at;
+        writes
+            .slice(header_at, SLOT_BYTES as u32)
+            .copy_from_slice(&slot.encode());
 
         // (4) Write everything, then the one sync.
         let written = (|| {
             for (offset, buf) in &writes.0 {
                 store.disk.write_at(*offset, buf)?;
-            }
-            if layout.chained_at.is_none() {
-                store.disk.write_at(header_at, &header)?;
             }
             store.disk.sync()
         })();
@@ -377,16 +392,16 @@ impl<'s, 'd> Transaction<'s, 'd> {
         }
 
         // (5) The new generation is durable: switch to it.
-        match layout.chained_at {
-            Some(at) => {
-                store.chain.headers.push(at);
+        match chained {
+            true => {
+                store.chain.headers.push(header_at);
                 let anchor = &mut store.slots[store.chain.anchor_slot];
                 anchor.status = format!(
                     "ok (anchor of the current generation {generation}, {} chained commits on)",
                     store.chain.headers.len()
                 );
             }
-            None => {
+            false => {
                 let old = store.chain.anchor_slot;
                 store.chain = Chain {
                     anchor_slot: 1 - old,
@@ -427,49 +442,27 @@ fn blocks(len: u32) -> u64 {
     u64::from(len).div_ceil(BLOCK) * BLOCK
 }
 
-/// An upper bound on the encoded size of `dir` once the staged entries are
-/// added: they are encoded with the largest values they can take, and a CBOR
-/// integer never gets shorter as its value grows.
-fn directory_bound(dir: &format::Directory, staged: &[Staged], area: u64, encrypted: bool) -> u64 {
-    let mut probe = dir.clone();
-    for s in staged {
-        let entry = BlobEntry {
-            extent: Extent {
-                offset: area,
-                len: s.stored_len,
-            },
-            plain_len: s.data.bytes().len() as u32,
-            crc: u32::MAX,
-            written_gen: probe.generation,
-            sealed: encrypted.then_some(format::Sealed {
-                salt: [0xff; 32],
-                nonce: [0xff; 12],
-            }),
-        };
-        probe.blobs.insert(s.name.clone(), entry);
-    }
-    probe.encode().len() as u64
-}
-
 /// Where a commit's blocks go.
 struct Layout {
-    /// The header block of a chained commit (the run's first block); `None`
-    /// for an anchored commit, whose header goes to a slot.
-    chained_at: Option<u64>,
+    /// Area offset of the header: the first block of a chained commit's run,
+    /// or the slot an anchored commit writes.
+    header_at: u64,
     /// One extent per staged blob, in order.
     blobs: Vec<Extent>,
     /// Area offset of the directory and the bytes reserved for it there.
     dir_at: u64,
     dir_room: u64,
-    /// One contiguous run holding everything, written with a single `pwrite`;
-    /// `None` when free space was too fragmented and each extent is written
-    /// on its own (anchored commits only).
-    run: Option<Extent>,
+    /// What is written, as (area offset, length): one contiguous run for a
+    /// chained commit; for an anchored one its slot's block, plus one run or,
+    /// when free space is too fragmented, one region per extent.
+    regions: Vec<(u64, u64)>,
 }
 
-/// Places the staged blobs and the directory in blocks of `area` that neither
-/// the current generation nor the chain uses: chained at `chain_at` if the
-/// whole run fits there, else anchored. `None` if they do not fit.
+/// Places the staged blobs and the directory (in the header's block when at
+/// most `EMBEDDED_DIRECTORY_MAX` bytes) in blocks of `area` that neither the
+/// current generation nor the chain uses: chained at `chain_at` if the whole
+/// run fits there, else anchored with the header at `anchor_at`. `None` if
+/// they do not fit.
 fn layout(
     cur: &Generation,
     chain: &Chain,
@@ -477,13 +470,18 @@ fn layout(
     staged: &[Staged],
     dir_bound: u64,
     chain_at: Option<u64>,
+    anchor_at: u64,
 ) -> Option<Layout> {
-    let dir_len = u32::try_from(dir_bound).ok()?;
+    let embedded = dir_bound <= u64::from(EMBEDDED_DIRECTORY_MAX);
+    let dir_blocks = if embedded {
+        0
+    } else {
+        dir_bound.div_ceil(BLOCK) * BLOCK
+    };
     let in_use = || cur.dir.extents(&cur.slot).chain(chain.pinned());
-    let body = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>() + blocks(dir_len);
-    // One run in sequence: [header block,] blobs, directory.
-    let in_run = |run: Extent, header: bool| {
-        let mut at = run.offset + if header { BLOCK } else { 0 };
+    let body = staged.iter().map(|s| blocks(s.stored_len)).sum::<u64>() + dir_blocks;
+    // Blobs in sequence from `at`, then the directory if it is not embedded.
+    let place = |mut at: u64, header_at: u64| {
         let blobs = staged
             .iter()
             .map(|s| {
@@ -495,38 +493,85 @@ fn layout(
                 e
             })
             .collect();
-        Layout {
-            chained_at: header.then_some(run.offset),
-            blobs,
-            dir_at: at,
-            dir_room: run.end() - at,
-            run: Some(run),
-        }
+        let (dir_at, dir_room) = match embedded {
+            true => (
+                header_at + SLOT_BYTES as u64,
+                u64::from(EMBEDDED_DIRECTORY_MAX),
+            ),
+            false => (at, dir_blocks),
+        };
+        (blobs, dir_at, dir_room)
     };
     if let Some(at) = chain_at {
-        if let Some(run) = Allocator::new(area, in_use()).alloc_at(at, BLOCK + body) {
-            return Some(in_run(run, true));
+        if Allocator::new(area, in_use())
+            .alloc_at(at, BLOCK + body)
+            .is_some()
+        {
+            let (blobs, dir_at, dir_room) = place(at + BLOCK, at);
+            return Some(Layout {
+                header_at: at,
+                blobs,
+                dir_at,
+                dir_room,
+                regions: vec![(at, BLOCK + body)],
+            });
         }
     }
+    let header_block = (anchor_at, BLOCK);
     // Fewer separate dirty regions make the one fdatasync cheaper: try one run first.
+    if body == 0 {
+        let (blobs, dir_at, dir_room) = place(0, anchor_at);
+        return Some(Layout {
+            header_at: anchor_at,
+            blobs,
+            dir_at,
+            dir_room,
+            regions: vec![header_block],
+        });
+    }
     if let Some(run) = u32::try_from(body)
         .ok()
         .and_then(|len| Allocator::new(area, in_use()).alloc(len))
     {
-        return Some(in_run(run, false));
+        let (blobs, dir_at, dir_room) = place(run.offset, anchor_at);
+        return Some(Layout {
+            header_at: anchor_at,
+            blobs,
+            dir_at,
+            dir_room,
+            regions: vec![header_block, (run.offset, body)],
+        });
     }
     let mut alloc = Allocator::new(area, in_use());
     let blobs = staged
         .iter()
         .map(|s| alloc.alloc(s.stored_len))
         .collect::<Option<Vec<_>>>()?;
-    let dir = alloc.alloc(dir_len)?;
+    let (dir_at, dir_room) = match embedded {
+        true => (
+            anchor_at + SLOT_BYTES as u64,
+            u64::from(EMBEDDED_DIRECTORY_MAX),
+        ),
+        false => (
+            alloc.alloc(u32::try_from(dir_blocks).ok()?)?.offset,
+            dir_blocks,
+        ),
+    };
+    let mut regions: Vec<(u64, u64)> = blobs
+        .iter()
+        .filter(|e| e.len > 0)
+        .map(|e| (e.offset, e.end() - e.offset))
+        .collect();
+    regions.push(header_block);
+    if !embedded {
+        regions.push((dir_at, dir_room));
+    }
     Some(Layout {
-        chained_at: None,
+        header_at: anchor_at,
         blobs,
-        dir_at: dir.offset,
-        dir_room: blocks(dir_len),
-        run: None,
+        dir_at,
+        dir_room,
+        regions,
     })
 }
 
@@ -534,23 +579,6 @@ fn layout(
 /// Whole blocks are written so no block in use keeps stale bytes of an older
 /// version (or old plaintext after a rekey).
 struct Writes(Vec<(u64, Vec<u8>)>);
-
-impl Layout {
-    fn buffers(&self) -> Writes {
-        let zeroed = |offset: u64, len: u64| (offset, vec![0u8; len as usize]);
-        match self.run {
-            Some(run) => Writes(vec![zeroed(run.offset, run.end() - run.offset)]),
-            None => Writes(
-                self.blobs
-                    .iter()
-                    .filter(|e| e.len > 0)
-                    .map(|e| zeroed(e.offset, e.end() - e.offset))
-                    .chain([zeroed(self.dir_at, self.dir_room)])
-                    .collect(),
-            ),
-        }
-    }
-}
 
 impl Writes {
     /// The bytes at area `offset..offset+len`, which lie inside one buffer by

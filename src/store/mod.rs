@@ -360,8 +360,10 @@ impl Store {
             generation: 1,
             store_id,
             area_len: area,
+            // Embedded in slot 0's block (an empty directory is far below
+            // EMBEDDED_DIRECTORY_MAX).
             directory: format::Extent {
-                offset: format::DATA_START,
+                offset: format::SLOT_OFFSETS[0] + SLOT_BYTES as u64,
                 len: bytes.len() as u32,
             },
             directory_crc: crc32c::crc32c(&bytes),
@@ -373,9 +375,11 @@ impl Store {
             // The first commit anchors.
             next: 0,
         };
-        disk.write_at(format::DATA_START, &bytes)?;
-        disk.write_at(format::SLOT_OFFSETS[0], &slot.encode())?;
-        disk.write_at(format::SLOT_OFFSETS[1], &[0u8; SLOT_BYTES])?;
+        let mut slot0 = vec![0u8; format::BLOCK as usize];
+        slot0[..SLOT_BYTES].copy_from_slice(&slot.encode());
+        slot0[SLOT_BYTES..SLOT_BYTES + bytes.len()].copy_from_slice(&bytes);
+        disk.write_at(format::SLOT_OFFSETS[0], &slot0)?;
+        disk.write_at(format::SLOT_OFFSETS[1], &[0u8; format::BLOCK as usize])?;
         disk.sync()?;
         Ok(())
     }
@@ -580,9 +584,11 @@ impl Store {
     /// Facts for `tpmstate info`.
     pub fn info(&self) -> StoreInfo {
         let g = &self.current;
+        // An embedded directory lies in its header's block, counted below.
         let used: u64 = g
             .dir
             .extents(&g.slot)
+            .filter(|e| !e.is_embedded())
             .map(|e| e.blocks() * format::BLOCK)
             .sum();
         StoreInfo {
@@ -641,7 +647,7 @@ impl Store {
             .extents(&g.slot)
             .chain(self.chain.pinned())
             .filter(|e| e.len > 0)
-            .map(|e| (e.offset, e.end()))
+            .map(|e| (e.start(), e.end()))
             .collect();
         used.sort_unstable();
         let mut free = Vec::new();
@@ -655,8 +661,10 @@ impl Store {
         let other = 1 - self.chain.anchor_slot;
         let zeros = vec![0u8; 64 * 1024];
         let result = (|| {
-            self.disk
-                .write_at(format::SLOT_OFFSETS[other], &[0u8; SLOT_BYTES])?;
+            self.disk.write_at(
+                format::SLOT_OFFSETS[other],
+                &zeros[..format::BLOCK as usize],
+            )?;
             for (start, end) in free {
                 let mut off = start;
                 while off < end {

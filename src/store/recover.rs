@@ -82,7 +82,7 @@ pub(crate) fn read_header(
         return Ok(Err(SlotProblem::NoMagic));
     }
     disk.read_at(offset, &mut buf)?;
-    Ok(Slot::decode(&buf))
+    Ok(Slot::decode_at(&buf, offset))
 }
 
 pub(crate) fn read_slot(
