@@ -21,6 +21,7 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use zeroize::Zeroizing;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -65,7 +66,12 @@ pub enum CryptoError {
 
 /// A 32-byte key, wiped from memory on drop. Its `Debug` shows nothing secret.
 #[derive(Clone)]
-pub struct Key(Zeroizing<[u8; 32]>);
+pub struct Key {
+    master: Zeroizing<[u8; 32]>,
+    /// The directory-MAC subkey for one store id, derived on first use
+    /// (every commit MACs its directory); wiped with the key.
+    directory_key: OnceLock<([u8; 16], Zeroizing<[u8; 32]>)>,
+}
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,8 +82,8 @@ impl std::fmt::Debug for Key {
 impl Key {
     /// Wraps raw key bytes; an all-zero key is refused as an obvious mistake.
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Key, String> {
-        let key = Key(Zeroizing::new(bytes));
-        if key.0.iter().all(|&b| b == 0) {
+        let key = Key::new(Zeroizing::new(bytes));
+        if key.master.iter().all(|&b| b == 0) {
             return Err("key is all zeros".into());
         }
         Ok(key)
@@ -87,11 +93,18 @@ impl Key {
     pub fn generate() -> Key {
         let mut k = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(&mut *k);
-        Key(k)
+        Key::new(k)
+    }
+
+    fn new(master: Zeroizing<[u8; 32]>) -> Key {
+        Key {
+            master,
+            directory_key: OnceLock::new(),
+        }
     }
 
     fn derive(&self, salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
-        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt), &*self.0);
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(salt), &*self.master);
         let mut out = Zeroizing::new([0u8; 32]);
         // 32 bytes is far below HKDF-SHA256's 8160-byte output limit.
         hk.expand_multi_info(info, &mut *out)
@@ -103,6 +116,21 @@ impl Key {
         let k = self.derive(store_id, &[b"tpmstate/v1/", purpose]);
         // HMAC accepts keys of any length.
         <HmacSha256 as Mac>::new_from_slice(&*k).expect("HMAC takes any key length")
+    }
+
+    /// The directory MAC, keyed with the cached subkey when it is for `store_id`.
+    fn directory_hmac(&self, store_id: &[u8; 16]) -> HmacSha256 {
+        let (id, k) = self.directory_key.get_or_init(|| {
+            (
+                *store_id,
+                self.derive(store_id, &[b"tpmstate/v1/", b"directory"]),
+            )
+        });
+        match id == store_id {
+            // HMAC accepts keys of any length.
+            true => <HmacSha256 as Mac>::new_from_slice(&**k).expect("HMAC takes any key length"),
+            false => self.mac(store_id, b"directory"),
+        }
     }
 
     /// The value stored in the directory to recognise this key.
@@ -127,7 +155,7 @@ impl Key {
 
     /// MAC of a directory's bytes.
     pub fn directory_mac(&self, store_id: &[u8; 16], dir: &[u8]) -> [u8; 32] {
-        let mut m = self.mac(store_id, b"directory");
+        let mut m = self.directory_hmac(store_id);
         m.update(dir);
         m.finalize().into_bytes().into()
     }
@@ -139,7 +167,7 @@ impl Key {
         dir: &[u8],
         stored: &[u8; 32],
     ) -> Result<(), CryptoError> {
-        let mut m = self.mac(store_id, b"directory");
+        let mut m = self.directory_hmac(store_id);
         m.update(dir);
         m.verify_slice(stored)
             .map_err(|_| CryptoError::Tampered("directory MAC does not verify".into()))
@@ -165,9 +193,11 @@ impl Key {
         plain: &[u8],
         out: &mut [u8],
     ) -> Sealed {
-        // One system call for both: salt (32 bytes) then nonce (12).
+        // Salt (32 bytes) then nonce (12) from the thread's CSPRNG (ChaCha,
+        // seeded and periodically reseeded from the OS; reseeded after a
+        // fork), which spares a system call per blob.
         let mut random = [0u8; 44];
-        rand::rngs::OsRng.fill_bytes(&mut random);
+        rand::thread_rng().fill_bytes(&mut random);
         let (salt, nonce) = random.split_at(32);
         let mut sealed = Sealed {
             salt: salt.try_into().expect("32 bytes by the split"),
@@ -347,7 +377,7 @@ impl KeySource {
                 let mut out = Zeroizing::new([0u8; 32]);
                 a.hash_password_into(p, salt, &mut *out)
                     .map_err(|e| CryptoError::Kdf(e.to_string()))?;
-                Ok(Key(out))
+                Ok(Key::new(out))
             }
             (KeySource::Key(_), Kdf::Argon2id { .. }) => Err(CryptoError::WrongKey(
                 "this store is opened with a passphrase, not a key file".into(),
@@ -435,6 +465,22 @@ mod tests {
         );
         *stored.last_mut().unwrap() ^= 1;
         assert!(k.open(&ID, "permall", 3, &s, &stored).is_err());
+    }
+
+    #[test]
+    fn directory_mac_is_bound_to_the_store_id_even_with_a_cached_subkey() {
+        let k = Key::generate();
+        let mac = k.directory_mac(&ID, b"dir");
+        assert!(k.verify_directory_mac(&ID, b"dir", &mac).is_ok());
+        assert!(k.verify_directory_mac(&[8; 16], b"dir", &mac).is_err());
+        assert_ne!(k.directory_mac(&[8; 16], b"dir"), mac);
+        assert_eq!(k.clone().directory_mac(&ID, b"dir"), mac);
+        assert_eq!(
+            Key::from_bytes(*k.master)
+                .unwrap()
+                .directory_mac(&ID, b"dir"),
+            mac
+        );
     }
 
     #[test]

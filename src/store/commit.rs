@@ -283,13 +283,7 @@ impl<'s, 'd> Transaction<'s, 'd> {
 
         // (3) Fill the blocks: each new version is encrypted (or copied)
         // straight from the caller's bytes into the buffer that is written.
-        let mut writes = Writes(
-            layout
-                .regions
-                .iter()
-                .map(|&(offset, len)| (offset, vec![0u8; len as usize]))
-                .collect(),
-        );
+        let mut writes = Writes::new(&layout.regions, std::mem::take(&mut store.write_buf));
         for (s, extent) in staged.iter().zip(&layout.blobs) {
             let buf = match s.stored_len {
                 0 => &mut [][..],
@@ -379,11 +373,12 @@ impl<'s, 'd> Transaction<'s, 'd> {
 
         // (4) Write everything, then the one sync.
         let written = (|| {
-            for (offset, buf) in &writes.0 {
-                store.disk.write_at(*offset, buf)?;
+            for (offset, bytes) in writes.regions() {
+                store.disk.write_at(offset, bytes)?;
             }
             store.disk.sync()
         })();
+        store.write_buf = writes.into_buffer();
         if let Err(e) = written {
             // After a failed write or sync the kernel may have dropped dirty
             // pages: the on-disk state is unknown until the store is reopened.
@@ -578,23 +573,61 @@ fn layout(
 /// The zero-filled, whole-block buffers a commit writes, by area offset.
 /// Whole blocks are written so no block in use keeps stale bytes of an older
 /// version (or old plaintext after a rekey).
-struct Writes(Vec<(u64, Vec<u8>)>);
+/// They share one allocation, kept by the store from commit to commit: a
+/// fresh one would be page-faulted in on every commit.
+struct Writes {
+    /// (area offset, start in `buf`, length) of each region.
+    regions: Vec<(u64, usize, usize)>,
+    buf: Vec<u8>,
+}
 
 impl Writes {
-    /// The bytes at area `offset..offset+len`, which lie inside one buffer by
+    fn new(regions: &[(u64, u64)], mut buf: Vec<u8>) -> Writes {
+        let mut at = 0;
+        let regions: Vec<(u64, usize, usize)> = regions
+            .iter()
+            .map(|&(offset, len)| {
+                let r = (offset, at, len as usize);
+                at += len as usize;
+                r
+            })
+            .collect();
+        buf.clear();
+        buf.resize(at, 0);
+        Writes { regions, buf }
+    }
+
+    /// The bytes at area `offset..offset+len`, which lie inside one region by
     /// construction of the layout.
     fn slice(&mut self, offset: u64, len: u32) -> &mut [u8] {
-        let (start, buf) = self
-            .0
-            .iter_mut()
-            .find(|(start, buf)| {
-                *start <= offset && offset + u64::from(len) <= *start + buf.len() as u64
+        let (region, start, _) = *self
+            .regions
+            .iter()
+            .find(|&&(region, _, size)| {
+                region <= offset && offset + u64::from(len) <= region + size as u64
             })
-            .expect("every placed extent lies inside one write buffer");
-        let at = (offset - *start) as usize;
-        &mut buf[at..at + len as usize]
+            .expect("every placed extent lies inside one write region");
+        let at = start + (offset - region) as usize;
+        &mut self.buf[at..at + len as usize]
+    }
+
+    fn regions(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.regions
+            .iter()
+            .map(|&(offset, start, len)| (offset, &self.buf[start..start + len]))
+    }
+
+    /// The buffer, to keep for the next commit (unless it is unusually large).
+    fn into_buffer(self) -> Vec<u8> {
+        match self.buf.capacity() > KEEP_BUFFER_BYTES {
+            true => Vec::new(),
+            false => self.buf,
+        }
     }
 }
+
+/// Largest write buffer a store keeps between commits.
+const KEEP_BUFFER_BYTES: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -148,6 +148,9 @@ pub struct Store {
     /// The next commit anchors and names no successor, so that it and the
     /// one after rewrite both header slots (a repair after damage).
     settle_next: bool,
+    /// The last commit's write buffer, reused (it holds no plaintext of an
+    /// encrypted store: only ciphertext and metadata).
+    write_buf: Vec<u8>,
     key: Option<Key>,
     locks: Option<Locks>,
     facts: Option<Qcow2Facts>,
@@ -216,6 +219,7 @@ impl Store {
             slots: recovery.reports,
             leftover: recovery.leftover,
             settle_next: false,
+            write_buf: Vec::new(),
             key: None,
             locks: None,
             facts: None,
