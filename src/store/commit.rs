@@ -326,6 +326,7 @@ impl<'s, 'd> Transaction<'s, 'd> {
         // The successor's header block: the largest run free once this
         // generation is durable (its blocks, plus the chain headers if it is
         // chained; an anchored commit frees the old chain).
+        // Slots lie below DATA_START; a chained header is in a block above it.
         let chained = layout.header_at >= DATA_START;
         let next = if settle {
             0
