@@ -199,28 +199,48 @@ proptest! {
     }
 }
 
-/// Commits chain until the chain is full, then one anchors in a slot and
-/// frees the chain's blocks: crash at every point around that switch.
-#[test]
-fn crash_anywhere_around_a_full_chain_anchoring_is_recovered() {
+/// On a store with room for a full chain (each chained header pins a block
+/// until the next anchor), commits `initial` in one transaction if it is not
+/// empty, then `commits` more, which must leave 30 chained commits, two
+/// short of full; runs `inspect` on that store, then crashes at every point
+/// of five more commits, the third of which anchors.
+fn sweep_around_anchoring(
+    initial: &Model,
+    commits: usize,
+    seed: u64,
+    inspect: impl Fn(&Store, &SharedDisk),
+) {
     for key in [None, Some(KeySource::Key(Key::generate()))] {
-        // Room for a full chain: each chained header pins a block until the
-        // next anchor.
         let shared = SharedDisk::new(fresh_with_area(key.as_ref(), 1024 * 1024));
         let mut store = Store::open_disk(Box::new(shared.clone()), mem(), key.as_ref()).unwrap();
-        let mut model = Model::new();
+        if !initial.is_empty() {
+            let mut t = store.transaction();
+            for (name, data) in initial {
+                t.put(name, data).unwrap();
+            }
+            t.commit().unwrap();
+        }
+        let mut model = initial.clone();
         let txn = |i: usize| -> Txn { vec![((i % 3) as u8, Some((1000 + i * 37, i as u8)))] };
-        // The first commit anchors; the next 32 chain; stop two short of full.
-        for i in 0..31 {
+        for i in 0..commits {
             run_txn(&mut store, &txn(i)).unwrap();
             model = apply(&model, &txn(i));
         }
         assert_eq!(store.info().chained_commits, 30);
+        inspect(&store, &shared);
         drop(store);
         let base = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
-        let txns: Vec<Txn> = (31..36).map(txn).collect();
-        check_all_crash_points_from(&base, &model, key, txns, 7);
+        let txns: Vec<Txn> = (commits..commits + 5).map(txn).collect();
+        check_all_crash_points_from(&base, &model, key, txns, seed);
     }
+}
+
+/// Commits chain until the chain is full, then one anchors in a slot and
+/// frees the chain's blocks: crash at every point around that switch.
+#[test]
+fn crash_anywhere_around_a_full_chain_anchoring_is_recovered() {
+    // The first commit anchors; the next 30 chain.
+    sweep_around_anchoring(&Model::new(), 31, 7, |_, _| {});
 }
 
 /// A directory too large for its header's block (here 40 blobs) goes into
@@ -228,33 +248,17 @@ fn crash_anywhere_around_a_full_chain_anchoring_is_recovered() {
 /// that chain with it and of the one that anchors.
 #[test]
 fn crash_anywhere_with_a_directory_too_large_to_embed_is_recovered() {
-    for key in [None, Some(KeySource::Key(Key::generate()))] {
-        let shared = SharedDisk::new(fresh_with_area(key.as_ref(), 1024 * 1024));
-        let mut store = Store::open_disk(Box::new(shared.clone()), mem(), key.as_ref()).unwrap();
-        let names: Vec<String> = (0..40).map(|i| format!("nvindex-{i:02}")).collect();
-        let mut t = store.transaction();
-        for n in &names {
-            t.put(n, n.as_bytes()).unwrap();
-        }
-        t.commit().unwrap();
-        let mut model: Model = names
-            .iter()
-            .map(|n| (n.clone(), n.as_bytes().to_vec()))
-            .collect();
-        let txn = |i: usize| -> Txn { vec![((i % 3) as u8, Some((1000 + i * 37, i as u8)))] };
-        for i in 0..30 {
-            run_txn(&mut store, &txn(i)).unwrap();
-            model = apply(&model, &txn(i));
-        }
+    let blobs: Model = (0..40)
+        .map(|i| format!("nvindex-{i:02}"))
+        .map(|n| (n.clone(), n.into_bytes()))
+        .collect();
+    // The 40 blobs' commit anchors; the next 30 chain.
+    sweep_around_anchoring(&blobs, 30, 11, |store, disk| {
         let header = store.info().header_offset as usize;
-        let slot = shared
-            .with(|d| tpmstate::format::Slot::decode(&d.live()[header..header + 512]).unwrap());
+        let slot =
+            disk.with(|d| tpmstate::format::Slot::decode(&d.live()[header..header + 512]).unwrap());
         assert!(!slot.directory.is_embedded(), "{slot:?}");
-        drop(store);
-        let base = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
-        let txns: Vec<Txn> = (30..35).map(txn).collect();
-        check_all_crash_points_from(&base, &model, key, txns, 11);
-    }
+    });
 }
 
 #[test]
