@@ -295,22 +295,12 @@ impl KeySource {
     /// Reads a key file: 32 raw bytes, or 64 hex digits (surrounding whitespace ignored).
     pub fn from_key_file(path: &Path) -> Result<KeySource, CryptoError> {
         let data = read_secret(path)?;
-        let bad = |reason: &str| CryptoError::BadKeyFile {
-            path: path.to_path_buf(),
-            reason: reason.to_string(),
-        };
-        let mut key = Zeroizing::new([0u8; 32]);
-        let text = std::str::from_utf8(&data).map(str::trim).unwrap_or("");
-        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            hex::decode_to_slice(text, &mut *key).map_err(|_| bad("bad hex key"))?;
-        } else if data.len() == 32 {
-            key.copy_from_slice(&data);
-        } else {
-            return Err(bad("a key file holds 32 raw bytes or 64 hex digits"));
-        }
-        Key::from_bytes(*key)
+        parse_key(&data)
             .map(KeySource::Key)
-            .map_err(|r| bad(&r))
+            .map_err(|reason| CryptoError::BadKeyFile {
+                path: path.to_path_buf(),
+                reason,
+            })
     }
 
     /// Reads a passphrase file (one trailing newline is not part of the passphrase).
