@@ -1,5 +1,5 @@
 //! A whole image file of arbitrary bytes through the qcow2 layer (our header
-//! validation, then qcow2-rs's mapping): any panic that reaches here is a case
+//! validation, qcow2-rs's mapping, then our leak scan): any panic that reaches here is a case
 //! our validation should refuse first.
 #![no_main]
 use std::sync::Arc;
@@ -11,5 +11,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     }
     let Ok(file) = std::fs::OpenOptions::new().read(true).open(&path) else { return };
-    let _ = tpmstate::image::Qcow2Disk::open(&path, Arc::new(file));
+    if let Ok(disk) = tpmstate::image::Qcow2Disk::open(&path, Arc::new(file)) {
+        // The leak scan parses every L1, L2 and refcount table the file names.
+        let _ = disk.scan_leaks();
+    }
 });

@@ -7,6 +7,7 @@
 
 mod qcow2;
 pub mod qcow2_header;
+pub mod qcow2_leaks;
 mod sim;
 
 pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};

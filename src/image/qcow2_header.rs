@@ -26,6 +26,9 @@ const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Header extension of persistent dirty bitmaps (their directory and tables
+/// live in clusters of their own).
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// The header fields tpmstate uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +51,9 @@ pub struct Qcow2Header {
     pub refcount_order: u32,
     /// Compatible feature bits (bit 0: lazy refcounts).
     pub compatible_features: u64,
+    /// The image may reference clusters from tables tpmstate does not parse:
+    /// it has a bitmaps extension, or its extension list is unreadable.
+    pub foreign_tables: bool,
 }
 
 impl Qcow2Header {
@@ -227,6 +233,9 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
             )))
         }
     }
+    let ext_area = &buf[..buf.len().min(cs as usize)];
+    let foreign_tables =
+        extension_list_has(ext_area, header_length as usize, EXT_BITMAPS).unwrap_or(true);
     Ok(Qcow2Header {
         version,
         cluster_bits,
@@ -237,7 +246,28 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
         refcount_table_clusters,
         refcount_order,
         compatible_features: compatible,
+        foreign_tables,
     })
+}
+
+/// Whether the header extension list starting at `at` holds `magic`; `None`
+/// when the list runs off the header cluster (then nobody can tell).
+fn extension_list_has(buf: &[u8], mut at: usize, magic: u32) -> Option<bool> {
+    loop {
+        if at.checked_add(8)? > buf.len() {
+            return None;
+        }
+        let (m, len) = (be32(buf, at), be32(buf, at + 4) as usize);
+        if m == 0 {
+            return Some(false);
+        }
+        if m == magic {
+            return Some(true);
+        }
+        at = at
+            .checked_add(8)?
+            .checked_add(len.checked_next_multiple_of(8)?)?;
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +296,33 @@ mod tests {
             parse(&b, 1 << 20),
             Err(HeaderProblem::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn a_bitmaps_extension_or_an_unreadable_extension_list_marks_foreign_tables() {
+        // A 4 KiB-cluster v3 header with its tables in clusters 1 and 2.
+        let mut b = vec![0u8; 4096];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&12u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[40..48].copy_from_slice(&4096u64.to_be_bytes());
+        b[48..56].copy_from_slice(&8192u64.to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        let foreign = |b: &[u8]| parse(b, 3 * 4096).unwrap().foreign_tables;
+        assert!(!foreign(&b), "no extensions");
+        // A feature-name table (8 bytes) first, then the bitmaps extension.
+        b[112..116].copy_from_slice(&0x6803_f857u32.to_be_bytes());
+        b[116..120].copy_from_slice(&5u32.to_be_bytes());
+        assert!(!foreign(&b), "one extension, then the end marker");
+        b[128..132].copy_from_slice(&EXT_BITMAPS.to_be_bytes());
+        assert!(foreign(&b), "bitmaps after a padded extension");
+        b[128..132].copy_from_slice(&1u32.to_be_bytes());
+        b[132..136].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(foreign(&b), "a length that runs off the cluster");
     }
 
     #[test]

@@ -191,7 +191,12 @@ impl Store {
         let file = open_file(path, opts.mode >= LockMode::Writer)?;
         let (lock, warning) = ImageLock::new(path, file.clone(), opts.locking)?;
         let guard = lock.acquire(opts.mode, opts.lock_timeout)?;
-        let disk = Qcow2Disk::open(path, file)?;
+        let mut disk = Qcow2Disk::open(path, file)?;
+        if opts.mode >= LockMode::Writer {
+            // The write lock is ours: free what a crash during an earlier
+            // format or growth leaked, so `qemu-img check` passes again.
+            disk.reclaim_leaks()?;
+        }
         let facts = disk.facts();
         let mut store = Store::open_disk(Box::new(disk), path, opts.key.as_ref())?;
         store.facts = Some(facts);

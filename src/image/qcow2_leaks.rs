@@ -1,0 +1,253 @@
+//! Finding qcow2 clusters that are counted as used but referenced by nothing.
+//!
+//! qcow2-rs allocates in the order data, refcount block (+ fsync), L2 table
+//! (+ fsync), L1 table. A crash between the refcount update and the L1 write,
+//! during `format` or a growing commit, leaves clusters whose refcount is 1 but
+//! which no table references: *leaked* clusters. They cannot corrupt anything,
+//! but `qemu-img check` reports them (exit 3). So the next writer of the image
+//! frees them, as QEMU does when it opens a lazy-refcounts image after a crash.
+//!
+//! The scan counts every reference the image holds (header cluster, L1 table,
+//! refcount table, refcount blocks, L2 tables, data clusters) and compares the
+//! counts with the refcounts, like `qemu-img check`. It only reports leaks when
+//! it understands the whole image: with compressed clusters, tables it does not
+//! parse (bitmaps), or any referenced cluster whose refcount disagrees (real
+//! corruption, which is not ours to repair), it reports [`Scan::Unsure`] and
+//! the image is left alone. This module reads; the caller writes.
+
+use super::qcow2_header::Qcow2Header;
+
+/// Bits 9-55 of L1 and L2 entries: the host offset.
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits 9-63 of refcount table entries: the refcount block's host offset.
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// L2 entry flag of a compressed cluster (its offset field is laid out differently).
+const L2_COMPRESSED: u64 = 1 << 62;
+/// Images with more clusters than this are not scanned (the count table would
+/// take more than 64 MiB); an NVRAM image has a few hundred.
+const MAX_SCANNED_CLUSTERS: u64 = 64 << 20;
+
+/// What a scan found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scan {
+    /// Every structure was understood; these clusters leaked (maybe none).
+    Leaks(Vec<LeakedEntries>),
+    /// The image holds something the scan does not understand; why.
+    Unsure(String),
+}
+
+/// Leaked clusters whose refcounts sit in one refcount block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakedEntries {
+    /// Host offset of the refcount block.
+    pub block: u64,
+    /// Indices of the leaked clusters' entries in that block.
+    pub entries: Vec<usize>,
+}
+
+impl Scan {
+    /// Number of leaked clusters found (0 when unsure).
+    pub fn leaked(&self) -> u64 {
+        match self {
+            Scan::Leaks(blocks) => blocks.iter().map(|b| b.entries.len() as u64).sum(),
+            Scan::Unsure(_) => 0,
+        }
+    }
+}
+
+/// Reads host bytes at an offset (short files read as zeros are not allowed:
+/// every table the scan reads lies inside the file).
+pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 'a;
+
+/// Scans an image of `file_len` bytes with header `h`, reading through `read`.
+pub fn scan(h: &Qcow2Header, file_len: u64, read: &mut ReadAt<'_>) -> std::io::Result<Scan> {
+    let unsure = |why: String| Ok(Scan::Unsure(why));
+    if h.foreign_tables {
+        return unsure("the image has tables tpmstate does not parse (bitmaps)".into());
+    }
+    let cs = h.cluster_size();
+    let clusters = file_len.div_ceil(cs);
+    if clusters > MAX_SCANNED_CLUSTERS {
+        return unsure(format!("{clusters} clusters are too many to scan"));
+    }
+    let mut refs = References {
+        cs,
+        referenced: vec![false; clusters as usize],
+    };
+    let fixed = h.metadata_ranges();
+    for (start, len) in fixed.into_iter().filter(|&(_, len)| len > 0) {
+        if let Err(why) = refs.add(start, len) {
+            return unsure(why);
+        }
+    }
+    let mut l1 = vec![0u8; u64::from(h.l1_size) as usize * 8];
+    read(h.l1_table_offset, &mut l1)?;
+    let mut l2 = vec![0u8; cs as usize];
+    for l2_at in table_offsets(&l1, TABLE_OFFSET_MASK) {
+        if let Err(why) = refs.add(l2_at, cs) {
+            return unsure(why);
+        }
+        read(l2_at, &mut l2)?;
+        for entry in entries(&l2) {
+            if entry & L2_COMPRESSED != 0 {
+                return unsure("the image has compressed clusters".into());
+            }
+            let data_at = entry & TABLE_OFFSET_MASK;
+            if data_at != 0 {
+                if let Err(why) = refs.add(data_at, cs) {
+                    return unsure(why);
+                }
+            }
+        }
+    }
+    let mut reftable = vec![0u8; h.refcount_table_clusters as usize * cs as usize];
+    read(h.refcount_table_offset, &mut reftable)?;
+    let blocks: Vec<u64> = entries(&reftable)
+        .map(|e| e & REFTABLE_OFFSET_MASK)
+        .collect();
+    for &block_at in blocks.iter().filter(|&&b| b != 0) {
+        if let Err(why) = refs.add(block_at, cs) {
+            return unsure(why);
+        }
+    }
+
+    let bits = 1u32 << h.refcount_order;
+    let per_block = (cs * 8 / u64::from(bits)) as usize;
+    let mut block = vec![0u8; cs as usize];
+    let mut leaks = Vec::new();
+    for (i, referenced) in refs.referenced.chunks(per_block).enumerate() {
+        let block_at = blocks.get(i).copied().unwrap_or(0);
+        if block_at == 0 {
+            block.fill(0);
+        } else {
+            read(block_at, &mut block)?;
+        }
+        let mut leaked = Vec::new();
+        for (j, &referenced) in referenced.iter().enumerate() {
+            let refcount = refcount(&block, j, bits);
+            if !referenced && refcount > 0 {
+                leaked.push(j);
+            } else if referenced && refcount != 1 {
+                let cluster = i * per_block + j;
+                return unsure(format!(
+                    "cluster {cluster} is referenced but has refcount {refcount}"
+                ));
+            }
+        }
+        if !leaked.is_empty() {
+            leaks.push(LeakedEntries {
+                block: block_at,
+                entries: leaked,
+            });
+        }
+    }
+    Ok(Scan::Leaks(leaks))
+}
+
+/// Which host clusters are referenced. tpmstate refuses images with shared
+/// clusters (snapshots), so a second reference to a cluster ends the scan; that
+/// also bounds the tables it reads by the clusters in the file.
+struct References {
+    cs: u64,
+    referenced: Vec<bool>,
+}
+
+impl References {
+    /// Marks every cluster in `[start, start + len)` referenced, once.
+    fn add(&mut self, start: u64, len: u64) -> Result<(), String> {
+        if !start.is_multiple_of(self.cs) {
+            return Err(format!("a table points at unaligned offset {start:#x}"));
+        }
+        let first = start / self.cs;
+        let end = start
+            .checked_add(len)
+            .map(|e| e.div_ceil(self.cs))
+            .filter(|&e| e <= self.referenced.len() as u64)
+            .ok_or_else(|| format!("a table points beyond the end of the file at {start:#x}"))?;
+        for c in first..end {
+            if std::mem::replace(&mut self.referenced[c as usize], true) {
+                return Err(format!("cluster {c} is referenced twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The big-endian u64 entries of a table.
+fn entries(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    table.chunks_exact(8).map(|e| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(e);
+        u64::from_be_bytes(a)
+    })
+}
+
+/// The non-zero offsets of a table's entries.
+fn table_offsets(table: &[u8], mask: u64) -> impl Iterator<Item = u64> + '_ {
+    entries(table).map(move |e| e & mask).filter(|&o| o != 0)
+}
+
+/// Entry `index` of a refcount block of `bits`-bit entries. qcow2 packs entries
+/// narrower than a byte from the least significant bit up, and stores wider
+/// ones big-endian.
+pub fn refcount(block: &[u8], index: usize, bits: u32) -> u64 {
+    if bits < 8 {
+        let bit = index * bits as usize;
+        let mask = (1u8 << bits) - 1;
+        u64::from((block[bit / 8] >> (bit % 8)) & mask)
+    } else {
+        let width = bits as usize / 8;
+        block[index * width..(index + 1) * width]
+            .iter()
+            .fold(0, |acc, &b| (acc << 8) | u64::from(b))
+    }
+}
+
+/// Sets entry `index` of a refcount block to zero (see [`refcount`]).
+pub fn clear_refcount(block: &mut [u8], index: usize, bits: u32) {
+    if bits < 8 {
+        let bit = index * bits as usize;
+        let mask = (1u8 << bits) - 1;
+        block[bit / 8] &= !(mask << (bit % 8));
+    } else {
+        let width = bits as usize / 8;
+        block[index * width..(index + 1) * width].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn clearing_one_refcount_leaves_its_neighbours(
+            order in 0u32..=6,
+            bytes in proptest::collection::vec(any::<u8>(), 64),
+            index in 0usize..8,
+        ) {
+            let bits = 1u32 << order;
+            let mut block = bytes.clone();
+            clear_refcount(&mut block, index, bits);
+            prop_assert_eq!(refcount(&block, index, bits), 0);
+            for other in (0..64 * 8 / bits as usize).filter(|&i| i != index) {
+                prop_assert_eq!(refcount(&block, other, bits), refcount(&bytes, other, bits));
+            }
+        }
+    }
+
+    #[test]
+    fn refcount_layout_matches_qcow2() {
+        // 16-bit entries (QEMU's default) are big-endian.
+        assert_eq!(refcount(&[0x01, 0x02, 0x00, 0x07], 0, 16), 0x0102);
+        assert_eq!(refcount(&[0x01, 0x02, 0x00, 0x07], 1, 16), 7);
+        // 1-bit entries start at the least significant bit.
+        assert_eq!(refcount(&[0b0000_0010], 1, 1), 1);
+        assert_eq!(refcount(&[0b0000_0010], 0, 1), 0);
+        assert_eq!(
+            refcount(&[0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x09], 0, 64),
+            9
+        );
+    }
+}
