@@ -55,8 +55,8 @@ impl Scan {
     }
 }
 
-/// Reads host bytes at an offset (short files read as zeros are not allowed:
-/// every table the scan reads lies inside the file).
+/// Reads exactly `buf.len()` host bytes at an offset. The scan only reads
+/// tables it has checked to lie inside the file.
 pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 'a;
 
 /// Scans an image of `file_len` bytes with header `h`, reading through `read`.
