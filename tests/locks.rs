@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tpmstate::lock::{ImageLock, LockGuard};
+use tpmstate::lock::{Flavour, ImageLock, LockGuard};
 use tpmstate::{LockMode, Locking, OpenOptions, Store};
 
 fn new_image(dir: &Path) -> std::path::PathBuf {
@@ -112,6 +112,45 @@ fn qemu_tools_are_kept_out_while_tpmstate_holds_writer_mode() {
     assert!(out.contains("qcow2"));
     drop(store);
     assert_eq!(qemu_img(&["check", i]).0, 0, "released on drop");
+}
+
+#[test]
+fn posix_fallback_locks_keep_qemu_tools_out_and_are_kept_out_by_them() {
+    // Linux makes OFD and POSIX locks conflict, so QEMU (OFD) and a tpmstate
+    // that fell back to POSIX locks still exclude each other.
+    let dir = scratch();
+    let img = new_image(dir.path());
+    let i = path_str(&img);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let fd = file.as_raw_fd();
+    let lock = ImageLock::with_flavour(&img, Arc::new(file), Some(Flavour::Posix));
+    let guard = lock.acquire(LockMode::Writer, None).unwrap();
+    assert_eq!(held_bytes(fd), expected_bytes(Some(LockMode::Writer)));
+    let (code, _, err) = qemu_img(&["info", i]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+    drop(guard);
+    assert!(
+        held_bytes(fd).is_empty(),
+        "released with the last acquisition"
+    );
+    assert_eq!(qemu_img(&["check", i]).0, 0);
+
+    let _qemu = Kill(hold_with(
+        Command::new("qemu-io").args(["-f", "qcow2", i]),
+        &img,
+    ));
+    let err = lock.acquire(LockMode::Writer, None).unwrap_err();
+    assert_eq!(err.kind(), tpmstate::ErrorKind::Locked, "{err}");
+    assert!(
+        held_bytes(fd).is_empty(),
+        "a refused acquisition holds nothing"
+    );
+    assert!(lock.acquire(LockMode::ForceShareRead, None).is_ok());
 }
 
 #[test]

@@ -303,18 +303,23 @@ impl ImageLock {
                 )),
             ),
         };
+        Ok((ImageLock::with_flavour(path, file, flavour), warning))
+    }
+
+    /// Lock state for `file` that uses `flavour` without probing (`None`: no
+    /// locks at all). [`ImageLock::new`] chooses for QEMU's `locking=` option;
+    /// this is for callers that know better, such as tests of the POSIX
+    /// fallback on a kernel that has OFD locks.
+    pub fn with_flavour(path: &Path, file: Arc<File>, flavour: Option<Flavour>) -> ImageLock {
         let inner = Inner {
             path: path.to_path_buf(),
             file,
             flavour,
             counts: Mutex::default(),
         };
-        Ok((
-            ImageLock {
-                inner: Arc::new(inner),
-            },
-            warning,
-        ))
+        ImageLock {
+            inner: Arc::new(inner),
+        }
     }
 
     /// The strongest mode currently held, if any.
