@@ -38,17 +38,7 @@ fn qemu_img_images_of_every_cluster_size_compat_and_preallocation_are_formatted_
                 let image = dir.path().join("nvram.qcow2");
                 let opts =
                     format!("cluster_size={cluster},compat={compat},preallocation={prealloc}");
-                let (code, _, err) = qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    &opts,
-                    path_str(&image),
-                    "4M",
-                ]);
-                assert_eq!(code, 0, "{opts}: {err}");
+                qemu_img_create(&image, &opts, "4M");
                 format_put_get(&image);
             }
         }

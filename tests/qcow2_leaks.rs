@@ -58,20 +58,6 @@ fn assert_leaks(image: &Path, n: u64) {
     );
 }
 
-fn qemu_img_create(image: &Path, opts: &str, size: &str) {
-    let (code, _, err) = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        path_str(image),
-        size,
-    ]);
-    assert_eq!(code, 0, "{opts}: {err}");
-}
-
 /// Leaks a cluster in an image with a store, checks that readers leave it and
 /// that the next commit frees it without touching the store's content.
 fn leak_then_commit(image: &Path) {

@@ -31,6 +31,21 @@ pub fn qemu_img(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `qemu-img create -f qcow2 -o OPTS IMAGE SIZE`, which must succeed.
+pub fn qemu_img_create(image: &Path, opts: &str, size: &str) {
+    let (code, _, err) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        path_str(image),
+        size,
+    ]);
+    assert_eq!(code, 0, "{opts}: {err}");
+}
+
 /// Asserts `qemu-img check` finds no errors and no leaks.
 pub fn assert_qemu_check_clean(image: &Path) {
     let (code, out, err) = qemu_img(&["check", image.to_str().unwrap()]);
