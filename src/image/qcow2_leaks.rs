@@ -7,13 +7,14 @@
 //! but `qemu-img check` reports them (exit 3). So the next writer of the image
 //! frees them, as QEMU does when it opens a lazy-refcounts image after a crash.
 //!
-//! The scan counts every reference the image holds (header cluster, L1 table,
-//! refcount table, refcount blocks, L2 tables, data clusters) and compares the
-//! counts with the refcounts, like `qemu-img check`. It only reports leaks when
-//! it understands the whole image: with compressed clusters, tables it does not
-//! parse (bitmaps), or any referenced cluster whose refcount disagrees (real
-//! corruption, which is not ours to repair), it reports [`Scan::Unsure`] and
-//! the image is left alone. This module reads; the caller writes.
+//! The scan marks every cluster the image references (header cluster, L1
+//! table, refcount table, refcount blocks, L2 tables, data clusters) and
+//! compares that with the refcounts, like `qemu-img check`. It only reports
+//! leaks when it understands the whole image. With compressed clusters, tables
+//! it does not parse (bitmaps), a cluster referenced twice, or a referenced
+//! cluster whose refcount is not 1 (real corruption, which is not ours to
+//! repair), it reports [`Scan::Unsure`] and the image is left alone. This
+//! module reads; the caller writes.
 
 use super::qcow2_header::Qcow2Header;
 
