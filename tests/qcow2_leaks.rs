@@ -11,10 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-
-fn be(b: &[u8]) -> u64 {
-    b.iter().fold(0, |acc, &x| (acc << 8) | u64::from(x))
-}
+use tpmstate::image::qcow2_header;
 
 /// Appends one cluster of junk to the image file and gives it refcount 1, as
 /// an allocation interrupted between its refcount and L1 writes does.
@@ -24,21 +21,23 @@ fn leak_one_cluster(image: &Path) {
         .write(true)
         .open(image)
         .unwrap();
-    let mut h = [0u8; 104];
-    f.read_exact_at(&mut h, 0).unwrap();
-    let cs = 1u64 << be(&h[20..24]);
-    let version = be(&h[4..8]);
-    let refcount_order = if version == 3 { be(&h[96..100]) } else { 4 };
-    assert_eq!(refcount_order, 4, "the helper writes 16-bit refcounts");
-    let cluster = f.metadata().unwrap().len().div_ceil(cs);
+    let file_len = f.metadata().unwrap().len();
+    let mut first = vec![0u8; 4096];
+    f.read_exact_at(&mut first, 0).unwrap();
+    let h = qcow2_header::parse(&first, file_len).unwrap();
+    assert_eq!(h.refcount_order, 4, "the helper writes 16-bit refcounts");
+    let cs = h.cluster_size();
+    let cluster = file_len.div_ceil(cs);
     f.write_all_at(&vec![0xa5; cs as usize], cluster * cs)
         .unwrap();
     let per_block = cs / 2;
     let mut entry = [0u8; 8];
-    let reftable = be(&h[48..56]);
-    f.read_exact_at(&mut entry, reftable + cluster / per_block * 8)
-        .unwrap();
-    let block = be(&entry) & !0x1ff;
+    f.read_exact_at(
+        &mut entry,
+        h.refcount_table_offset + cluster / per_block * 8,
+    )
+    .unwrap();
+    let block = u64::from_be_bytes(entry) & !0x1ff;
     assert_ne!(block, 0, "a refcount block covers the new cluster");
     f.write_all_at(&1u16.to_be_bytes(), block + cluster % per_block * 2)
         .unwrap();
