@@ -58,10 +58,10 @@ impl Scan {
 
 /// Reads exactly `buf.len()` host bytes at an offset. The scan only reads
 /// tables it has checked to lie inside the file.
-pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 'a;
+pub(crate) type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 'a;
 
 /// Scans an image of `file_len` bytes with header `h`, reading through `read`.
-pub fn scan(h: &Qcow2Header, file_len: u64, read: &mut ReadAt<'_>) -> std::io::Result<Scan> {
+pub(crate) fn scan(h: &Qcow2Header, file_len: u64, read: &mut ReadAt<'_>) -> std::io::Result<Scan> {
     let unsure = |why: String| Ok(Scan::Unsure(why));
     if h.foreign_tables {
         return unsure("the image has tables tpmstate does not parse (bitmaps)".into());
@@ -191,7 +191,7 @@ fn table_offsets(table: &[u8], mask: u64) -> impl Iterator<Item = u64> + '_ {
 /// Entry `index` of a refcount block of `bits`-bit entries. qcow2 packs entries
 /// narrower than a byte from the least significant bit up, and stores wider
 /// ones big-endian.
-pub fn refcount(block: &[u8], index: usize, bits: u32) -> u64 {
+pub(crate) fn refcount(block: &[u8], index: usize, bits: u32) -> u64 {
     if bits < 8 {
         let bit = index * bits as usize;
         let mask = (1u8 << bits) - 1;
@@ -205,7 +205,7 @@ pub fn refcount(block: &[u8], index: usize, bits: u32) -> u64 {
 }
 
 /// Sets entry `index` of a refcount block to zero (see [`refcount`]).
-pub fn clear_refcount(block: &mut [u8], index: usize, bits: u32) {
+pub(crate) fn clear_refcount(block: &mut [u8], index: usize, bits: u32) {
     if bits < 8 {
         let bit = index * bits as usize;
         let mask = (1u8 << bits) - 1;
