@@ -6,6 +6,7 @@
 //! [`Disk::grow`] allocates more (a one-time, crash-safe qcow2 metadata change).
 
 mod qcow2;
+mod qcow2_alloc;
 pub mod qcow2_header;
 pub mod qcow2_leaks;
 mod sim;

@@ -1,11 +1,12 @@
 //! Finding qcow2 clusters that are counted as used but referenced by nothing.
 //!
-//! qcow2-rs allocates in the order data, refcount block (+ fsync), L2 table
-//! (+ fsync), L1 table. A crash between the refcount update and the L1 write,
-//! during `format` or a growing commit, leaves clusters whose refcount is 1 but
-//! which no table references: *leaked* clusters. They cannot corrupt anything,
-//! but `qemu-img check` reports them (exit 3). So the next writer of the image
-//! frees them, as QEMU does when it opens a lazy-refcounts image after a crash.
+//! A crash between the refcount update and the table write of a qcow2
+//! allocation done in place (QEMU's, or qcow2-rs's) leaves clusters whose
+//! refcount is 1 but which no table references: *leaked* clusters. They
+//! cannot corrupt anything, but `qemu-img check` reports them (exit 3). So the
+//! next writer of the image frees them, as QEMU does when it opens a
+//! lazy-refcounts image after a crash. tpmstate's own allocations
+//! ([`super::qcow2_alloc`]) leave none, and use the same survey.
 //!
 //! The scan marks every cluster the image references (header cluster, L1
 //! table, refcount table, refcount blocks, L2 tables, data clusters) and
@@ -19,11 +20,11 @@
 use super::qcow2_header::Qcow2Header;
 
 /// Bits 9-55 of L1 and L2 entries: the host offset.
-const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bits 9-63 of refcount table entries: the refcount block's host offset.
-const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+pub(crate) const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// L2 entry flag of a compressed cluster (its offset field is laid out differently).
-const L2_COMPRESSED: u64 = 1 << 62;
+pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
 /// Images with more clusters than this are not scanned (the count table would
 /// take more than 64 MiB); an NVRAM image has a few hundred.
 const MAX_SCANNED_CLUSTERS: u64 = 64 << 20;
@@ -62,7 +63,28 @@ pub(crate) type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 
 
 /// Scans an image of `file_len` bytes with header `h`, reading through `read`.
 pub(crate) fn scan(h: &Qcow2Header, file_len: u64, read: &mut ReadAt<'_>) -> std::io::Result<Scan> {
-    let unsure = |why: String| Ok(Scan::Unsure(why));
+    Ok(match survey(h, file_len, read)? {
+        Ok(survey) => Scan::Leaks(survey.leaks),
+        Err(why) => Scan::Unsure(why),
+    })
+}
+
+/// What a survey of an image it fully understands found.
+pub(crate) struct Survey {
+    /// For each host cluster up to the end of the file: does the image reference it?
+    pub referenced: Vec<bool>,
+    /// Clusters counted as used that nothing references.
+    pub leaks: Vec<LeakedEntries>,
+}
+
+/// Marks what the image references and compares it with the refcounts; `Err`
+/// says why the image is not fully understood.
+pub(crate) fn survey(
+    h: &Qcow2Header,
+    file_len: u64,
+    read: &mut ReadAt<'_>,
+) -> std::io::Result<Result<Survey, String>> {
+    let unsure = |why: String| Ok(Err(why));
     if h.foreign_tables {
         return unsure("the image has tables tpmstate does not parse (bitmaps)".into());
     }
@@ -142,7 +164,10 @@ pub(crate) fn scan(h: &Qcow2Header, file_len: u64, read: &mut ReadAt<'_>) -> std
             });
         }
     }
-    Ok(Scan::Leaks(leaks))
+    Ok(Ok(Survey {
+        referenced: refs.referenced,
+        leaks,
+    }))
 }
 
 /// Which host clusters are referenced. tpmstate refuses images with shared
@@ -175,7 +200,7 @@ impl References {
 }
 
 /// The big-endian u64 entries of a table.
-fn entries(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
+pub(crate) fn entries(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
     table.chunks_exact(8).map(|e| {
         let mut a = [0u8; 8];
         a.copy_from_slice(e);
@@ -184,7 +209,7 @@ fn entries(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
 }
 
 /// The non-zero offsets of a table's entries.
-fn table_offsets(table: &[u8], mask: u64) -> impl Iterator<Item = u64> + '_ {
+pub(crate) fn table_offsets(table: &[u8], mask: u64) -> impl Iterator<Item = u64> + '_ {
     entries(table).map(move |e| e & mask).filter(|&o| o != 0)
 }
 
@@ -204,15 +229,18 @@ pub(crate) fn refcount(block: &[u8], index: usize, bits: u32) -> u64 {
     }
 }
 
-/// Sets entry `index` of a refcount block to zero (see [`refcount`]).
-pub(crate) fn clear_refcount(block: &mut [u8], index: usize, bits: u32) {
+/// Sets entry `index` of a refcount block of `bits`-bit entries to `value`
+/// (which must fit in `bits`; see [`refcount`]).
+pub(crate) fn set_refcount(block: &mut [u8], index: usize, bits: u32, value: u64) {
     if bits < 8 {
         let bit = index * bits as usize;
         let mask = (1u8 << bits) - 1;
-        block[bit / 8] &= !(mask << (bit % 8));
+        let byte = &mut block[bit / 8];
+        *byte = (*byte & !(mask << (bit % 8))) | (((value as u8) & mask) << (bit % 8));
     } else {
         let width = bits as usize / 8;
-        block[index * width..(index + 1) * width].fill(0);
+        let be = value.to_be_bytes();
+        block[index * width..(index + 1) * width].copy_from_slice(&be[8 - width..]);
     }
 }
 
@@ -223,15 +251,17 @@ mod tests {
 
     proptest! {
         #[test]
-        fn clearing_one_refcount_leaves_its_neighbours(
+        fn setting_one_refcount_leaves_its_neighbours(
             order in 0u32..=6,
             bytes in proptest::collection::vec(any::<u8>(), 64),
             index in 0usize..8,
+            value in any::<u64>(),
         ) {
             let bits = 1u32 << order;
+            let value = if bits == 64 { value } else { value & ((1 << bits) - 1) };
             let mut block = bytes.clone();
-            clear_refcount(&mut block, index, bits);
-            prop_assert_eq!(refcount(&block, index, bits), 0);
+            set_refcount(&mut block, index, bits, value);
+            prop_assert_eq!(refcount(&block, index, bits), value);
             for other in (0..64 * 8 / bits as usize).filter(|&i| i != index) {
                 prop_assert_eq!(refcount(&block, other, bits), refcount(&bytes, other, bits));
             }
