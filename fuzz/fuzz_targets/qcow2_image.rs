@@ -1,8 +1,10 @@
 //! A whole image file of arbitrary bytes through the qcow2 layer (our header
-//! validation, qcow2-rs's mapping, then our leak scan): any panic that reaches here is a case
-//! our validation should refuse first.
+//! validation, qcow2-rs's mapping, our leak scan, then an allocation of one
+//! more cluster): any panic that reaches here is a case our validation should
+//! refuse first.
 #![no_main]
 use std::sync::Arc;
+use tpmstate::image::Disk;
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let dir = std::env::temp_dir().join(format!("tpmstate-fuzz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
@@ -10,9 +12,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    let Ok(file) = std::fs::OpenOptions::new().read(true).open(&path) else { return };
-    if let Ok(disk) = tpmstate::image::Qcow2Disk::open(&path, Arc::new(file)) {
-        // The leak scan parses every L1, L2 and refcount table the file names.
+    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) else {
+        return;
+    };
+    if let Ok(mut disk) = tpmstate::image::Qcow2Disk::open(&path, Arc::new(file)) {
+        // The leak scan parses every L1, L2 and refcount table the file names;
+        // an allocation plans new ones from them and writes them.
         let _ = disk.scan_leaks();
+        let _ = disk.grow(disk.size() + 1);
     }
 });
