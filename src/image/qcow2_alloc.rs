@@ -62,10 +62,10 @@ pub(crate) struct Plan {
 }
 
 /// Plans allocating and zeroing guest bytes `[zero_from, guest_end)` of the
-/// image with header `h` and `file_len` bytes, whose referenced clusters the
-/// survey found. Guest bytes below `zero_from` must be allocated already.
-/// `Err` tells what makes the image unfit (corruption the header checks let
-/// through).
+/// image with header `h`, whose referenced host clusters (`referenced`, one
+/// flag per cluster of the file) the survey found. Guest bytes below
+/// `zero_from` must be allocated already. `Err` tells what makes the image
+/// unfit (corruption the header checks let through).
 pub(crate) fn plan(
     h: &Qcow2Header,
     referenced: Vec<bool>,
