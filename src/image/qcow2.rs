@@ -1,11 +1,11 @@
 //! The qcow2 image as a [`Disk`].
 //!
-//! qcow2-rs is used for what needs qcow2 metadata: making a new image, reading
-//! the guest-to-host cluster map, and allocating the store area's clusters in
-//! images whose structures [`qcow2_alloc`] does not understand. Others are
-//! allocated by [`qcow2_alloc`], which no crash can leave with a leak. It runs over our own file descriptor through its
-//! `Qcow2IoOps` trait, so the image is opened once and the locks of [`crate::lock`]
-//! stay valid. Steady-state reads and writes are plain `pread`/`pwrite` at the
+//! The store area's clusters are allocated (once, at format or grow time) by
+//! [`qcow2_alloc`], which no crash can leave with a leak. qcow2-rs makes new
+//! images, reads the guest-to-host cluster map, and allocates in images whose
+//! structures [`qcow2_alloc`] does not understand. It runs over our own file
+//! descriptor through its `Qcow2IoOps` trait, so the image is opened once and
+//! the locks of [`crate::lock`] stay valid. Steady-state reads and writes are plain `pread`/`pwrite` at the
 //! mapped host offsets and [`Disk::sync`] is one `fdatasync`: a commit never
 //! changes qcow2 metadata, so qcow2's own (non-atomic) allocation path is never
 //! on the commit path.
@@ -204,13 +204,10 @@ impl Qcow2Disk {
 
     /// Looks for clusters an earlier crash leaked (see [`qcow2_leaks`]); reads only.
     pub fn scan_leaks(&self) -> Result<Scan, ImageError> {
-        // Re-read the header: an allocation may have moved the tables.
+        // The header on disk, not the one read at open: the scan must see
+        // the tables as they are now.
         let header = read_header(&self.path, &self.file)?;
-        let file_len = self
-            .file
-            .metadata()
-            .map_err(io_err(&self.path, "stat"))?
-            .len();
+        let file_len = file_len(&self.path, &self.file)?;
         let file = &self.file;
         qcow2_leaks::scan(&header, file_len, &mut |at, buf| {
             file.read_exact_at(buf, at)
@@ -277,11 +274,7 @@ impl Qcow2Disk {
         from: u64,
         to: u64,
     ) -> Result<Result<qcow2_alloc::Plan, String>, ImageError> {
-        let file_len = self
-            .file
-            .metadata()
-            .map_err(io_err(&self.path, "stat"))?
-            .len();
+        let file_len = file_len(&self.path, &self.file)?;
         let file = &self.file;
         let read = &mut |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at);
         let planned = match qcow2_leaks::survey(&self.header, file_len, read) {
@@ -349,11 +342,7 @@ impl Qcow2Disk {
     fn remap(&mut self) -> Result<(), ImageError> {
         let h = self.header.clone();
         let cs = h.cluster_size();
-        let file_len = self
-            .file
-            .metadata()
-            .map_err(io_err(&self.path, "stat"))?
-            .len();
+        let file_len = file_len(&self.path, &self.file)?;
         let clusters = h.size.div_ceil(cs);
         let mapped = self.qcow2_session(false, |dev| {
             futures::executor::block_on(async {
@@ -517,8 +506,12 @@ impl Qcow2Disk {
     }
 }
 
+fn file_len(path: &Path, file: &File) -> Result<u64, ImageError> {
+    Ok(file.metadata().map_err(io_err(path, "stat"))?.len())
+}
+
 fn read_header(path: &Path, file: &File) -> Result<Qcow2Header, ImageError> {
-    let file_len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    let file_len = file_len(path, file)?;
     let mut buf = vec![0u8; MAX_HEADER_BYTES.min(file_len as usize)];
     file.read_exact_at(&mut buf, 0)
         .map_err(io_err(path, "read"))?;
