@@ -99,7 +99,7 @@ fn the_next_writer_frees_leaked_clusters_and_readers_leave_them() {
 }
 
 #[test]
-fn leaks_beside_structures_the_scan_does_not_parse_are_left_alone() {
+fn images_with_structures_the_scan_does_not_parse_keep_their_leaks_and_refuse_allocation() {
     let dir = scratch();
     let image = dir.path().join("nvram.qcow2");
     let img = path_str(&image);
@@ -120,6 +120,17 @@ fn leaks_beside_structures_the_scan_does_not_parse_are_left_alone() {
     std::fs::write(&blob, b"state").unwrap();
     assert_eq!(cli(&["put", img, "permall", path_str(&blob)]).0, 0);
     assert_leaks(&image, 1);
+    assert_eq!(cli(&["get", img, "permall"]).1.as_bytes(), b"state");
+    // Allocating in such an image is refused (exit 7) and writes nothing:
+    // neither a new format nor a commit that must grow the area.
+    let before = std::fs::read(&image).unwrap();
+    let (code, _, err) = cli(&["format", img]);
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("compressed clusters"), "{err}");
+    std::fs::write(&blob, vec![0x5a; 6 << 20]).unwrap();
+    let (code, _, err) = cli(&["put", img, "big", path_str(&blob)]);
+    assert_eq!(code, 7, "{err}");
+    assert_eq!(std::fs::read(&image).unwrap(), before);
     assert_eq!(cli(&["get", img, "permall"]).1.as_bytes(), b"state");
 }
 

@@ -1,18 +1,18 @@
 //! The qcow2 image as a [`Disk`].
 //!
 //! The store area's clusters are allocated (once, at format or grow time) by
-//! [`qcow2_alloc`], which no crash can leave with a leak. qcow2-rs makes new
-//! images, reads the guest-to-host cluster map, and allocates in images whose
-//! structures [`qcow2_alloc`] does not understand. It runs over our own file
-//! descriptor through its `Qcow2IoOps` trait, so the image is opened once and
-//! the locks of [`crate::lock`] stay valid. Steady-state reads and writes are plain `pread`/`pwrite` at the
+//! [`qcow2_alloc`], which no crash can leave with a leak; images it does not
+//! fully understand are refused. qcow2-rs lays out new images and reads the
+//! guest-to-host cluster map. It runs over our own file descriptor through its
+//! `Qcow2IoOps` trait, so the image is opened once and the locks of
+//! [`crate::lock`] stay valid. Steady-state reads and writes are plain `pread`/`pwrite` at the
 //! mapped host offsets and [`Disk::sync`] is one `fdatasync`: a commit never
 //! changes qcow2 metadata, so qcow2's own (non-atomic) allocation path is never
 //! on the commit path.
 
 use super::qcow2_alloc;
 use super::qcow2_header::{self, HeaderProblem, Qcow2Header, MAX_HEADER_BYTES};
-use super::qcow2_leaks::{self, Scan};
+use super::qcow2_leaks::{self, Doubt, Scan};
 use super::{Disk, ImageError};
 use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
 use qcow2_rs::error::Qcow2Result;
@@ -258,10 +258,24 @@ impl Qcow2Disk {
         self.header = read_header(&self.path, &self.file)?;
         match self.plan_allocation(from, to)? {
             Ok(plan) => self.apply(&plan)?,
-            // An image with structures the survey does not understand
-            // (compressed clusters, bitmaps) is left to qcow2-rs, whose
-            // allocation a crash can leave with leaked clusters.
-            Err(_) => self.allocate_with_qcow2_rs(from, to)?,
+            // qcow2-rs could allocate here, but its refcount-first order
+            // leaks clusters on a crash, and in a corrupt image it could make
+            // things worse: refuse, touching nothing.
+            Err(Doubt::Unsupported(feature)) => {
+                return Err(ImageError::Unsupported {
+                    path: self.path.clone(),
+                    feature: format!(
+                        "{feature}: tpmstate cannot allocate in it safely \
+                         (copy it with qemu-img convert -O qcow2)"
+                    ),
+                })
+            }
+            Err(Doubt::Corrupt(reason)) => {
+                return Err(ImageError::Corrupt {
+                    path: self.path.clone(),
+                    reason,
+                })
+            }
         }
         self.header = read_header(&self.path, &self.file)?;
         self.remap()
@@ -273,38 +287,16 @@ impl Qcow2Disk {
         &self,
         from: u64,
         to: u64,
-    ) -> Result<Result<qcow2_alloc::Plan, String>, ImageError> {
+    ) -> Result<Result<qcow2_alloc::Plan, Doubt>, ImageError> {
         let file_len = file_len(&self.path, &self.file)?;
         let file = &self.file;
         let read = &mut |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at);
         let planned = match qcow2_leaks::survey(&self.header, file_len, read) {
             Ok(Ok(survey)) => qcow2_alloc::plan(&self.header, survey.referenced, from, to, read),
-            Ok(Err(why)) => Ok(Err(why)),
+            Ok(Err(doubt)) => Ok(Err(doubt)),
             Err(e) => Err(e),
         };
         planned.map_err(io_err(&self.path, "read"))
-    }
-
-    /// Allocates `[from, to)` by writing zeros through qcow2-rs, which updates
-    /// refcounts before the tables: a crash in between leaks clusters.
-    fn allocate_with_qcow2_rs(&mut self, from: u64, to: u64) -> Result<(), ImageError> {
-        let cs = self.header.cluster_size();
-        let size = self.header.size;
-        let (first, last) = (from / cs, to.div_ceil(cs));
-        self.qcow2_session(true, |dev| {
-            futures::executor::block_on(async {
-                let zeros = vec![0u8; cs as usize];
-                for c in first..last {
-                    let off = c * cs;
-                    let n = cs.min(size - off) as usize;
-                    dev.write_at(&zeros[..n], off).await?;
-                }
-                dev.flush_meta().await?;
-                Ok(())
-            })
-        })?;
-        // flush_meta leaves its last L1 write unsynced: sync the whole file.
-        self.file.sync_all().map_err(io_err(&self.path, "fsync"))
     }
 
     /// Carries out an allocation plan: new metadata and zeroed data, one sync,
@@ -344,7 +336,7 @@ impl Qcow2Disk {
         let cs = h.cluster_size();
         let file_len = file_len(&self.path, &self.file)?;
         let clusters = h.size.div_ceil(cs);
-        let mapped = self.qcow2_session(false, |dev| {
+        let mapped = self.qcow2_session(|dev| {
             futures::executor::block_on(async {
                 let mut out = Vec::new();
                 for c in 0..clusters {
@@ -430,13 +422,12 @@ impl Qcow2Disk {
         Ok(set)
     }
 
-    /// Runs `work` on a qcow2-rs device over our descriptor. qcow2-rs panics on
+    /// Runs `work` on a read-only qcow2-rs device over our descriptor. qcow2-rs panics on
     /// some inputs (see docs/format.md); the header was validated first, and a
     /// panic that still happens is turned into an error instead of unwinding
     /// through the caller.
     fn qcow2_session<R>(
         &self,
-        writable: bool,
         work: impl FnOnce(&Qcow2Dev<FdIo>) -> Qcow2Result<R>,
     ) -> Result<R, ImageError> {
         let path = self.path.clone();
@@ -450,7 +441,7 @@ impl Qcow2Disk {
             let n = FileExt::read_at(&*file, &mut buf, 0).map_err(|e| e.to_string())?;
             let header = qcow2_rs::meta::Qcow2Header::from_buf(&buf[..n.max(512).min(buf.len())])
                 .map_err(|e| e.to_string())?;
-            let params = Qcow2DevParams::new(9, None, None, !writable, false);
+            let params = Qcow2DevParams::new(9, None, None, true, false);
             let dev = Qcow2Dev::new(&path, header, &params, FdIo(file.clone()))
                 .map_err(|e| e.to_string())?;
             futures::executor::block_on(dev.qcow2_prep_io()).map_err(|e| e.to_string())?;

@@ -27,12 +27,12 @@
 //!   the same way, because the refcounts are recomputed.
 //!
 //! This needs an image whose every reference is understood
-//! ([`super::qcow2_leaks::survey`]); the caller falls back to qcow2-rs for the
-//! rest. This module plans from what it reads; the caller writes.
+//! ([`super::qcow2_leaks::survey`]); the caller refuses to allocate in any
+//! other. This module plans from what it reads; the caller writes.
 
 use super::qcow2_header::Qcow2Header;
 use super::qcow2_leaks::{
-    entries, set_refcount, table_offsets, ReadAt, L2_COMPRESSED, REFTABLE_OFFSET_MASK,
+    entries, set_refcount, table_offsets, Doubt, ReadAt, L2_COMPRESSED, REFTABLE_OFFSET_MASK,
     TABLE_OFFSET_MASK,
 };
 
@@ -72,7 +72,7 @@ pub(crate) fn plan(
     zero_from: u64,
     guest_end: u64,
     read: &mut ReadAt<'_>,
-) -> std::io::Result<Result<Plan, String>> {
+) -> std::io::Result<Result<Plan, Doubt>> {
     let cs = h.cluster_size();
     let per_l2 = cs / 8;
     let bits = 1u32 << h.refcount_order;
@@ -108,9 +108,9 @@ pub(crate) fn plan(
     while guest < last {
         let l1_index = (guest / per_l2) as usize;
         let Some(&l1_entry) = l1.get(l1_index) else {
-            return Ok(Err(format!(
+            return Ok(Err(Doubt::Corrupt(format!(
                 "guest cluster {guest} lies beyond the L1 table"
-            )));
+            ))));
         };
         let table_end = last.min((l1_index as u64 + 1) * per_l2);
         let old_l2 = l1_entry & TABLE_OFFSET_MASK;
@@ -125,7 +125,9 @@ pub(crate) fn plan(
             let entry = &mut l2[(g % per_l2) as usize];
             let host = *entry & TABLE_OFFSET_MASK;
             if *entry & L2_COMPRESSED != 0 {
-                return Ok(Err("the image has compressed clusters".into()));
+                return Ok(Err(Doubt::Unsupported(
+                    "the image has compressed clusters".into(),
+                )));
             }
             let at = if host != 0 && *entry & L2_ZERO == 0 {
                 host
@@ -206,7 +208,9 @@ pub(crate) fn plan(
     switch[4..12].copy_from_slice(&l1_at.to_be_bytes());
     switch[12..20].copy_from_slice(&(table_at * cs).to_be_bytes());
     let Ok(table_clusters) = u32::try_from(table_clusters) else {
-        return Ok(Err("the refcount table would be too large".into()));
+        return Ok(Err(Doubt::Unsupported(
+            "the refcount table would be too large".into(),
+        )));
     };
     switch[20..].copy_from_slice(&table_clusters.to_be_bytes());
     Ok(Ok(Plan {

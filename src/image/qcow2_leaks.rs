@@ -65,8 +65,25 @@ pub(crate) type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> std::io::Result<()> + 
 pub(crate) fn scan(h: &Qcow2Header, file_len: u64, read: &mut ReadAt<'_>) -> std::io::Result<Scan> {
     Ok(match survey(h, file_len, read)? {
         Ok(survey) => Scan::Leaks(survey.leaks),
-        Err(why) => Scan::Unsure(why),
+        Err(doubt) => Scan::Unsure(doubt.to_string()),
     })
+}
+
+/// Why a survey did not understand an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Doubt {
+    /// It uses a qcow2 feature the survey does not follow.
+    Unsupported(String),
+    /// Its structures contradict each other.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for Doubt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Doubt::Unsupported(why) | Doubt::Corrupt(why) => f.write_str(why),
+        }
+    }
 }
 
 /// What a survey of an image it fully understands found.
@@ -83,15 +100,16 @@ pub(crate) fn survey(
     h: &Qcow2Header,
     file_len: u64,
     read: &mut ReadAt<'_>,
-) -> std::io::Result<Result<Survey, String>> {
-    let unsure = |why: String| Ok(Err(why));
+) -> std::io::Result<Result<Survey, Doubt>> {
+    let unsupported = |why: String| Ok(Err(Doubt::Unsupported(why)));
+    let unsure = |why: String| Ok(Err(Doubt::Corrupt(why)));
     if h.foreign_tables {
-        return unsure("the image has tables tpmstate does not parse (bitmaps)".into());
+        return unsupported("the image has tables tpmstate does not parse (bitmaps)".into());
     }
     let cs = h.cluster_size();
     let clusters = file_len.div_ceil(cs);
     if clusters > MAX_SCANNED_CLUSTERS {
-        return unsure(format!("{clusters} clusters are too many to scan"));
+        return unsupported(format!("{clusters} clusters are too many to scan"));
     }
     let mut refs = References {
         cs,
@@ -113,7 +131,7 @@ pub(crate) fn survey(
         read(l2_at, &mut l2)?;
         for entry in entries(&l2) {
             if entry & L2_COMPRESSED != 0 {
-                return unsure("the image has compressed clusters".into());
+                return unsupported("the image has compressed clusters".into());
             }
             let data_at = entry & TABLE_OFFSET_MASK;
             if data_at != 0 {
