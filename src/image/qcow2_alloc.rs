@@ -80,8 +80,8 @@ pub(crate) fn plan(
 
     // `taken`: what may not be handed out (referenced by the current image, or
     // by this plan). `refs`: what the new image references.
-    let mut taken = Clusters::new(referenced.clone());
-    let mut refs = Clusters::new(referenced);
+    let mut taken = Clusters(referenced.clone());
+    let mut refs = Clusters(referenced);
     let mut l1 = vec![0u8; h.l1_size as usize * 8];
     read(h.l1_table_offset, &mut l1)?;
     let mut l1: Vec<u64> = entries(&l1).collect();
@@ -235,10 +235,6 @@ fn encode(entries: &[u64], cs: u64) -> Vec<u8> {
 struct Clusters(Vec<bool>);
 
 impl Clusters {
-    fn new(flags: Vec<bool>) -> Self {
-        Clusters(flags)
-    }
-
     fn get(&self, c: u64) -> bool {
         self.0.get(c as usize).copied().unwrap_or(false)
     }
