@@ -9,10 +9,10 @@
 //! - claim: a migration target's claim (exclusive lock, full validation and
 //!   decryption) of stores holding 64 KiB and 1 MiB (goal: < 5 ms for 1 MiB).
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tpmstate::image::CreateOptions;
+use tpmstate::image::{CreateOptions, PageBuf};
 use tpmstate::migration::{self, ClaimOptions, Incoming};
 use tpmstate::store::FormatOptions;
 use tpmstate::{Key, KeySource, LockMode, Locking, OpenOptions, Store};
@@ -83,6 +83,7 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
         let blobs: Vec<Vec<u8>> = (0..4).map(|i| random_bytes(size, i + 1)).collect();
         let mut t_store = Vec::new();
         let mut t_raw = Vec::new();
+        let mut t_direct = Vec::new();
         let raw = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -91,6 +92,27 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
             .open(work.join("raw"))?;
         raw.write_all_at(&vec![0u8; size * 4], 0)?;
         raw.sync_all()?;
+        // The store writes a commit with O_DIRECT where it can; the same
+        // raw write that way shows how much of the ratio that accounts for.
+        // Its own file, so neither reference evicts the other's cached pages.
+        std::fs::write(work.join("raw-direct"), vec![0u8; size * 4])?;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(work.join("raw-direct"))
+            .ok();
+        if let Some(f) = &direct {
+            f.sync_all()?;
+        }
+        let aligned: Vec<PageBuf> = blobs
+            .iter()
+            .map(|b| {
+                let mut p = PageBuf::default();
+                p.reset_zeroed(size);
+                p.bytes_mut().copy_from_slice(b);
+                p
+            })
+            .collect();
         // Interleave the two so both see the same machine state, and take
         // turns going first so neither always finds the data in cache.
         for i in 0..(n + 20) as usize {
@@ -106,16 +128,30 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
                 raw.sync_data()?;
                 Ok(t.elapsed())
             };
-            let (s, r) = match i % 2 {
-                0 => (store_commit()?, raw_write()?),
-                _ => {
+            let direct_write = || -> std::io::Result<Option<Duration>> {
+                let Some(f) = &direct else { return Ok(None) };
+                let t = Instant::now();
+                f.write_all_at(aligned[i % 4].bytes(), ((i % 4) * size) as u64)?;
+                f.sync_data()?;
+                Ok(Some(t.elapsed()))
+            };
+            let (s, r, d) = match i % 3 {
+                0 => (store_commit()?, raw_write()?, direct_write()?),
+                1 => {
                     let r = raw_write()?;
-                    (store_commit()?, r)
+                    let d = direct_write()?;
+                    (store_commit()?, r, d)
+                }
+                _ => {
+                    let d = direct_write()?;
+                    let s = store_commit()?;
+                    (s, raw_write()?, d)
                 }
             };
             if i >= 20 {
                 t_store.push(s);
                 t_raw.push(r);
+                t_direct.extend(d);
             }
         }
         let (s, r) = (median(t_store), median(t_raw));
@@ -126,6 +162,15 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
             us(r),
             s.as_secs_f64() / r.as_secs_f64()
         );
+        if !t_direct.is_empty() {
+            let d = median(t_direct);
+            println!(
+                "  {:>16}  raw with O_DIRECT {:8.1} us   store / that {:.3}",
+                "",
+                us(d),
+                s.as_secs_f64() / d.as_secs_f64()
+            );
+        }
         if let Some(KeySource::Key(k)) = key {
             // What no encrypted commit can go below: raw, plus sealing the
             // bytes at all (AES-256-GCM, in a hot loop, so a lower bound).

@@ -5,12 +5,14 @@
 //! Its length is the part that is allocated and ready for in-place writes;
 //! [`Disk::grow`] allocates more (a one-time, crash-safe qcow2 metadata change).
 
+mod direct;
 mod qcow2;
 mod qcow2_alloc;
 pub mod qcow2_header;
 pub mod qcow2_leaks;
 mod sim;
 
+pub use direct::PageBuf;
 pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};
 pub use sim::{CrashDisk, CrashPlan, SharedDisk};
 
@@ -22,6 +24,14 @@ pub trait Disk: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
     /// Writes `data` at `offset`; not durable until [`Disk::sync`] returns.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError>;
+    /// Writes each `(offset, data)` part, as [`Disk::write_at`] would; the
+    /// parts of one commit, so a disk may pick the fastest way to write them
+    /// all before the next [`Disk::sync`].
+    fn write_parts(&mut self, parts: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        parts
+            .iter()
+            .try_for_each(|(offset, data)| self.write_at(*offset, data))
+    }
     /// Makes every earlier write durable (one `fdatasync` on a file).
     fn sync(&mut self) -> Result<(), ImageError>;
     /// Bytes that are allocated and writable in place.

@@ -19,6 +19,7 @@ use crate::format::{
     self, BlobEntry, Directory, Encryption, Extent, Kdf, Slot, BLOCK, DATA_START,
     EMBEDDED_DIRECTORY_MAX, SLOT_BYTES, SLOT_OFFSETS,
 };
+use crate::image::PageBuf;
 use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
@@ -374,9 +375,9 @@ impl<'s, 'd> Transaction<'s, 'd> {
 
         // (4) Write everything, then the one sync.
         let written = (|| {
-            for (offset, bytes) in writes.regions() {
-                store.disk.write_at(offset, bytes)?;
-            }
+            store
+                .disk
+                .write_parts(&writes.regions().collect::<Vec<_>>())?;
             store.disk.sync()
         })();
         store.write_buf = writes.into_buffer();
@@ -579,11 +580,12 @@ fn layout(
 struct Writes {
     /// (area offset, start in `buf`, length) of each region.
     regions: Vec<(u64, usize, usize)>,
-    buf: Vec<u8>,
+    /// Page-aligned, so the disk can write it past the page cache.
+    buf: PageBuf,
 }
 
 impl Writes {
-    fn new(regions: &[(u64, u64)], mut buf: Vec<u8>) -> Writes {
+    fn new(regions: &[(u64, u64)], mut buf: PageBuf) -> Writes {
         let mut at = 0;
         let regions: Vec<(u64, usize, usize)> = regions
             .iter()
@@ -593,8 +595,7 @@ impl Writes {
                 r
             })
             .collect();
-        buf.clear();
-        buf.resize(at, 0);
+        buf.reset_zeroed(at);
         Writes { regions, buf }
     }
 
@@ -609,19 +610,19 @@ impl Writes {
             })
             .expect("every placed extent lies inside one write region");
         let at = start + (offset - region) as usize;
-        &mut self.buf[at..at + len as usize]
+        &mut self.buf.bytes_mut()[at..at + len as usize]
     }
 
     fn regions(&self) -> impl Iterator<Item = (u64, &[u8])> {
         self.regions
             .iter()
-            .map(|&(offset, start, len)| (offset, &self.buf[start..start + len]))
+            .map(|&(offset, start, len)| (offset, &self.buf.bytes()[start..start + len]))
     }
 
     /// The buffer, to keep for the next commit (unless it is unusually large).
-    fn into_buffer(self) -> Vec<u8> {
+    fn into_buffer(self) -> PageBuf {
         match self.buf.capacity() > KEEP_BUFFER_BYTES {
-            true => Vec::new(),
+            true => PageBuf::default(),
             false => self.buf,
         }
     }

@@ -19,7 +19,7 @@ pub use recover::SlotReport;
 
 use crate::crypto::{Key, KeySource};
 use crate::format::{self, Slot, SLOT_BYTES};
-use crate::image::{CreateOptions, Disk, Qcow2Disk, Qcow2Facts};
+use crate::image::{CreateOptions, Disk, PageBuf, Qcow2Disk, Qcow2Facts};
 use crate::lock::{ImageLock, LockGuard, LockMode, Locking};
 use recover::{Chain, Generation};
 use std::fs::File;
@@ -150,7 +150,7 @@ pub struct Store {
     settle_next: bool,
     /// The last commit's write buffer, reused (it holds no plaintext of an
     /// encrypted store: only ciphertext and metadata).
-    write_buf: Vec<u8>,
+    write_buf: PageBuf,
     key: Option<Key>,
     locks: Option<Locks>,
     facts: Option<Qcow2Facts>,
@@ -224,7 +224,7 @@ impl Store {
             slots: recovery.reports,
             leftover: recovery.leftover,
             settle_next: false,
-            write_buf: Vec::new(),
+            write_buf: PageBuf::default(),
             key: None,
             locks: None,
             facts: None,
