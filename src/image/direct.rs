@@ -5,8 +5,8 @@
 //! `fdatasync` then has to find those dirty pages and write them back. With
 //! `O_DIRECT` the `pwrite` sends the caller's buffer to the device itself,
 //! and `fdatasync` is left with the device cache flush (and any journal
-//! commit). On the reference VM that saved 5-20 us per write
-//! (`docs/performance.md`). Durability is unchanged: `O_DIRECT` alone
+//! commit). On the reference VM a raw write plus `fdatasync` took 2-7% less
+//! time that way (`docs/performance.md`). Durability is unchanged: `O_DIRECT` alone
 //! promises nothing, so [`super::Disk::sync`] still issues its `fdatasync`,
 //! which covers every write to the inode, through either descriptor.
 //!
