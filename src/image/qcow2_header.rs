@@ -274,6 +274,18 @@ fn extension_list_has(buf: &[u8], mut at: usize, magic: u32) -> Option<bool> {
 mod tests {
     use super::*;
 
+    /// `len` bytes starting with the fields every v3 header needs: magic,
+    /// version 3, 4 KiB clusters, 16-bit refcounts, a 112-byte header.
+    fn v3_header(len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&12u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b
+    }
+
     #[test]
     fn random_bytes_are_not_qcow2() {
         assert!(matches!(
@@ -286,12 +298,7 @@ mod tests {
     #[test]
     fn zero_virtual_size_is_refused() {
         // Found by the qcow2_image fuzz target: qcow2-rs asserts on it.
-        let mut b = vec![0u8; 512];
-        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
-        b[20..24].copy_from_slice(&12u32.to_be_bytes());
-        b[96..100].copy_from_slice(&4u32.to_be_bytes());
-        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        let b = v3_header(512);
         assert!(matches!(
             parse(&b, 1 << 20),
             Err(HeaderProblem::Unsupported(_))
@@ -301,17 +308,12 @@ mod tests {
     #[test]
     fn a_bitmaps_extension_or_an_unreadable_extension_list_marks_foreign_tables() {
         // A 4 KiB-cluster v3 header with its tables in clusters 1 and 2.
-        let mut b = vec![0u8; 4096];
-        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
-        b[20..24].copy_from_slice(&12u32.to_be_bytes());
+        let mut b = v3_header(4096);
         b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
         b[36..40].copy_from_slice(&1u32.to_be_bytes());
         b[40..48].copy_from_slice(&4096u64.to_be_bytes());
         b[48..56].copy_from_slice(&8192u64.to_be_bytes());
         b[56..60].copy_from_slice(&1u32.to_be_bytes());
-        b[96..100].copy_from_slice(&4u32.to_be_bytes());
-        b[100..104].copy_from_slice(&112u32.to_be_bytes());
         let foreign = |b: &[u8]| parse(b, 3 * 4096).unwrap().foreign_tables;
         assert!(!foreign(&b), "no extensions");
         // A feature-name table (8 bytes) first, then the bitmaps extension.
