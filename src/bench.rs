@@ -179,10 +179,11 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
                 (0..n as usize)
                     .map(|i| {
                         let t = Instant::now();
-                        k.seal_into(&[0; 16], "permall", 1, &blobs[i % 4], &mut out);
-                        t.elapsed()
+                        let sealed = k.seal_into(&[0; 16], "permall", 1, &blobs[i % 4], &mut out);
+                        sealed.map(|_| t.elapsed())
                     })
-                    .collect(),
+                    .collect::<Result<_, _>>()
+                    .map_err(fail)?,
             );
             println!(
                 "  {:>16}  sealing alone {:8.1} us   floor (raw + sealing) / raw {:.3}",

@@ -62,6 +62,10 @@ pub enum CryptoError {
     /// The KDF could not run (parameters out of range).
     #[error("key derivation failed: {0}")]
     Kdf(String),
+    /// A caller asked to seal what cannot be sealed: an output buffer of
+    /// another length than the input, or more than AES-GCM's 64 GiB.
+    #[error("cannot seal: {0}")]
+    BadInput(String),
 }
 
 /// A 32-byte key, wiped from memory on drop. Its `Debug` shows nothing secret.
@@ -181,10 +185,8 @@ impl Key {
     /// Encrypts one blob version under a fresh derived key from `plain` into
     /// `out` (of the same length), returning the parameters and the tag that
     /// the directory keeps. Encrypting straight into the buffer that is
-    /// written saves a copy (and wiping that copy).
-    ///
-    /// # Panics
-    /// If `out` and `plain` differ in length (a caller's bug).
+    /// written saves a copy (and wiping that copy). Fails only if `out` and
+    /// `plain` differ in length, or for inputs over 64 GiB.
     pub fn seal_into(
         &self,
         store_id: &[u8; 16],
@@ -192,7 +194,13 @@ impl Key {
         generation: u64,
         plain: &[u8],
         out: &mut [u8],
-    ) -> Sealed {
+    ) -> Result<Sealed, CryptoError> {
+        let (input, output) = (plain.len(), out.len());
+        let buf = InOutBuf::new(plain, out).map_err(|_| {
+            CryptoError::BadInput(format!(
+                "output buffer of {output} bytes for {input} bytes of input"
+            ))
+        })?;
         // Salt (32 bytes) then nonce (12) from the thread's CSPRNG (ChaCha,
         // seeded and periodically reseeded from the OS; reseeded after a
         // fork), which spares a system call per blob.
@@ -205,14 +213,12 @@ impl Key {
             tag: None,
         };
         let aad = associated_data(store_id, name, generation);
-        let buf = InOutBuf::new(plain, out).expect("seal_into: out must be as long as plain");
         let tag = self
             .blob_cipher(store_id, &sealed.salt)
             .encrypt_inout_detached(&sealed.nonce.into(), &aad, buf)
-            // AES-GCM only refuses inputs over 64 GiB; blobs are u32-sized.
-            .expect("AES-GCM encrypts any blob below 64 GiB");
+            .map_err(|_| CryptoError::BadInput("AES-GCM refuses more than 64 GiB".into()))?;
         sealed.tag = Some(tag.into());
-        sealed
+        Ok(sealed)
     }
 
     /// Encrypts one blob version into a new buffer (the ciphertext; the tag
@@ -223,10 +229,10 @@ impl Key {
         name: &str,
         generation: u64,
         plain: &[u8],
-    ) -> (Sealed, Vec<u8>) {
+    ) -> Result<(Sealed, Vec<u8>), CryptoError> {
         let mut buf = vec![0; plain.len()];
-        let sealed = self.seal_into(store_id, name, generation, plain, &mut buf);
-        (sealed, buf)
+        let sealed = self.seal_into(store_id, name, generation, plain, &mut buf)?;
+        Ok((sealed, buf))
     }
 
     /// Decrypts and authenticates one blob version: `stored` is the
@@ -425,7 +431,7 @@ mod tests {
     #[test]
     fn sealed_blob_opens_with_same_key_and_binding_only() {
         let k = Key::generate();
-        let (s, ct) = k.seal(&ID, "permall", 3, b"secret state");
+        let (s, ct) = k.seal(&ID, "permall", 3, b"secret state").unwrap();
         assert_ne!(&ct[..12], b"secret state");
         assert_eq!(
             &**k.open(&ID, "permall", 3, &s, &ct).unwrap(),
@@ -447,7 +453,7 @@ mod tests {
     fn blob_sealed_with_its_tag_after_the_ciphertext_still_opens() {
         // Directory version 1 kept the tag at the end of the stored bytes.
         let k = Key::generate();
-        let (mut s, mut stored) = k.seal(&ID, "permall", 3, b"old layout");
+        let (mut s, mut stored) = k.seal(&ID, "permall", 3, b"old layout").unwrap();
         stored.extend_from_slice(&s.tag.take().unwrap());
         assert_eq!(
             &**k.open(&ID, "permall", 3, &s, &stored).unwrap(),
@@ -471,6 +477,17 @@ mod tests {
                 .directory_mac(&ID, b"dir"),
             mac
         );
+    }
+
+    #[test]
+    fn sealing_into_a_buffer_of_another_length_is_an_error_not_a_panic() {
+        let k = Key::generate();
+        let mut out = [0u8; 3];
+        let e = k
+            .seal_into(&ID, "permall", 1, b"four", &mut out)
+            .unwrap_err();
+        assert!(matches!(e, CryptoError::BadInput(_)), "{e}");
+        assert!(e.to_string().contains("3 bytes for 4"), "{e}");
     }
 
     #[test]

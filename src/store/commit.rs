@@ -291,7 +291,13 @@ impl<'s, 'd> Transaction<'s, 'd> {
                 len => writes.slice(extent.offset, len),
             };
             let sealed = match key {
-                Some(k) => Some(k.seal_into(&id, &s.name, generation, s.data.bytes(), buf)),
+                Some(k) => Some(
+                    k.seal_into(&id, &s.name, generation, s.data.bytes(), buf)
+                        .map_err(|source| StoreError::Crypto {
+                            path: store.path.clone(),
+                            source,
+                        })?,
+                ),
                 None => {
                     buf.copy_from_slice(s.data.bytes());
                     None

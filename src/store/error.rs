@@ -111,7 +111,7 @@ impl StoreError {
                 CryptoError::WrongKey(_) => ErrorKind::WrongKey,
                 CryptoError::Tampered(_) | CryptoError::Kdf(_) => ErrorKind::Corrupt,
                 CryptoError::ReadKeyFile { .. } => ErrorKind::Io,
-                CryptoError::BadKeyFile { .. } => ErrorKind::Usage,
+                CryptoError::BadKeyFile { .. } | CryptoError::BadInput(_) => ErrorKind::Usage,
             },
             StoreError::NotAStore { .. } => ErrorKind::NotAStore,
             StoreError::Corrupt { .. } => ErrorKind::Corrupt,
