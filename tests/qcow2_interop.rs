@@ -225,3 +225,71 @@ fn dump_headers_shows_slots_even_when_the_qcow2_layer_is_broken() {
         "{out}"
     );
 }
+
+/// libtpms's largest state: swtpm caps a state blob at 512 KiB
+/// (SET_STATEBLOB), and the volatile state is a few tens of KiB.
+const LARGEST_PERMALL: usize = 512 << 10;
+const LARGEST_VOLATILE: usize = 64 << 10;
+
+/// The blobs of commit `round`: every byte changes from one round to the
+/// next, so no commit can reuse the blocks of the one before.
+fn largest_state(round: u32) -> (Vec<u8>, Vec<u8>) {
+    let fill = |len: usize, salt: u32| -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(31) ^ (round * 2 + salt).wrapping_mul(97)) as u8)
+            .collect()
+    };
+    (fill(LARGEST_PERMALL, 0), fill(LARGEST_VOLATILE, 1))
+}
+
+#[test]
+fn default_images_take_the_largest_libtpms_state_commit_after_commit() {
+    use tpmstate::store::FormatOptions;
+    use tpmstate::{Key, KeySource, OpenOptions, Store};
+    let key = KeySource::Key(Key::from_bytes([9; 32]).unwrap());
+    for made_by in ["tpmstate create", "qemu-img create 4M"] {
+        for key in [None, Some(key.clone())] {
+            let dir = scratch();
+            let image = dir.path().join("nvram.qcow2");
+            let format = FormatOptions {
+                key: key.clone(),
+                ..Default::default()
+            };
+            match made_by {
+                "tpmstate create" => {
+                    Store::create(&image, tpmstate::image::CreateOptions::default(), format)
+                }
+                _ => {
+                    qemu_img_create(&image, "cluster_size=65536", "4M");
+                    Store::format(&image, format)
+                }
+            }
+            .unwrap();
+            let opts = OpenOptions {
+                key: key.clone(),
+                ..Default::default()
+            };
+            let mut store = Store::open(&image, opts.clone()).unwrap();
+            // 40 commits cross an anchoring (one in 33 commits anchors).
+            for round in 0..40 {
+                let (permall, volatile) = largest_state(round);
+                let mut t = store.transaction();
+                t.put("permall", &permall).unwrap();
+                t.put("volatilestate", &volatile).unwrap();
+                if let Err(e) = t.commit() {
+                    panic!("{made_by}, encrypted {}: round {round}: {e}", key.is_some());
+                }
+            }
+            let info = store.info();
+            assert_eq!(info.area_bytes, 4 << 20, "{made_by}: the default area");
+            drop(store);
+            let store = Store::open(&image, opts).unwrap();
+            let (permall, volatile) = largest_state(39);
+            assert_eq!(*store.get_required("permall").unwrap(), permall);
+            assert_eq!(*store.get_required("volatilestate").unwrap(), volatile);
+            assert_eq!(store.generation(), 41, "{made_by}: format + 40 commits");
+            drop(store);
+            assert_qemu_check_clean(&image);
+        }
+    }
+}
