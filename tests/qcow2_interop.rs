@@ -197,6 +197,45 @@ fn dirty_and_qcow2_encrypted_images_are_refused() {
 }
 
 #[test]
+fn qcow2_features_qemu_can_make_but_tpmstate_cannot_serve_are_refused() {
+    let dir = scratch();
+    let p = |n: &str| dir.path().join(n);
+    let data_file = p("data.raw");
+    let data_file_opt = format!("data_file={}", path_str(&data_file));
+    for (name, opts, what) in [
+        ("ext.qcow2", data_file_opt.as_str(), "external data file"),
+        ("l2.qcow2", "extended_l2=on", "extended L2 entries"),
+        (
+            "zstd.qcow2",
+            "compression_type=zstd",
+            "non-zlib compression",
+        ),
+    ] {
+        let image = p(name);
+        qemu_img_create(&image, opts, "4M");
+        let (_, _, err) = cli(&["format", path_str(&image)]);
+        assert!(err.contains(what), "{what}: {err}");
+        expect_refused(&image, 7, what);
+    }
+
+    let unknown = p("unknown.qcow2");
+    assert_eq!(cli(&["create", path_str(&unknown)]).0, 0);
+    let mut bytes = std::fs::read(&unknown).unwrap();
+    bytes[79] |= 0x20; // incompatible_features bit 5: not defined by qcow2
+    std::fs::write(&unknown, &bytes).unwrap();
+    let (_, _, err) = cli(&["info", path_str(&unknown)]);
+    assert!(err.contains("unknown incompatible features 0x20"), "{err}");
+    expect_refused(&unknown, 7, "unknown incompatible feature");
+
+    let version = p("v4.qcow2");
+    assert_eq!(cli(&["create", path_str(&version)]).0, 0);
+    let mut bytes = std::fs::read(&version).unwrap();
+    bytes[7] = 4; // version 4 does not exist (yet)
+    std::fs::write(&version, &bytes).unwrap();
+    expect_refused(&version, 7, "qcow2 version 4");
+}
+
+#[test]
 fn dump_headers_shows_slots_even_when_the_qcow2_layer_is_broken() {
     let dir = scratch();
     let image = dir.path().join("d.qcow2");
