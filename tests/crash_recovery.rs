@@ -261,6 +261,93 @@ fn crash_anywhere_with_a_directory_too_large_to_embed_is_recovered() {
     });
 }
 
+/// Opening with `key` must fail as a wrong key.
+fn assert_wrong_key(disk: &CrashDisk, key: Option<&KeySource>, what: &str) {
+    match Store::open_disk(Box::new(disk.clone()), mem(), key) {
+        Err(e) => assert_eq!(e.kind(), tpmstate::ErrorKind::WrongKey, "{what}: {e}"),
+        Ok(_) => panic!("{what}: the store opened"),
+    }
+}
+
+/// A rekey re-encrypts every blob in one commit, then zeroes the free space.
+/// Crash at every write and sync of both: the store opens either at the old
+/// generation, under the old key only, or at the rekey's, under the new key
+/// only, and holds the same blobs either way.
+#[test]
+fn crash_anywhere_in_a_rekey_leaves_the_old_key_or_the_new_one_never_both_or_neither() {
+    let new = KeySource::Key(Key::generate());
+    for old in [None, Some(KeySource::Key(Key::generate()))] {
+        let what = if old.is_some() {
+            "rekey"
+        } else {
+            "encrypting a plaintext store"
+        };
+        let shared = SharedDisk::new(fresh(old.as_ref()));
+        let mut store = Store::open_disk(Box::new(shared.clone()), mem(), old.as_ref()).unwrap();
+        let model: Model = [("permall", 9000), ("volatilestate", 3000), ("savestate", 0)]
+            .into_iter()
+            .map(|(n, len)| (n.to_string(), vec![len as u8 ^ 0x5a; len]))
+            .collect();
+        let mut t = store.transaction();
+        for (name, data) in &model {
+            t.put(name, data).unwrap();
+        }
+        let old_gen = t.commit().unwrap();
+        drop(store);
+        let base = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
+        let rekey_ops = |crash_at: u64| {
+            let mut disk = base.clone();
+            disk.crash_at(crash_at);
+            let shared = SharedDisk::new(disk);
+            let mut store =
+                Store::open_disk(Box::new(shared.clone()), mem(), old.as_ref()).unwrap();
+            let _ = store.rekey(&new);
+            drop(store);
+            shared.with(|d| d.clone())
+        };
+        let total = rekey_ops(u64::MAX).ops() - base.ops();
+        let mut outcomes = [0; 2];
+        for crash_at in 0..=total {
+            let crashed = rekey_ops(crash_at);
+            for plan in [
+                CrashPlan::DurableOnly,
+                CrashPlan::AllWritten,
+                CrashPlan::Random(crash_at),
+            ] {
+                let after = crashed.after_crash(plan);
+                let at = format!("{what}, crash at op {crash_at} of {total} ({plan:?})");
+                let generation = Store::open_disk(Box::new(after.clone()), mem(), None)
+                    .unwrap_or_else(|e| panic!("{at}: does not open: {e}"))
+                    .generation();
+                let (key, other) = match generation {
+                    g if g == old_gen => (old.as_ref(), Some(&new)),
+                    g if g == old_gen + 1 => (Some(&new), old.as_ref()),
+                    g => panic!("{at}: generation {g}, neither {old_gen} nor the rekey's"),
+                };
+                outcomes[(generation - old_gen) as usize] += 1;
+                let store = Store::open_disk(Box::new(after.clone()), mem(), key)
+                    .unwrap_or_else(|e| panic!("{at}: generation {generation}: {e}"));
+                assert_eq!(contents(&store), model, "{at}");
+                store.check().unwrap();
+                match other {
+                    Some(_) => assert_wrong_key(&after, other, &at),
+                    None => {
+                        // A plaintext store's old "key" is none: without a
+                        // key the rekeyed store lists its blobs but reads none.
+                        let keyless = Store::open_disk(Box::new(after), mem(), None).unwrap();
+                        assert!(keyless.is_encrypted(), "{at}");
+                        assert!(keyless.get("permall").is_err(), "{at}");
+                    }
+                }
+            }
+        }
+        assert!(
+            outcomes[0] > 0 && outcomes[1] > 0,
+            "{what}: both outcomes must occur: {outcomes:?}"
+        );
+    }
+}
+
 #[test]
 fn steady_state_commit_issues_exactly_one_sync() {
     let key = KeySource::Key(Key::generate());
