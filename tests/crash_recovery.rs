@@ -227,6 +227,17 @@ fn sweep_around_anchoring(
             model = apply(&model, &txn(i));
         }
         assert_eq!(store.info().chained_commits, 30);
+        // The anchor's report names the chain, the same after commits and
+        // after recovery reads it back.
+        let generation = store.generation();
+        let anchor =
+            format!("ok (anchor of the current generation {generation}, 30 chained commits on)");
+        let reopened = Store::open_disk(Box::new(shared.clone()), mem(), key.as_ref()).unwrap();
+        for s in [&store, &reopened] {
+            let statuses: Vec<String> = s.info().slots.into_iter().map(|r| r.status).collect();
+            assert!(statuses.contains(&anchor), "{statuses:?}");
+        }
+        drop(reopened);
         inspect(&store, &shared);
         drop(store);
         let base = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));

@@ -396,14 +396,8 @@ impl<'s, 'd> Transaction<'s, 'd> {
 
         // (5) The new generation is durable: switch to it.
         match chained {
-            true => {
-                store.chain.headers.push(header_at);
-                let anchor = &mut store.slots[store.chain.anchor_slot];
-                anchor.status = format!(
-                    "ok (anchor of the current generation {generation}, {} chained commits on)",
-                    store.chain.headers.len()
-                );
-            }
+            // The anchor's status follows from the chain: see Store::slot_reports.
+            true => store.chain.headers.push(header_at),
             false => {
                 let old = store.chain.anchor_slot;
                 store.chain = Chain {
@@ -414,7 +408,7 @@ impl<'s, 'd> Transaction<'s, 'd> {
                 store.slots[1 - old] = super::SlotReport {
                     index: 1 - old,
                     generation: Some(generation),
-                    status: "ok (current)".into(),
+                    status: super::recover::anchor_status(generation, 0),
                     sound: true,
                 };
                 store.slots[old].status = "ok (older anchor, not needed)".into();

@@ -585,9 +585,21 @@ impl Store {
             generation: g.slot.generation,
             blobs: g.dir.blobs.len(),
             bytes,
-            slots: self.slots.clone(),
+            slots: self.slot_reports(),
             leftover: self.leftover.clone(),
         })
+    }
+
+    /// Both slots' reports. The anchor's status names the current generation
+    /// and the length of its chain, so it is written out here rather than on
+    /// every commit.
+    fn slot_reports(&self) -> Vec<SlotReport> {
+        let mut reports = self.slots.clone();
+        if let Some(anchor) = reports.get_mut(self.chain.anchor_slot) {
+            anchor.status =
+                recover::anchor_status(self.current.slot.generation, self.chain.headers.len());
+        }
+        reports
     }
 
     /// Facts for `tpmstate info`.
@@ -618,7 +630,7 @@ impl Store {
             chained_commits: self.chain.headers.len(),
             leftover: self.leftover.clone(),
             blobs: self.list(),
-            slots: self.slots.clone(),
+            slots: self.slot_reports(),
             qcow2: self.facts.clone(),
         }
     }

@@ -65,6 +65,15 @@ pub struct SlotReport {
     pub sound: bool,
 }
 
+/// The status of the slot holding the current generation's anchor, when
+/// `chained` commits follow it in its chain.
+pub(super) fn anchor_status(generation: u64, chained: usize) -> String {
+    match chained {
+        0 => "ok (current)".into(),
+        n => format!("ok (anchor of the current generation {generation}, {n} chained commits on)"),
+    }
+}
+
 /// Why a generation failed to verify: its data, or the disk below.
 pub(crate) enum LoadFailure {
     Bad(String),
@@ -270,14 +279,7 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
         for (pos, (at, header)) in chain.iter().enumerate().rev() {
             match load(disk, *at, header.clone()) {
                 Ok(chosen) => {
-                    reports[index].status = if pos == 0 {
-                        "ok (current)".to_string()
-                    } else {
-                        format!(
-                            "ok (anchor of the current generation {}, {pos} chained commits on)",
-                            chosen.slot.generation
-                        )
-                    };
+                    reports[index].status = anchor_status(chosen.slot.generation, pos);
                     unverified.extend(failures);
                     let quarantine = unverified
                         .iter()
