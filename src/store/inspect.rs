@@ -1,0 +1,207 @@
+//! Looking at a store without changing it: `info`, the full `check`, and
+//! the raw header views `dump-headers` prints, which also work on an image
+//! whose store does not open.
+
+use super::recover::{self, SlotReport};
+use super::{BlobInfo, Store, StoreError};
+use crate::format::{self, Slot};
+use crate::image::{Disk, Qcow2Facts};
+use std::path::PathBuf;
+
+/// What `tpmstate info` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreInfo {
+    /// The image (or `<memory>`).
+    pub path: PathBuf,
+    /// Format version of the current header.
+    pub format_version: u32,
+    /// Current generation.
+    pub generation: u64,
+    /// Store id (hex).
+    pub store_id: String,
+    /// Whether blobs are encrypted.
+    pub encrypted: bool,
+    /// "raw-key" or "argon2id" for encrypted stores.
+    pub key_derivation: Option<String>,
+    /// Store area in bytes.
+    pub area_bytes: u64,
+    /// Bytes used by the current generation (blocks of blobs and directory, plus header slots).
+    pub used_bytes: u64,
+    /// Area offset of the current generation's header (a slot or a chained block).
+    pub header_offset: u64,
+    /// Chained commits since the anchor in a header slot.
+    pub chained_commits: usize,
+    /// A newer generation that did not verify (left by a crash, or damage).
+    pub leftover: Option<String>,
+    /// Blobs, by name.
+    pub blobs: Vec<BlobInfo>,
+    /// Both header slots.
+    pub slots: Vec<SlotReport>,
+    /// qcow2 facts, for an image-backed store.
+    pub qcow2: Option<Qcow2Facts>,
+}
+
+/// What [`Store::check`] verified.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    /// Generation verified.
+    pub generation: u64,
+    /// Blobs verified (and decrypted, for an encrypted store).
+    pub blobs: usize,
+    /// Plaintext bytes verified.
+    pub bytes: u64,
+    /// Both header slots.
+    pub slots: Vec<SlotReport>,
+    /// A newer generation that did not verify (left by a crash, or damage).
+    pub leftover: Option<String>,
+}
+
+impl Store {
+    /// Full verification: re-reads the current generation from the disk and
+    /// checks every checksum, and for an encrypted store the key, the directory
+    /// MAC and every blob's tag. Fails with [`StoreError::KeyMissing`] on an
+    /// encrypted store opened without a key.
+    pub fn check(&self) -> Result<CheckReport, StoreError> {
+        if self.is_encrypted() && self.key.is_none() {
+            return Err(StoreError::KeyMissing {
+                path: self.path.clone(),
+            });
+        }
+        let g = &self.current;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        };
+        // The header and directory as they are on disk now must be the ones
+        // opened; every blob is then read once, checksummed and decrypted.
+        if recover::read_header(&*self.disk, g.header_at)?.as_ref() != Ok(&g.slot) {
+            return Err(corrupt(format!(
+                "header at area offset {} changed or damaged since the store was opened",
+                g.header_at
+            )));
+        }
+        let d = g.slot.directory;
+        match recover::read_checked(&*self.disk, d.offset, d.len, g.slot.directory_crc)? {
+            Ok(bytes) if bytes == g.dir_bytes => {}
+            Ok(_) => {
+                return Err(corrupt(
+                    "directory changed on disk since the store was opened".into(),
+                ))
+            }
+            Err(why) => return Err(corrupt(format!("directory: {why}"))),
+        }
+        if let Some(key) = &self.key {
+            key.verify_directory_mac(&g.slot.store_id, &g.dir_bytes, &g.slot.directory_mac)
+                .map_err(|source| StoreError::Crypto {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        let mut bytes = 0u64;
+        for name in g.dir.blobs.keys() {
+            bytes += self.get_required(name)?.len() as u64;
+        }
+        Ok(CheckReport {
+            generation: g.slot.generation,
+            blobs: g.dir.blobs.len(),
+            bytes,
+            slots: self.slot_reports(),
+            leftover: self.leftover.clone(),
+        })
+    }
+
+    /// Both slots' reports. The anchor's status names the current generation
+    /// and the length of its chain, so it is written out here rather than on
+    /// every commit.
+    fn slot_reports(&self) -> Vec<SlotReport> {
+        let mut reports = self.slots.clone();
+        if let Some(anchor) = reports.get_mut(self.chain.anchor_slot) {
+            anchor.status =
+                recover::anchor_status(self.current.slot.generation, self.chain.headers.len());
+        }
+        reports
+    }
+
+    /// Facts for `tpmstate info`.
+    pub fn info(&self) -> StoreInfo {
+        let g = &self.current;
+        // An embedded directory lies in its header's block, counted below.
+        let used: u64 = g
+            .dir
+            .extents(&g.slot)
+            .filter(|e| !e.is_embedded())
+            .map(|e| e.blocks() * format::BLOCK)
+            .sum();
+        StoreInfo {
+            path: self.path.clone(),
+            format_version: g.slot.format_version,
+            generation: g.slot.generation,
+            store_id: hex::encode(g.slot.store_id),
+            encrypted: g.slot.encrypted,
+            key_derivation: g.dir.encryption.as_ref().map(|e| match e.kdf {
+                format::Kdf::RawKey => "raw-key".to_string(),
+                format::Kdf::Argon2id { m_kib, t, p, .. } => {
+                    format!("argon2id (m={m_kib} KiB, t={t}, p={p})")
+                }
+            }),
+            area_bytes: g.slot.area_len,
+            used_bytes: used + format::DATA_START + self.chain.headers.len() as u64 * format::BLOCK,
+            header_offset: g.header_at,
+            chained_commits: self.chain.headers.len(),
+            leftover: self.leftover.clone(),
+            blobs: self.list(),
+            slots: self.slot_reports(),
+            qcow2: self.facts.clone(),
+        }
+    }
+}
+
+/// The decodable header slots of an open store (for diagnostics and tests).
+pub fn dump_headers_of(store: &Store) -> Vec<Slot> {
+    dump_headers(&*store.disk)
+        .into_iter()
+        .filter_map(|(_, s)| s.ok())
+        .collect()
+}
+
+/// A chained header's area offset, and the header or why it is unusable.
+pub type ChainedHeader = (u64, Result<Slot, String>);
+
+/// The chained headers reached from `anchor` (read from slot `index`), each
+/// with its area offset, ending with the damaged header the walk stopped at,
+/// if any: for `tpmstate dump-headers`.
+pub fn dump_chain(
+    disk: &dyn Disk,
+    index: usize,
+    anchor: &Slot,
+) -> Result<Vec<ChainedHeader>, StoreError> {
+    let (chain, damaged) = recover::walk(disk, format::SLOT_OFFSETS[index], anchor.clone())?;
+    let mut out: Vec<_> = chain
+        .into_iter()
+        .skip(1)
+        .map(|(at, s)| (at, Ok(s)))
+        .collect();
+    if let Some(why) = damaged {
+        let at = out.last().map_or(anchor.next, |(_, s)| match s {
+            Ok(s) => s.next,
+            Err(_) => 0,
+        });
+        out.push((at, Err(why)));
+    }
+    Ok(out)
+}
+
+/// Raw view of both header slots, for `tpmstate dump-headers` on a damaged
+/// image: needs only a readable qcow2 mapping, no lock beyond force-share.
+pub fn dump_headers(disk: &dyn Disk) -> Vec<(usize, Result<Slot, String>)> {
+    (0..format::SLOT_OFFSETS.len())
+        .map(|i| {
+            let r = match recover::read_slot(disk, i) {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(p)) => Err(p.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (i, r)
+        })
+        .collect()
+}
