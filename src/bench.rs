@@ -92,18 +92,6 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
             .open(work.join("raw"))?;
         raw.write_all_at(&vec![0u8; size * 4], 0)?;
         raw.sync_all()?;
-        // The store writes a commit with O_DIRECT where it can; the same
-        // raw write that way shows how much of the ratio that accounts for.
-        // Its own file, so neither reference evicts the other's cached pages.
-        std::fs::write(work.join("raw-direct"), vec![0u8; size * 4])?;
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-            .open(work.join("raw-direct"))
-            .ok();
-        if let Some(f) = &direct {
-            f.sync_all()?;
-        }
         let aligned: Vec<PageBuf> = blobs
             .iter()
             .map(|b| {
@@ -113,8 +101,23 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
                 p
             })
             .collect();
-        // Interleave the two so both see the same machine state, and take
-        // turns going first so neither always finds the data in cache.
+        // The store writes a commit with O_DIRECT where it can; the same
+        // raw write that way shows how much of the ratio that accounts for.
+        // Its own file, so neither reference evicts the other's cached pages.
+        // A file system may take O_DIRECT at open and refuse it at the first
+        // write (EINVAL): one trial write decides, as in the image layer.
+        std::fs::write(work.join("raw-direct"), vec![0u8; size * 4])?;
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(work.join("raw-direct"))
+            .ok()
+            .filter(|f| f.write_all_at(aligned[0].bytes(), 0).is_ok());
+        if let Some(f) = &direct {
+            f.sync_all()?;
+        }
+        // Interleave the three so all see the same machine state, and take
+        // turns going first so none always finds the data in cache.
         for i in 0..(n + 20) as usize {
             let data = &blobs[i % blobs.len()];
             let mut store_commit = || -> std::io::Result<Duration> {
