@@ -102,7 +102,7 @@ pub(crate) fn survey(
     read: &mut ReadAt<'_>,
 ) -> std::io::Result<Result<Survey, Doubt>> {
     let unsupported = |why: String| Ok(Err(Doubt::Unsupported(why)));
-    let unsure = |why: String| Ok(Err(Doubt::Corrupt(why)));
+    let corrupt = |why: String| Ok(Err(Doubt::Corrupt(why)));
     if h.foreign_tables {
         return unsupported("the image has tables tpmstate does not parse (bitmaps)".into());
     }
@@ -118,7 +118,7 @@ pub(crate) fn survey(
     let fixed = h.metadata_ranges();
     for (start, len) in fixed.into_iter().filter(|&(_, len)| len > 0) {
         if let Err(why) = refs.add(start, len) {
-            return unsure(why);
+            return corrupt(why);
         }
     }
     let mut l1 = vec![0u8; u64::from(h.l1_size) as usize * 8];
@@ -126,7 +126,7 @@ pub(crate) fn survey(
     let mut l2 = vec![0u8; cs as usize];
     for l2_at in table_offsets(&l1, TABLE_OFFSET_MASK) {
         if let Err(why) = refs.add(l2_at, cs) {
-            return unsure(why);
+            return corrupt(why);
         }
         read(l2_at, &mut l2)?;
         for entry in entries(&l2) {
@@ -136,7 +136,7 @@ pub(crate) fn survey(
             let data_at = entry & TABLE_OFFSET_MASK;
             if data_at != 0 {
                 if let Err(why) = refs.add(data_at, cs) {
-                    return unsure(why);
+                    return corrupt(why);
                 }
             }
         }
@@ -148,7 +148,7 @@ pub(crate) fn survey(
         .collect();
     for &block_at in blocks.iter().filter(|&&b| b != 0) {
         if let Err(why) = refs.add(block_at, cs) {
-            return unsure(why);
+            return corrupt(why);
         }
     }
 
@@ -170,7 +170,7 @@ pub(crate) fn survey(
                 leaked.push(j);
             } else if referenced && refcount != 1 {
                 let cluster = i * per_block + j;
-                return unsure(format!(
+                return corrupt(format!(
                     "cluster {cluster} is referenced but has refcount {refcount}"
                 ));
             }
