@@ -14,6 +14,7 @@
 //!   swapped for older versions of themselves.
 
 use crate::format::{Kdf, Sealed};
+use crate::kind::ErrorKind;
 use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
 use aes_gcm::Aes256Gcm;
@@ -66,6 +67,20 @@ pub enum CryptoError {
     /// another length than the input, or more than AES-GCM's 64 GiB.
     #[error("cannot seal: {0}")]
     BadInput(String),
+}
+
+impl CryptoError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CryptoError::WrongKey(_) => ErrorKind::WrongKey,
+            CryptoError::Tampered(_) | CryptoError::Kdf(_) => ErrorKind::Corrupt,
+            CryptoError::ReadKeyFile { .. } => ErrorKind::Io,
+            CryptoError::BadKeyFile { .. } => ErrorKind::Usage,
+            // The store sizes the buffers it seals into: a mismatch is a bug.
+            CryptoError::BadInput(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// A 32-byte key, wiped from memory on drop. Its `Debug` shows nothing secret.

@@ -1,7 +1,11 @@
 //! The `tpmstate` command: a thin layer over the library's public API.
 
-mod bench;
-mod commands;
+/// The command line's own modules, under `src/cli/`.
+mod cli {
+    pub mod bench;
+    pub mod commands;
+}
+use cli::commands;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -17,7 +21,12 @@ Exit codes:
   5  wrong key (or a key given for a plaintext store)
   6  locked by another process
   7  unsupported image feature (snapshots, small clusters, backing file, ...)
-  8  I/O error (including a full store area)";
+  8  I/O error
+  9  no space: the store area (or the image around it) cannot hold the commit
+ 10  internal error (a bug in tpmstate; nothing was written)
+`tpmstate lock IMAGE -- CMD` exits with CMD's status; 125 when tpmstate
+itself fails (cannot open or lock the image), 126 when CMD cannot be run,
+127 when it is not found.";
 
 /// Crash-safe, encrypted vTPM state blobs inside a qcow2 image.
 #[derive(Parser, Debug)]
@@ -192,11 +201,15 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let locking_a_command = matches!(cli.command, Command::Lock { .. });
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("tpmstate: {}", commands::chain(&*e.error));
-            ExitCode::from(e.kind.exit_code() as u8)
+            match locking_a_command {
+                true => ExitCode::from(commands::LOCK_OWN_FAILURE),
+                false => ExitCode::from(e.kind.exit_code()),
+            }
         }
     }
 }

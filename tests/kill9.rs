@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use tpmstate::{KeySource, LockMode, OpenOptions, Store};
+use tpmstate::{KeySource, OpenOptions, ReadOnlyStore, Store};
 
 const CHILD_ENV: &str = "TPMSTATE_KILL9_CHILD";
 
@@ -91,10 +91,10 @@ fn store_survives_100_sigkills_during_commits() {
         let announced = reader.join().unwrap().unwrap_or(known);
         let opts = OpenOptions {
             key: Some(key(dir.path())),
-            mode: LockMode::Shared,
             ..Default::default()
         };
-        let store = Store::open(&image, opts).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let store =
+            ReadOnlyStore::open(&image, opts).unwrap_or_else(|e| panic!("round {round}: {e}"));
         let g = store.generation();
         // Never older than a commit the child saw return; at most one commit
         // returned-but-unannounced plus the one being written beyond it.

@@ -71,14 +71,7 @@ fn eight_processes_incrementing_under_the_writer_lock_lose_nothing_and_never_ove
         }
         assert!(c.wait().unwrap().success());
     }
-    let store = Store::open(
-        &img,
-        OpenOptions {
-            mode: tpmstate::LockMode::Shared,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = tpmstate::ReadOnlyStore::open(&img, OpenOptions::default()).unwrap();
     let counter = u64::from_le_bytes(
         store.get_required("counter").unwrap()[..8]
             .try_into()

@@ -293,8 +293,28 @@ fn lock_command_runs_the_command_under_the_lock_and_passes_its_status() {
     let (code, out, _) = cli(&["lock", i, "--mode", "writer", "--", "qemu-img", "info", i]);
     assert_eq!(code, 1, "qemu-img must be locked out inside: {out}");
     let _holder = Store::open(&img, OpenOptions::default()).unwrap();
+    // tpmstate's own failure is 125, as timeout(1) and env(1) say it, so a
+    // command that itself exits 6 is not mistaken for "locked".
     let (code, _, err) = cli(&["lock", i, "--timeout-ms", "50", "--", "true"]);
-    assert_eq!(code, 6, "{err}");
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("Failed to get"), "{err}");
+    let (code, _, _) = cli(&["lock", i, "--mode", "shared", "--", "sh", "-c", "exit 6"]);
+    assert_eq!(code, 125, "the shared lock conflicts with the writer too");
+}
+
+#[test]
+fn lock_command_exits_127_for_a_missing_command_and_126_for_one_that_cannot_run() {
+    let dir = scratch();
+    let img = new_image(dir.path());
+    let i = path_str(&img);
+    let (code, _, err) = cli(&["lock", i, "--", "/nonexistent/tpmstate-no-such-command"]);
+    assert_eq!(code, 127, "{err}");
+    let not_executable = dir.path().join("script");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
+    let (code, _, err) = cli(&["lock", i, "--", path_str(&not_executable)]);
+    assert_eq!(code, 126, "{err}");
+    let (code, _, _) = cli(&["lock", i, "--", "sh", "-c", "exit 6"]);
+    assert_eq!(code, 6, "the command's own status passes through");
 }
 
 #[test]

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tpmstate::migration::{self, ClaimOptions, Incoming, MigrationError};
-use tpmstate::{ErrorKind, Key, KeySource, Locking, OpenOptions, Store};
+use tpmstate::{
+    ErrorKind, Key, KeySource, Locking, OpenOptions, ReclaimError, Store, StoreError, StoreView,
+};
 
 const TARGET_ENV: &str = "TPMSTATE_MIGRATION_TARGET";
 
@@ -80,8 +82,8 @@ fn migration_target_child() {
 #[test]
 fn target_process_claims_after_source_release_and_source_reclaim_then_names_it() {
     let dir = scratch();
-    let (img, mut src) = source(dir.path());
-    migration::release_outgoing(&mut src).unwrap();
+    let (img, src) = source(dir.path());
+    let src = migration::release_outgoing(src).unwrap();
     let mut target = child_test("migration_target_child", TARGET_ENV, &img)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -92,7 +94,11 @@ fn target_process_claims_after_source_release_and_source_reclaim_then_names_it()
         lines.any(|l| l.unwrap().contains("claimed")),
         "target did not claim"
     );
-    let err = migration::reclaim(&mut src, Duration::from_millis(100)).unwrap_err();
+    let ReclaimError::StillReleased(src, err) =
+        src.reclaim(Duration::from_millis(100)).unwrap_err()
+    else {
+        panic!("reclaim must leave the handle released while the target holds the image")
+    };
     assert!(
         err.to_string().contains(&target.id().to_string()),
         "reclaim must name the target: {err}"
@@ -100,8 +106,14 @@ fn target_process_claims_after_source_release_and_source_reclaim_then_names_it()
     drop(target.stdin.take());
     assert!(target.wait().unwrap().success());
     // The target committed: the source's state is stale and it must not continue.
-    let err = migration::reclaim(&mut src, Duration::from_millis(100)).unwrap_err();
-    assert!(matches!(err, MigrationError::Diverged { .. }), "{err}");
+    let err = src.reclaim(Duration::from_millis(100)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ReclaimError::StillReleased(_, StoreError::Diverged { .. })
+        ),
+        "{err:?}"
+    );
     assert!(holders(&img).is_empty());
 }
 
@@ -120,7 +132,7 @@ enum Aftermath {
 struct Case {
     name: &'static str,
     after: Aftermath,
-    damage: fn(&Path, &Store),
+    damage: fn(&Path, &StoreView),
     opts: fn() -> ClaimOptions<'static>,
     expect: fn(&MigrationError) -> bool,
 }
@@ -133,7 +145,7 @@ fn with_key() -> ClaimOptions<'static> {
     }
 }
 
-fn blob_at(store: &Store, name: &str) -> u64 {
+fn blob_at(store: &StoreView, name: &str) -> u64 {
     store
         .list()
         .into_iter()
@@ -142,7 +154,7 @@ fn blob_at(store: &Store, name: &str) -> u64 {
         .area_offset
 }
 
-fn current_slot(store: &Store) -> u64 {
+fn current_slot(store: &StoreView) -> u64 {
     let s = store
         .info()
         .slots
@@ -184,14 +196,14 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
             after: Aftermath::Repair,
             damage: |img, s| flip_guest(img, blob_at(s, "permall") + 100),
             opts: with_key,
-            expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("blob \"permall\"")),
+            expect: |e| matches!(e, MigrationError::Store(StoreError::SlotDamaged { status, .. }) if status.contains("blob \"permall\"")),
         },
         Case {
             name: "flipped header",
             after: Aftermath::Repair,
             damage: |img, s| flip_guest(img, current_slot(s) + 20),
             opts: with_key,
-            expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("header checksum")),
+            expect: |e| matches!(e, MigrationError::Store(StoreError::SlotDamaged { status, .. }) if status.contains("header checksum")),
         },
         Case {
             name: "flipped directory",
@@ -204,7 +216,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
                 flip_guest(img, slot.directory.offset + 3)
             },
             opts: with_key,
-            expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("directory")),
+            expect: |e| matches!(e, MigrationError::Store(StoreError::SlotDamaged { status, .. }) if status.contains("directory")),
         },
         Case {
             name: "truncated image",
@@ -259,13 +271,13 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
                 std::fs::write(img, bytes).unwrap();
             },
             opts: with_key,
-            expect: |e| e.kind() == ErrorKind::Unsupported && e.to_string().contains("newer"),
+            expect: |e| e.kind() == ErrorKind::Unsupported && full_message(e).contains("newer"),
         },
     ];
     for case in cases {
         let dir = scratch();
-        let (img, mut src) = source(dir.path());
-        migration::release_outgoing(&mut src).unwrap();
+        let (img, src) = source(dir.path());
+        let src = migration::release_outgoing(src).unwrap();
         (case.damage)(&img, &src);
         let before = (
             sha(&img),
@@ -300,8 +312,9 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
         );
         match case.after {
             Aftermath::Continue => {
-                migration::reclaim(&mut src, Duration::from_secs(1))
-                    .unwrap_or_else(|e| panic!("{}: reclaim: {e}", case.name));
+                let mut src = src
+                    .reclaim(Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("{}: reclaim: {e:?}", case.name));
                 src.put("permall", b"source keeps running").unwrap();
                 assert_eq!(
                     &**src.get("permall").unwrap().unwrap(),
@@ -309,14 +322,13 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
                 );
             }
             Aftermath::Repair => {
-                let err = migration::reclaim(&mut src, Duration::from_secs(1)).unwrap_err();
-                assert!(
-                    matches!(err, MigrationError::Damaged { .. }),
-                    "{}: {err}",
-                    case.name
-                );
+                let err = src.reclaim(Duration::from_secs(1)).unwrap_err();
+                let ReclaimError::Damaged(mut src, StoreError::DamagedWhileReleased { .. }) = err
+                else {
+                    panic!("{}: {err:?}", case.name)
+                };
                 assert_eq!(
-                    src.lock().unwrap().held(),
+                    src.lock_held(),
                     Some(tpmstate::LockMode::Writer),
                     "{}: lock kept",
                     case.name
@@ -351,10 +363,13 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
                 assert_qemu_check_clean(&img);
             }
             Aftermath::Lost => {
-                let err = migration::reclaim(&mut src, Duration::from_secs(1)).unwrap_err();
+                let err = src.reclaim(Duration::from_secs(1)).unwrap_err();
                 assert!(
-                    matches!(err, MigrationError::Damaged { .. }),
-                    "{}: {err}",
+                    matches!(
+                        err,
+                        ReclaimError::Damaged(_, StoreError::DamagedWhileReleased { .. })
+                    ),
+                    "{}: {err:?}",
                     case.name
                 );
             }
@@ -387,7 +402,7 @@ fn claim_waits_for_the_source_and_names_it_after_the_timeout() {
 #[test]
 fn claim_succeeds_when_the_source_releases_during_the_wait() {
     let dir = scratch();
-    let (img, mut src) = source(dir.path());
+    let (img, src) = source(dir.path());
     let img2 = img.clone();
     let waiter = std::thread::spawn(move || {
         claim(
@@ -400,7 +415,7 @@ fn claim_succeeds_when_the_source_releases_during_the_wait() {
         .map(|s| s.generation())
     });
     std::thread::sleep(Duration::from_millis(150));
-    migration::release_outgoing(&mut src).unwrap();
+    let src = migration::release_outgoing(src).unwrap();
     let generation = src.generation();
     assert_eq!(waiter.join().unwrap().unwrap(), generation);
 }
@@ -408,9 +423,8 @@ fn claim_succeeds_when_the_source_releases_during_the_wait() {
 #[test]
 fn claimed_store_is_active_in_writer_mode_with_exactly_the_committed_content() {
     let dir = scratch();
-    let (img, mut src) = source(dir.path());
-    migration::release_outgoing(&mut src).unwrap();
-    drop(src);
+    let (img, src) = source(dir.path());
+    drop(migration::release_outgoing(src).unwrap());
     let mut store = claim(
         &img,
         ClaimOptions {
@@ -419,10 +433,7 @@ fn claimed_store_is_active_in_writer_mode_with_exactly_the_committed_content() {
         },
     )
     .unwrap();
-    assert_eq!(
-        store.lock().unwrap().held(),
-        Some(tpmstate::LockMode::Writer)
-    );
+    assert_eq!(store.lock_held(), Some(tpmstate::LockMode::Writer));
     assert_eq!(
         &**store.get("permall").unwrap().unwrap(),
         &vec![2u8; 20_000][..]
@@ -437,8 +448,8 @@ fn claimed_store_is_active_in_writer_mode_with_exactly_the_committed_content() {
 #[test]
 fn validate_incoming_cli_reports_codes_and_releases() {
     let dir = scratch();
-    let (img, mut src) = source(dir.path());
-    migration::release_outgoing(&mut src).unwrap();
+    let (img, src) = source(dir.path());
+    let src = migration::release_outgoing(src).unwrap();
     let i = path_str(&img);
     let k = dir.path().join("key");
     let (code, out, err) = cli(&[
@@ -470,7 +481,7 @@ fn validate_incoming_cli_reports_codes_and_releases() {
         3
     );
     assert!(holders(&img).is_empty());
-    migration::reclaim(&mut src, Duration::from_secs(1)).unwrap();
+    src.reclaim(Duration::from_secs(1)).unwrap();
 }
 
 mod property {
@@ -497,8 +508,7 @@ mod property {
             }
             t.commit().unwrap();
             let used = s.info().used_bytes + 16 * 1024;
-            migration::release_outgoing(&mut s).unwrap();
-            drop(s);
+            drop(migration::release_outgoing(s).unwrap());
             let at = if in_store_area {
                 host_offset(&img, position % used)
             } else {
@@ -529,7 +539,7 @@ fn claim_refuses_an_image_whose_newest_chained_generation_does_not_verify() {
     let before = sha(&img);
     let err = claim(&img, with_key()).map(|_| ()).unwrap_err();
     assert!(
-        matches!(&err, MigrationError::Unsettled { what, .. } if what.contains("does not verify")),
+        matches!(&err, MigrationError::Store(StoreError::Unsettled { what, .. }) if what.contains("does not verify")),
         "{err}"
     );
     assert_eq!(err.kind(), ErrorKind::Corrupt);

@@ -3,6 +3,7 @@
 //! never return data that was not committed.
 
 use std::path::Path;
+use tpmstate::format::{Directory, Extent, Slot, BLOCK};
 use tpmstate::image::{CrashDisk, CrashPlan, SharedDisk};
 use tpmstate::{Key, KeySource, Store};
 
@@ -97,7 +98,7 @@ fn check_catches_damage_that_appears_after_open() {
     let directory = {
         let mut b = [0u8; 512];
         b.copy_from_slice(&disk.live()[header..header + 512]);
-        tpmstate::format::Slot::decode(&b).unwrap().directory.offset as usize
+        Slot::decode(&b).unwrap().directory.offset as usize
     };
     for (what, offset) in [
         ("blob", blob + 10),
@@ -113,5 +114,80 @@ fn check_catches_damage_that_appears_after_open() {
             store.check().is_err(),
             "{what}: damage after open must fail check"
         );
+    }
+}
+
+/// An edit of a header and its directory's bytes.
+type HeaderEdit = fn(&mut Slot, &mut Vec<u8>);
+
+/// The image with the header at `at` replaced by `edit` of it, its CRC fixed.
+fn with_header(
+    disk: &CrashDisk,
+    at: usize,
+    edit: impl FnOnce(&mut Slot, &mut Vec<u8>),
+) -> CrashDisk {
+    let mut image = disk.live().to_vec();
+    let mut slot = Slot::decode(&image[at..at + 512]).unwrap();
+    let d = slot.directory;
+    let mut dir_bytes = image[d.offset as usize..(d.offset + u64::from(d.len)) as usize].to_vec();
+    edit(&mut slot, &mut dir_bytes);
+    if dir_bytes.len() as u32 != d.len || slot.directory == d {
+        let start = d.offset as usize;
+        image[start..start + dir_bytes.len()].copy_from_slice(&dir_bytes);
+        slot.directory.len = dir_bytes.len() as u32;
+        slot.directory_crc = crc32c::crc32c(&dir_bytes);
+    }
+    image[at..at + 512].copy_from_slice(&slot.encode());
+    CrashDisk::from_image(image, AREA)
+}
+
+#[test]
+fn a_header_with_a_valid_crc_and_an_extent_wrapping_past_2_pow_64_is_refused_not_a_panic() {
+    let (disk, states) = history(None);
+    let newest = Store::open_disk(Box::new(disk.clone()), Path::new("<memory>"), None).unwrap();
+    let (at, generation) = (newest.info().header_offset as usize, newest.generation());
+    let edits: [(&str, HeaderEdit); 4] = [
+        ("directory extent", |s, _| {
+            s.area_len = u64::MAX / BLOCK * BLOCK;
+            s.directory = Extent {
+                offset: s.area_len - BLOCK,
+                len: u32::MAX,
+            };
+        }),
+        ("next header", |s, _| {
+            s.area_len = u64::MAX / BLOCK * BLOCK;
+            s.next = s.area_len;
+        }),
+        ("area length", |s, _| s.area_len = u64::MAX / BLOCK * BLOCK),
+        ("blob extent", |s, dir| {
+            let mut d = Directory::decode(dir, s).unwrap();
+            for b in d.blobs.values_mut() {
+                b.extent.offset = u64::MAX / BLOCK * BLOCK;
+            }
+            *dir = d.encode();
+        }),
+    ];
+    for (what, edit) in edits {
+        let crafted = with_header(&disk, at, edit);
+        // A debug build panics on overflow: reaching the match is the proof.
+        match Store::open_disk(Box::new(crafted), Path::new("<memory>"), None) {
+            Ok(store) => {
+                assert!(
+                    store.generation() < generation,
+                    "{what}: served the crafted header"
+                );
+                let got: State = store
+                    .names()
+                    .map(|n| (n.to_string(), store.get(n).unwrap().unwrap().to_vec()))
+                    .collect();
+                assert!(states.contains(&got), "{what}: served uncommitted data");
+                let info = store.info();
+                assert!(
+                    info.leftover.is_some() || info.slots.iter().any(|s| !s.sound),
+                    "{what}: the crafted header is reported"
+                );
+            }
+            Err(e) => assert_eq!(e.kind(), tpmstate::ErrorKind::Corrupt, "{what}: {e}"),
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The storage under a store: a small [`Disk`] trait, its qcow2 implementation
-//! ([`Qcow2Disk`]) and an in-memory crash-simulating one for tests ([`CrashDisk`]).
+//! The storage under a store: a small [`Disk`] trait and its qcow2
+//! implementation ([`Qcow2Disk`]); with the `testing` feature, also an
+//! in-memory crash-simulating one for tests (`CrashDisk`).
 //!
 //! A disk is a byte-addressed area that starts at guest offset 0 of the image.
 //! Its length is the part that is allocated and ready for in-place writes;
@@ -10,12 +11,15 @@ mod qcow2;
 mod qcow2_alloc;
 pub mod qcow2_header;
 pub mod qcow2_leaks;
+#[cfg(any(test, feature = "testing"))]
 mod sim;
 
 pub use direct::PageBuf;
 pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};
+#[cfg(any(test, feature = "testing"))]
 pub use sim::{CrashDisk, CrashPlan, SharedDisk};
 
+use crate::kind::ErrorKind;
 use std::path::PathBuf;
 
 /// What the store needs from the storage below it.
@@ -44,6 +48,9 @@ pub trait Disk: Send + Sync {
 /// Errors of the image layer. Every variant names the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The image file could not be opened, or is not a regular file.
+    #[error(transparent)]
+    File(#[from] crate::file::FileError),
     /// An operating-system call failed.
     #[error("{path}: {op} failed")]
     Io {
@@ -104,20 +111,24 @@ pub enum ImageError {
         area: u64,
     },
     /// The simulated disk crashed (tests only).
+    #[cfg(any(test, feature = "testing"))]
     #[error("simulated crash")]
     Crashed,
 }
 
 impl ImageError {
     /// The broad class of this error.
-    pub fn kind(&self) -> crate::ErrorKind {
-        use crate::ErrorKind as K;
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
         match self {
-            ImageError::Io { .. } | ImageError::Crashed => K::Io,
+            ImageError::File(e) => e.kind(),
+            ImageError::Io { .. } => K::Io,
+            #[cfg(any(test, feature = "testing"))]
+            ImageError::Crashed => K::Io,
             ImageError::NotQcow2 { .. } => K::NotAStore,
             ImageError::Unsupported { .. } => K::Unsupported,
             ImageError::Corrupt { .. } | ImageError::OutOfBounds { .. } => K::Corrupt,
-            ImageError::CapacityLimit { .. } => K::Usage,
+            ImageError::CapacityLimit { .. } => K::NoSpace,
         }
     }
 }

@@ -149,6 +149,9 @@ pub enum LockError {
         /// The image.
         path: PathBuf,
     },
+    /// The image file could not be opened.
+    #[error(transparent)]
+    Open(#[from] crate::file::FileError),
     /// fcntl failed for another reason.
     #[error("{}: fcntl lock call failed", path.display())]
     Io {
@@ -201,11 +204,12 @@ fn holders_text(h: &[Holder]) -> String {
 
 impl LockError {
     /// The broad class of this error.
-    pub fn kind(&self) -> crate::ErrorKind {
+    pub fn kind(&self) -> crate::kind::ErrorKind {
         match self {
-            LockError::Conflict { .. } => crate::ErrorKind::Locked,
-            LockError::Unavailable { .. } => crate::ErrorKind::Unsupported,
-            LockError::Io { .. } => crate::ErrorKind::Io,
+            LockError::Conflict { .. } => crate::kind::ErrorKind::Locked,
+            LockError::Unavailable { .. } => crate::kind::ErrorKind::Unsupported,
+            LockError::Open(e) => e.kind(),
+            LockError::Io { .. } => crate::kind::ErrorKind::Io,
         }
     }
 }
@@ -230,7 +234,8 @@ impl Counts {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    file: Arc<File>,
+    /// `None` for a detached lock (a disk with no file behind it).
+    file: Option<Arc<File>>,
     flavour: Option<Flavour>,
     counts: Mutex<Counts>,
 }
@@ -272,14 +277,44 @@ impl Inner {
         old: Option<LockMode>,
         new: Option<LockMode>,
     ) -> Result<Result<(), Conflict>, Errno> {
-        match self.flavour {
-            Some(f) if old != new => protocol::change(&self.file, f, perms_of(old), perms_of(new)),
+        match (&self.file, self.flavour) {
+            (Some(file), Some(f)) if old != new => {
+                protocol::change(file, f, perms_of(old), perms_of(new))
+            }
             _ => Ok(Ok(())),
         }
     }
 }
 
 impl ImageLock {
+    /// Opens the image file at `path` (read-write when `writable`; a FIFO,
+    /// socket or device is refused at once) and makes its lock state, for a
+    /// caller that locks an image without opening a store in it
+    /// (`tpmstate lock -- CMD`). Returns a warning as [`ImageLock::new`] does.
+    pub fn open(
+        path: &Path,
+        writable: bool,
+        locking: Locking,
+    ) -> Result<(ImageLock, Option<String>), LockError> {
+        let file = crate::file::open_regular(path, writable)?;
+        ImageLock::new(path, Arc::new(file), locking)
+    }
+
+    /// Lock state with no file behind it: acquisitions are counted, nothing
+    /// is locked. For a store on an in-memory disk, which the store owns
+    /// alone, so that it gets the same handle types as an image.
+    pub fn detached(path: &Path) -> ImageLock {
+        let inner = Inner {
+            path: path.to_path_buf(),
+            file: None,
+            flavour: None,
+            counts: Mutex::default(),
+        };
+        ImageLock {
+            inner: Arc::new(inner),
+        }
+    }
+
     /// Lock state for `file` (the image's only descriptor in this process).
     /// Returns a warning to show the user when POSIX locks are used.
     pub fn new(
@@ -313,7 +348,7 @@ impl ImageLock {
     pub fn with_flavour(path: &Path, file: Arc<File>, flavour: Option<Flavour>) -> ImageLock {
         let inner = Inner {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
             flavour,
             counts: Mutex::default(),
         };
@@ -385,14 +420,26 @@ impl ImageLock {
     /// Other descriptors (in any process) holding protocol bytes on this image.
     pub fn holders(&self) -> Vec<Holder> {
         use std::os::fd::AsRawFd;
-        let Some(key) = file_key(&self.inner.file) else {
+        let Some(file) = &self.inner.file else {
             return Vec::new();
         };
-        holders::scan(
-            &key,
-            Some((std::process::id() as i32, self.inner.file.as_raw_fd())),
-        )
+        let Some(key) = file_key(file) else {
+            return Vec::new();
+        };
+        holders::scan(&key, Some((std::process::id() as i32, file.as_raw_fd())))
     }
+}
+
+/// Every process holding protocol bytes on the image at `path` (this one
+/// included), from `/proc`.
+pub fn holders_of(path: &Path) -> Result<Vec<Holder>, LockError> {
+    let file = crate::file::open_regular(path, false)?;
+    let key = file_key(&file).ok_or_else(|| crate::file::FileError::Io {
+        path: path.to_path_buf(),
+        op: "stat",
+        source: std::io::Error::other("fstat failed"),
+    })?;
+    Ok(holders::scan(&key, None))
 }
 
 impl Drop for LockGuard {

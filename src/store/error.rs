@@ -2,8 +2,8 @@
 
 use crate::crypto::CryptoError;
 use crate::image::ImageError;
+use crate::kind::ErrorKind;
 use crate::lock::LockError;
-use crate::ErrorKind;
 use std::path::PathBuf;
 
 /// Errors of the store. Each names the image (or `<memory>`) it is about.
@@ -16,7 +16,7 @@ pub enum StoreError {
     #[error(transparent)]
     Lock(#[from] LockError),
     /// A key could not be read or derived, or authentication failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Crypto {
         /// The image.
         path: PathBuf,
@@ -90,15 +90,58 @@ pub enum StoreError {
         /// The image.
         path: PathBuf,
     },
-    /// The handle does not hold a writer lock (opened read-only or released for migration).
-    #[error("{}: the store is not open for writing (no writer lock held)", path.display())]
-    NotWritable {
+    /// A claim found a header slot damaged or not verifying: the image is
+    /// not exactly what its last holder left, so it is refused rather than
+    /// opened at an older generation.
+    #[error("{}: header slot {slot}: {status}", path.display())]
+    SlotDamaged {
         /// The image.
         path: PathBuf,
+        /// Slot index.
+        slot: usize,
+        /// What is wrong with it.
+        status: String,
+    },
+    /// A claim found a newer generation than the one that verifies (a torn
+    /// commit, or damage to the newest header): refused rather than rolled back.
+    #[error("{}: {what}", path.display())]
+    Unsettled {
+        /// The image.
+        path: PathBuf,
+        /// What was found.
+        what: String,
+    },
+    /// While released, somebody committed to the image: the released
+    /// handle's state is stale.
+    #[error("{}: the image changed while released (generation {found}, this handle has {ours})", path.display())]
+    Diverged {
+        /// The image.
+        path: PathBuf,
+        /// Generation on disk.
+        found: u64,
+        /// Generation of the handle.
+        ours: u64,
+    },
+    /// While released, the handle's generation stopped verifying on disk.
+    #[error("{}: the image was damaged while released: generation {ours} no longer verifies{}; rewrite every blob to repair it", path.display(), newest.map(|g| format!(" (the newest intact one is {g})")).unwrap_or_default())]
+    DamagedWhileReleased {
+        /// The image.
+        path: PathBuf,
+        /// Generation of the handle.
+        ours: u64,
+        /// The newest generation that still verifies, if the store opens at all.
+        newest: Option<u64>,
+        /// Why the store does not open, if it does not.
+        #[source]
+        source: Option<Box<StoreError>>,
     },
     /// A bad argument.
     #[error("{0}")]
     Usage(String),
+    /// An internal invariant failed (a bug), reported instead of a panic;
+    /// nothing was written.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
@@ -107,22 +150,22 @@ impl StoreError {
         match self {
             StoreError::Image(e) => e.kind(),
             StoreError::Lock(e) => e.kind(),
-            StoreError::Crypto { source, .. } => match source {
-                CryptoError::WrongKey(_) => ErrorKind::WrongKey,
-                CryptoError::Tampered(_) | CryptoError::Kdf(_) => ErrorKind::Corrupt,
-                CryptoError::ReadKeyFile { .. } => ErrorKind::Io,
-                CryptoError::BadKeyFile { .. } | CryptoError::BadInput(_) => ErrorKind::Usage,
-            },
+            StoreError::Crypto { source, .. } => source.kind(),
             StoreError::NotAStore { .. } => ErrorKind::NotAStore,
-            StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+            StoreError::Corrupt { .. }
+            | StoreError::SlotDamaged { .. }
+            | StoreError::Unsettled { .. }
+            | StoreError::Diverged { .. }
+            | StoreError::DamagedWhileReleased { .. } => ErrorKind::Corrupt,
             StoreError::NewerFormat { .. } => ErrorKind::Unsupported,
             StoreError::KeyMissing { .. } => ErrorKind::KeyMissing,
             StoreError::KeyNotExpected { .. } => ErrorKind::WrongKey,
-            StoreError::CapacityExceeded { .. } | StoreError::Poisoned { .. } => ErrorKind::Io,
+            StoreError::CapacityExceeded { .. } => ErrorKind::NoSpace,
+            StoreError::Poisoned { .. } => ErrorKind::Io,
             StoreError::NoSuchBlob { .. }
             | StoreError::InvalidName { .. }
-            | StoreError::NotWritable { .. }
             | StoreError::Usage(_) => ErrorKind::Usage,
+            StoreError::Internal(_) => ErrorKind::Internal,
         }
     }
 }

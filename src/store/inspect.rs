@@ -3,10 +3,11 @@
 //! whose store does not open.
 
 use super::recover::{self, SlotReport};
-use super::{BlobInfo, Store, StoreError};
+use super::view::StoreView;
+use super::{BlobInfo, StoreError};
 use crate::format::{self, Slot};
-use crate::image::{Disk, Qcow2Facts};
-use std::path::PathBuf;
+use crate::image::{Disk, ImageError, Qcow2Disk, Qcow2Facts};
+use std::path::{Path, PathBuf};
 
 /// What `tpmstate info` shows.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -56,16 +57,14 @@ pub struct CheckReport {
     pub leftover: Option<String>,
 }
 
-impl Store {
+impl StoreView {
     /// Full verification: re-reads the current generation from the disk and
     /// checks every checksum, and for an encrypted store the key, the directory
     /// MAC and every blob's tag. Fails with [`StoreError::KeyMissing`] on an
     /// encrypted store opened without a key.
     pub fn check(&self) -> Result<CheckReport, StoreError> {
         if self.is_encrypted() && self.key.is_none() {
-            return Err(StoreError::KeyMissing {
-                path: self.path.clone(),
-            });
+            return Err(self.key_missing());
         }
         let g = &self.current;
         let corrupt = |reason: String| StoreError::Corrupt {
@@ -92,10 +91,7 @@ impl Store {
         }
         if let Some(key) = &self.key {
             key.verify_directory_mac(&g.slot.store_id, &g.dir_bytes, &g.slot.directory_mac)
-                .map_err(|source| StoreError::Crypto {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(|e| self.crypto(e))?;
         }
         let mut bytes = 0u64;
         for name in g.dir.blobs.keys() {
@@ -157,7 +153,7 @@ impl Store {
 }
 
 /// The decodable header slots of an open store (for diagnostics and tests).
-pub fn dump_headers_of(store: &Store) -> Vec<Slot> {
+pub fn dump_headers_of(store: &StoreView) -> Vec<Slot> {
     dump_headers(&*store.disk)
         .into_iter()
         .filter_map(|(_, s)| s.ok())
@@ -204,4 +200,103 @@ pub fn dump_headers(disk: &dyn Disk) -> Vec<(usize, Result<Slot, String>)> {
             (i, r)
         })
         .collect()
+}
+
+/// One header slot as `tpmstate dump-headers` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotDump {
+    /// 0 or 1.
+    pub index: usize,
+    /// The header, or why it is unusable.
+    pub header: Result<Slot, String>,
+    /// The chained headers reached from it (see [`dump_chain`]), or why
+    /// they could not be read.
+    pub chain: Result<Vec<ChainedHeader>, String>,
+}
+
+/// Every header `tpmstate dump-headers` can find in an image, even one
+/// whose store does not open.
+#[derive(Debug)]
+pub enum ImageDump {
+    /// The qcow2 layer opened: both slots through it, with their chains.
+    Mapped {
+        /// Allocated bytes of the store area.
+        area_bytes: u64,
+        /// Both slots.
+        slots: Vec<SlotDump>,
+    },
+    /// The qcow2 layer is unusable: every 512-byte-aligned sector of the raw
+    /// file that starts with the header magic, by file offset.
+    Raw {
+        /// Why the qcow2 layer is unusable.
+        unusable: ImageError,
+        /// Length of the file scanned.
+        file_len: u64,
+        /// What was found, by file offset.
+        found: Vec<(u64, Result<Slot, String>)>,
+    },
+}
+
+/// Reads every header of the image at `path` without locking it (like
+/// `qemu-img -U`) and without opening the store, for diagnostics.
+pub fn dump_image(path: &Path) -> Result<ImageDump, StoreError> {
+    let file = super::open_file(path, false)?;
+    let disk = match Qcow2Disk::open(path, file.clone()) {
+        Ok(disk) => disk,
+        Err(unusable) => return scan_raw(path, &file, unusable),
+    };
+    let slots = dump_headers(&disk)
+        .into_iter()
+        .map(|(index, header)| {
+            let chain = match &header {
+                Ok(s) => dump_chain(&disk, index, s).map_err(|e| e.to_string()),
+                Err(_) => Ok(Vec::new()),
+            };
+            SlotDump {
+                index,
+                header,
+                chain,
+            }
+        })
+        .collect();
+    Ok(ImageDump::Mapped {
+        area_bytes: disk.size(),
+        slots,
+    })
+}
+
+fn scan_raw(
+    path: &Path,
+    file: &std::fs::File,
+    unusable: ImageError,
+) -> Result<ImageDump, StoreError> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        op: "read",
+        source,
+    };
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut found = Vec::new();
+    let mut base = 0u64;
+    while base < file_len {
+        let n = file.read_at(&mut buf, base).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        for at in (0..n).step_by(512) {
+            let sector = &buf[at..n.min(at + 512)];
+            if sector.starts_with(format::MAGIC) {
+                let header = Slot::decode(sector).map_err(|why| why.to_string());
+                found.push((base + at as u64, header));
+            }
+        }
+        base += n as u64;
+    }
+    Ok(ImageDump::Raw {
+        unusable,
+        file_len,
+        found,
+    })
 }

@@ -87,7 +87,10 @@ pub(crate) fn read_header(
     offset: u64,
 ) -> Result<Result<Slot, SlotProblem>, ImageError> {
     let mut buf = [0u8; SLOT_BYTES];
-    if disk.size() < offset + SLOT_BYTES as u64 {
+    if offset
+        .checked_add(SLOT_BYTES as u64)
+        .is_none_or(|end| end > disk.size())
+    {
         return Ok(Err(SlotProblem::NoMagic));
     }
     disk.read_at(offset, &mut buf)?;
@@ -198,7 +201,7 @@ pub(crate) fn walk(disk: &dyn Disk, anchor_at: u64, anchor: Slot) -> Result<Walk
         let at = cur.next;
         match read_header(disk, at)? {
             Ok(s)
-                if s.generation == cur.generation + 1
+                if cur.generation.checked_add(1) == Some(s.generation)
                     && s.prev_id == cur.commit_id
                     && s.store_id == cur.store_id =>
             {

@@ -2,17 +2,26 @@
 
 use crate::{Cli, Command, KeyArgs, LockingArg, ModeArg};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tpmstate::image::{CreateOptions, Disk, Qcow2Disk};
+use tpmstate::image::CreateOptions;
 use tpmstate::migration::{ClaimOptions, Incoming};
-use tpmstate::store::{self, FormatOptions};
-use tpmstate::{ErrorKind, KeySource, LockMode, Locking, OpenOptions, Store};
+use tpmstate::store::{self, FormatOptions, ImageDump};
+use tpmstate::{ErrorKind, KeySource, LockMode, Locking, OpenOptions, ReadOnlyStore, Store};
 
 /// A failure with its exit-code class.
 pub struct Failure {
     pub kind: ErrorKind,
     pub error: Box<dyn std::error::Error>,
+}
+
+/// An I/O failure on a file the CLI reads or writes itself (not the image).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", path.display())]
+struct FileIo {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
 }
 
 macro_rules! failure_from {
@@ -28,7 +37,7 @@ failure_from!(
     tpmstate::StoreError,
     tpmstate::migration::MigrationError,
     tpmstate::lock::LockError,
-    tpmstate::image::ImageError
+    tpmstate::crypto::CryptoError
 );
 
 fn usage(msg: String) -> Failure {
@@ -38,24 +47,25 @@ fn usage(msg: String) -> Failure {
     }
 }
 
-fn io(path: &Path, e: std::io::Error) -> Failure {
+fn io(path: &Path, source: std::io::Error) -> Failure {
     Failure {
         kind: ErrorKind::Io,
-        error: format!("{}: {e}", path.display()).into(),
+        error: Box::new(FileIo {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
-/// An error and its causes, joined by ": " (without repeating a cause the
-/// message already includes).
+/// An error and its causes, joined by ": ". Every error of the library
+/// keeps its cause as its `source()` and leaves it out of its own message,
+/// so each part is printed once.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
+        out.push_str(": ");
+        out.push_str(&c.to_string());
         cur = c.source();
     }
     out
@@ -70,19 +80,9 @@ fn locking(l: LockingArg) -> Locking {
 }
 
 fn key_source(k: &KeyArgs) -> Result<Option<KeySource>, Failure> {
-    let crypto = |e: tpmstate::crypto::CryptoError| {
-        let kind = match e {
-            tpmstate::crypto::CryptoError::ReadKeyFile { .. } => ErrorKind::Io,
-            _ => ErrorKind::Usage,
-        };
-        Failure {
-            kind,
-            error: Box::new(e),
-        }
-    };
     let (path, source) = match (&k.key_file, &k.passphrase_file) {
-        (Some(p), _) => (p, KeySource::from_key_file(p).map_err(crypto)?),
-        (None, Some(p)) => (p, KeySource::from_passphrase_file(p).map_err(crypto)?),
+        (Some(p), _) => (p, KeySource::from_key_file(p)?),
+        (None, Some(p)) => (p, KeySource::from_passphrase_file(p)?),
         (None, None) => return Ok(None),
     };
     if let Some(w) = tpmstate::crypto::permission_warning(path) {
@@ -115,34 +115,55 @@ fn parse_size(s: &str) -> Result<u64, Failure> {
         .ok_or_else(|| usage(format!("bad size {s:?}")))
 }
 
-fn open(
-    image: &Path,
-    key: &KeyArgs,
-    mode: LockMode,
-    locking_arg: Locking,
-    timeout: Option<Duration>,
-) -> Result<Store, Failure> {
-    let store = Store::open(
-        image,
-        OpenOptions {
-            key: key_source(key)?,
-            mode,
-            locking: locking_arg,
-            lock_timeout: timeout,
-        },
-    )?;
-    if let Some(w) = store.lock_warning() {
+fn warn_lock(warning: Option<&str>) {
+    if let Some(w) = warning {
         eprintln!("tpmstate: warning: {w}");
     }
+}
+
+fn open_options(
+    key: &KeyArgs,
+    locking: Locking,
+    timeout: Option<Duration>,
+) -> Result<OpenOptions, Failure> {
+    Ok(OpenOptions {
+        key: key_source(key)?,
+        locking,
+        lock_timeout: timeout,
+    })
+}
+
+/// Opens the writer handle (`exclusive`: the exclusive lock, for rekey).
+fn open_writer(
+    image: &Path,
+    key: &KeyArgs,
+    exclusive: bool,
+    locking: Locking,
+    timeout: Option<Duration>,
+) -> Result<Store, Failure> {
+    let opts = open_options(key, locking, timeout)?;
+    let store = match exclusive {
+        true => Store::open_exclusive(image, opts)?,
+        false => Store::open(image, opts)?,
+    };
+    warn_lock(store.lock_warning());
     Ok(store)
 }
 
-fn read_mode(force_share: bool) -> LockMode {
-    if force_share {
-        LockMode::ForceShareRead
-    } else {
-        LockMode::Shared
-    }
+/// Opens a read-only handle, shared or (with `-U`) force-share.
+fn open_reader(
+    image: &Path,
+    key: &KeyArgs,
+    force_share: bool,
+    locking: Locking,
+) -> Result<ReadOnlyStore, Failure> {
+    let opts = open_options(key, locking, None)?;
+    let store = match force_share {
+        true => ReadOnlyStore::open_force_share(image, opts)?,
+        false => ReadOnlyStore::open(image, opts)?,
+    };
+    warn_lock(store.lock_warning());
+    Ok(store)
 }
 
 /// Runs the parsed command; returns the exit code on success.
@@ -207,10 +228,10 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             } else {
                 std::fs::read(&file).map_err(|e| io(Path::new(&file), e))?
             };
-            let mut store = open(
+            let mut store = open_writer(
                 &image,
                 &key,
-                LockMode::Writer,
+                false,
                 lk,
                 timeout_ms.map(Duration::from_millis),
             )?;
@@ -224,7 +245,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             key,
             force_share,
         } => {
-            let store = open(&image, &key, read_mode(force_share), lk, None)?;
+            let store = open_reader(&image, &key, force_share, lk)?;
             let data = store.get_required(&name)?;
             match output {
                 Some(p) => std::fs::write(&p, &*data).map_err(|e| io(&p, e))?,
@@ -234,12 +255,12 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Rm { image, name, key } => {
-            let mut store = open(&image, &key, LockMode::Writer, lk, None)?;
+            let mut store = open_writer(&image, &key, false, lk, None)?;
             let generation = store.delete(&name)?;
             eprintln!("committed generation {generation}");
         }
         Command::Ls { image, force_share } => {
-            let store = open(&image, &none, read_mode(force_share), lk, None)?;
+            let store = open_reader(&image, &none, force_share, lk)?;
             for b in store.list() {
                 println!("{:>10}  {}", b.size, b.name);
             }
@@ -249,7 +270,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             json,
             force_share,
         } => {
-            let store = open(&image, &none, read_mode(force_share), lk, None)?;
+            let store = open_reader(&image, &none, force_share, lk)?;
             let info = store.info();
             if json {
                 // Serializing plain data structs to a String cannot fail.
@@ -266,7 +287,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             key,
             force_share,
         } => {
-            let store = open(&image, &key, read_mode(force_share), lk, None)?;
+            let store = open_reader(&image, &key, force_share, lk)?;
             let r = store.check()?;
             for s in &r.slots {
                 println!("slot {}: {}", s.index, s.status);
@@ -290,9 +311,15 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 passphrase_file: new_passphrase_file,
             })?
             .ok_or_else(|| usage("rekey needs --new-key-file or --new-passphrase-file".into()))?;
-            let mut store = open(&image, &key, LockMode::Exclusive, lk, None)?;
-            let generation = store.rekey(&new)?;
-            println!("rekeyed: generation {generation}");
+            let mut store = open_writer(&image, &key, true, lk, None)?;
+            let rekeyed = store.rekey(&new)?;
+            println!("rekeyed: generation {}", rekeyed.generation);
+            if let Some(e) = rekeyed.scrub_failed {
+                eprintln!(
+                    "tpmstate: warning: the new key is in force, but free space still holds data under the old key ({}); the next commit zeroes it",
+                    chain(&e)
+                );
+            }
         }
         Command::DumpHeaders { image } => dump_headers(&image)?,
         Command::Lock {
@@ -302,10 +329,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             command,
         } => return run_locked(&image, mode, timeout_ms, &command, lk),
         Command::Locks { image, json } => {
-            let file = std::fs::File::open(&image).map_err(|e| io(&image, e))?;
-            let key = tpmstate::lock::file_key(&file)
-                .ok_or_else(|| io(&image, std::io::Error::other("cannot stat")))?;
-            let holders = tpmstate::lock::scan_holders(&key, None);
+            let holders = tpmstate::lock::holders_of(&image)?;
             if json {
                 println!(
                     "{}",
@@ -347,7 +371,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             );
         }
         Command::Bench { dir, iterations } => {
-            crate::bench::run(&dir, iterations).map_err(|e| io(&dir, e))?
+            crate::cli::bench::run(&dir, iterations).map_err(|e| io(&dir, e))?
         }
     }
     Ok(0)
@@ -404,22 +428,20 @@ fn print_info(i: &store::StoreInfo) {
 }
 
 fn dump_headers(image: &Path) -> Result<(), Failure> {
-    let file = std::fs::File::open(image).map_err(|e| io(image, e))?;
-    let file = std::sync::Arc::new(file);
-    let disk = match Qcow2Disk::open(image, file.clone()) {
-        Ok(disk) => disk,
-        Err(e) => {
-            // The qcow2 layer is unreadable: look for slots in the raw file.
-            println!("qcow2 layer unusable ({e}); scanning the raw file for header slots");
-            return scan_raw_slots(image, &file);
-        }
-    };
-    println!("allocated store area: {} bytes", disk.size());
-    for (i, slot) in store::dump_headers(&disk) {
-        match slot {
-            Ok(s) => {
+    match store::dump_image(image)? {
+        ImageDump::Mapped { area_bytes, slots } => {
+            println!("allocated store area: {area_bytes} bytes");
+            for slot in slots {
+                let i = slot.index;
+                let s = match slot.header {
+                    Ok(s) => s,
+                    Err(why) => {
+                        println!("slot {i}: unusable: {why}");
+                        continue;
+                    }
+                };
                 println!("slot {i}: {}", describe_slot(&s));
-                match store::dump_chain(&disk, i, &s) {
+                match slot.chain {
                     Ok(chain) => {
                         for (at, header) in chain {
                             match header {
@@ -433,7 +455,26 @@ fn dump_headers(image: &Path) -> Result<(), Failure> {
                     Err(e) => println!("  chain unreadable: {e}"),
                 }
             }
-            Err(why) => println!("slot {i}: unusable: {why}"),
+        }
+        ImageDump::Raw {
+            unusable,
+            file_len,
+            found,
+        } => {
+            // The qcow2 layer is unreadable: slots found in the raw file.
+            println!(
+                "qcow2 layer unusable ({}); scanning the raw file for header slots",
+                chain(&unusable)
+            );
+            for (at, header) in &found {
+                match header {
+                    Ok(s) => println!("file offset {at}: {}", describe_slot(s)),
+                    Err(why) => println!("file offset {at}: magic, but unusable: {why}"),
+                }
+            }
+            if found.is_empty() {
+                println!("no header slot found in {file_len} bytes");
+            }
         }
     }
     Ok(())
@@ -459,38 +500,15 @@ fn describe_slot(s: &tpmstate::format::Slot) -> String {
     )
 }
 
-/// Prints every 512-byte-aligned run of the file that carries the slot magic.
-fn scan_raw_slots(image: &Path, file: &std::fs::File) -> Result<(), Failure> {
-    use std::os::unix::fs::FileExt;
-    let len = file.metadata().map_err(|e| io(image, e))?.len();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut found = 0;
-    let mut base = 0u64;
-    while base < len {
-        let n = file.read_at(&mut buf, base).map_err(|e| io(image, e))?;
-        if n == 0 {
-            break;
-        }
-        for at in (0..n).step_by(512) {
-            let sector = &buf[at..n.min(at + 512)];
-            if sector.starts_with(tpmstate::format::MAGIC) {
-                found += 1;
-                match tpmstate::format::Slot::decode(sector) {
-                    Ok(s) => println!("file offset {}: {}", base + at as u64, describe_slot(&s)),
-                    Err(why) => println!(
-                        "file offset {}: magic, but unusable: {why}",
-                        base + at as u64
-                    ),
-                }
-            }
-        }
-        base += n as u64;
-    }
-    if found == 0 {
-        println!("no header slot found in {} bytes", len);
-    }
-    Ok(())
-}
+/// Exit status of `tpmstate lock` when tpmstate itself fails (the image
+/// cannot be opened or locked), as `timeout(1)` and `env(1)` use 125: the
+/// command's own statuses pass through unchanged, so a script tells the two
+/// apart. The message on standard error names the cause and its class.
+pub const LOCK_OWN_FAILURE: u8 = 125;
+/// The command was found but could not be run (not executable), as a shell says.
+const CANNOT_EXECUTE: u8 = 126;
+/// The command was not found, as a shell says.
+const NOT_FOUND: u8 = 127;
 
 fn run_locked(
     image: &Path,
@@ -504,23 +522,22 @@ fn run_locked(
         ModeArg::Writer => LockMode::Writer,
         ModeArg::Exclusive => LockMode::Exclusive,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(mode >= LockMode::Writer)
-        .open(image)
-        .map_err(|e| io(image, e))?;
-    let (lock, warning) = tpmstate::lock::ImageLock::new(image, std::sync::Arc::new(file), lk)?;
-    if let Some(w) = warning {
-        eprintln!("tpmstate: warning: {w}");
-    }
-    let _guard = lock.acquire(mode, timeout_ms.map(Duration::from_millis))?;
     let (prog, args) = command
         .split_first()
         .ok_or_else(|| usage("no command given".into()))?;
-    let status = std::process::Command::new(prog)
-        .args(args)
-        .status()
-        .map_err(|e| io(Path::new(prog), e))?;
+    let (lock, warning) = tpmstate::lock::ImageLock::open(image, mode >= LockMode::Writer, lk)?;
+    warn_lock(warning.as_deref());
+    let _guard = lock.acquire(mode, timeout_ms.map(Duration::from_millis))?;
+    let status = match std::process::Command::new(prog).args(args).status() {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("tpmstate: {prog}: {e}");
+            return Ok(match e.kind() {
+                std::io::ErrorKind::NotFound => NOT_FOUND,
+                _ => CANNOT_EXECUTE,
+            });
+        }
+    };
     // A signal death maps to 128+signal, like a shell.
     use std::os::unix::process::ExitStatusExt;
     Ok(status

@@ -47,8 +47,9 @@ pub fn run(dir: &Path, iterations: u32) -> std::io::Result<()> {
     result
 }
 
-fn fail(e: impl std::fmt::Display) -> std::io::Error {
-    std::io::Error::other(e.to_string())
+/// Keeps a library error, with its causes, inside the I/O error `run` returns.
+fn fail(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 fn measure(work: &Path, n: u32) -> std::io::Result<()> {
@@ -201,13 +202,7 @@ fn commits(work: &Path, n: u32, key: Option<&KeySource>, label: &str) -> std::io
 
 fn locks(work: &Path, n: u32) -> std::io::Result<()> {
     let image = work.join("bench-encrypted.qcow2");
-    let file = std::sync::Arc::new(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&image)?,
-    );
-    let (lock, _) = tpmstate::lock::ImageLock::new(&image, file, Locking::Auto).map_err(fail)?;
+    let (lock, _) = tpmstate::lock::ImageLock::open(&image, true, Locking::Auto).map_err(fail)?;
     let mut fresh = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
@@ -265,8 +260,7 @@ fn claims(work: &Path, key: &KeySource) -> std::io::Result<()> {
         t.put("permall", &permall).map_err(fail)?;
         t.put("volatilestate", &volatile).map_err(fail)?;
         t.commit().map_err(fail)?;
-        migration::release_outgoing(&mut s).map_err(fail)?;
-        drop(s);
+        drop(migration::release_outgoing(s).map_err(fail)?);
         let mut times = Vec::new();
         for _ in 0..20 {
             let t = Instant::now();

@@ -1,0 +1,49 @@
+//! The broad class of every failure, at the bottom of the layers so that each
+//! error enum (image, lock, crypto, store, migration) maps itself to a class
+//! in one `kind()` method without importing anything above it. The CLI turns
+//! the class into its exit code.
+
+/// The broad class of a failure; the CLI turns it into its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad command-line usage or a bad argument to an API call.
+    Usage,
+    /// The file is not a qcow2 image (or not a regular file), or the image
+    /// holds no tpmstate store.
+    NotAStore,
+    /// The image or the store inside it is damaged.
+    Corrupt,
+    /// The store is encrypted and no key was given.
+    KeyMissing,
+    /// The key does not open this store (or a key was given for a plaintext store).
+    WrongKey,
+    /// Another process (or handle) holds a conflicting lock on the image.
+    Locked,
+    /// The image uses a feature tpmstate refuses to write (snapshots, small clusters, ...).
+    Unsupported,
+    /// An operating-system I/O error.
+    Io,
+    /// The store area, or the image around it, has no room for what was asked.
+    NoSpace,
+    /// An internal invariant failed: a bug in tpmstate, reported instead of a panic.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The CLI's exit code for this class (documented in `tpmstate --help`
+    /// and `docs/architecture.md`).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Usage => 1,
+            ErrorKind::NotAStore => 2,
+            ErrorKind::Corrupt => 3,
+            ErrorKind::KeyMissing => 4,
+            ErrorKind::WrongKey => 5,
+            ErrorKind::Locked => 6,
+            ErrorKind::Unsupported => 7,
+            ErrorKind::Io => 8,
+            ErrorKind::NoSpace => 9,
+            ErrorKind::Internal => 10,
+        }
+    }
+}
