@@ -28,9 +28,10 @@ fn base() -> &'static [u8] {
         let mut store =
             Store::open_disk(Box::new(shared.clone()), Path::new("<base>"), Some(&source)).unwrap();
         for round in 0..4u8 {
+            let (permall, volatile) = ([round; 5000], [round; 300]);
             let mut t = store.transaction();
-            t.put("permall", &[round; 5000]).unwrap();
-            t.put("volatilestate", &[round; 300]).unwrap();
+            t.put("permall", &permall).unwrap();
+            t.put("volatilestate", &volatile).unwrap();
             if round == 2 {
                 // Many names make a directory too large to embed.
                 let names: Vec<String> = (0..40).map(|i| format!("nvram-index-{i:03}")).collect();

@@ -213,7 +213,7 @@ impl Store {
 
     /// Drops the writer lock and keeps a handle that can only read, for a
     /// migration source handing the image over
-    /// ([`crate::migration::release_outgoing`] settles the image first).
+    /// (`migration::release_outgoing` settles the image first).
     pub fn release(self) -> super::Released {
         let HeldLock {
             lock,
