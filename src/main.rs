@@ -25,8 +25,8 @@ Exit codes:
   9  no space: the store area (or the image around it) cannot hold the commit
  10  internal error (a bug in tpmstate; nothing was written)
 `tpmstate lock IMAGE -- CMD` exits with CMD's status; 125 when tpmstate
-itself fails (cannot open or lock the image), 126 when CMD cannot be run,
-127 when it is not found.";
+itself fails (bad arguments, cannot open or lock the image), 126 when CMD
+cannot be run, 127 when it is not found.";
 
 /// Crash-safe, encrypted vTPM state blobs inside a qcow2 image.
 #[derive(Parser, Debug)]
@@ -192,11 +192,24 @@ enum Command {
     },
 }
 
+/// Whether the command line names the `lock` subcommand, whose own usage
+/// errors exit 125 too (its other statuses are the command's).
+fn names_lock_command() -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && !["auto", "on", "off"].contains(&a.as_str()))
+        .is_some_and(|a| a == "lock")
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
+            let code = match (e.use_stderr(), names_lock_command()) {
+                (false, _) => 0,
+                (true, true) => commands::LOCK_OWN_FAILURE,
+                (true, false) => 1,
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }

@@ -35,11 +35,29 @@ pub enum MigrationError {
     /// The other side still holds the image (after the timeout).
     #[error("cannot claim the image")]
     Locked(#[source] LockError),
-    /// Opening, validating or settling the store failed (a damaged slot or
-    /// a newer generation that does not verify included: see
-    /// [`StoreError::SlotDamaged`] and [`StoreError::Unsettled`]).
+    /// Opening or validating the store failed.
     #[error("validation failed")]
     Store(#[source] StoreError),
+    /// A header slot is damaged or does not verify: the image is not exactly
+    /// what the source left, so it is refused rather than rolled back.
+    #[error("{}: validation failed: header slot {slot}: {status}", path.display())]
+    Slot {
+        /// The image.
+        path: PathBuf,
+        /// Slot index.
+        slot: usize,
+        /// What is wrong with it.
+        status: String,
+    },
+    /// A newer generation than the one that verifies was found (a torn
+    /// commit, or damage to the newest header): refused rather than rolled back.
+    #[error("{}: validation failed: {what}", path.display())]
+    Unsettled {
+        /// The image.
+        path: PathBuf,
+        /// What was found.
+        what: String,
+    },
     /// A required blob is absent.
     #[error("{}: validation failed: required blob {name:?} is missing", path.display())]
     MissingBlob {
@@ -66,9 +84,10 @@ impl MigrationError {
         match self {
             MigrationError::Locked(e) => e.kind(),
             MigrationError::Store(e) => e.kind(),
-            MigrationError::Rejected { .. } | MigrationError::MissingBlob { .. } => {
-                ErrorKind::Corrupt
-            }
+            MigrationError::Slot { .. }
+            | MigrationError::Unsettled { .. }
+            | MigrationError::Rejected { .. }
+            | MigrationError::MissingBlob { .. } => ErrorKind::Corrupt,
         }
     }
 }
@@ -77,6 +96,10 @@ impl From<StoreError> for MigrationError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Lock(l) => MigrationError::Locked(l),
+            StoreError::SlotDamaged { path, slot, status } => {
+                MigrationError::Slot { path, slot, status }
+            }
+            StoreError::Unsettled { path, what } => MigrationError::Unsettled { path, what },
             other => MigrationError::Store(other),
         }
     }
@@ -92,7 +115,7 @@ pub struct ReleaseError {
     pub store: Box<Store>,
     /// Why.
     #[source]
-    pub error: MigrationError,
+    pub error: StoreError,
 }
 
 /// Source side: everything is durable after each commit already; this makes
@@ -102,9 +125,9 @@ pub struct ReleaseError {
 pub fn release_outgoing(mut store: Store) -> Result<Released, ReleaseError> {
     match store.prepare_handover() {
         Ok(()) => Ok(store.release()),
-        Err(e) => Err(ReleaseError {
+        Err(error) => Err(ReleaseError {
             store: Box::new(store),
-            error: e.into(),
+            error,
         }),
     }
 }

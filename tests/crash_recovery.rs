@@ -340,6 +340,9 @@ fn crash_anywhere_in_a_rekey_leaves_the_old_key_or_the_new_one_never_both_or_nei
                     .unwrap_or_else(|e| panic!("{at}: generation {generation}: {e}"));
                 assert_eq!(contents(&store), model, "{at}");
                 store.check().unwrap();
+                if generation == old_gen + 1 {
+                    assert_next_commit_finishes_the_scrub(&after, &new, old.is_none(), &at);
+                }
                 match other {
                     Some(_) => assert_wrong_key(&after, other, &at),
                     None => {
@@ -355,6 +358,40 @@ fn crash_anywhere_in_a_rekey_leaves_the_old_key_or_the_new_one_never_both_or_nei
         assert!(
             outcomes[0] > 0 && outcomes[1] > 0,
             "{what}: both outcomes must occur: {outcomes:?}"
+        );
+    }
+}
+
+/// After a rekey's commit landed, wherever its scrub was cut short: a writer
+/// that opens the image knows the scrub is unfinished, its next commit
+/// finishes it, and then no old plaintext (of a store that was plaintext)
+/// is left anywhere in the area and no writer sees a scrub pending.
+fn assert_next_commit_finishes_the_scrub(
+    disk: &CrashDisk,
+    key: &KeySource,
+    was_plain: bool,
+    at: &str,
+) {
+    let shared = SharedDisk::new(disk.clone());
+    let mut writer = Store::open_disk(Box::new(shared.clone()), mem(), Some(key)).unwrap();
+    writer.put("after-the-rekey", b"1").unwrap();
+    assert!(
+        !writer.scrub_pending(),
+        "{at}: scrub still pending after a commit"
+    );
+    drop(writer);
+    let image = shared.with(|d| d.after_crash(CrashPlan::DurableOnly));
+    let again = Store::open_disk(Box::new(image.clone()), mem(), Some(key)).unwrap();
+    assert!(
+        !again.scrub_pending(),
+        "{at}: the next writer still sees old-key data"
+    );
+    if was_plain {
+        // permall's plaintext is 9000 bytes of (9000 as u8) ^ 0x5a.
+        let plain = [(9000u32 as u8) ^ 0x5a; 64];
+        assert!(
+            !image.live().windows(64).any(|w| w == plain),
+            "{at}: old plaintext left after the next commit"
         );
     }
 }

@@ -97,3 +97,22 @@ fn in_memory_disks_get_the_same_handle_types() {
     let reader = ReadOnlyStore::open_disk(Box::new(disk), Path::new("<memory>"), None).unwrap();
     assert_eq!(reader.lock_mode(), LockMode::Shared);
 }
+
+#[test]
+fn a_poisoned_writer_stays_poisoned_through_release_and_reclaim_and_cannot_hand_over() {
+    let area = 64 * 1024;
+    let mut disk = CrashDisk::new(area, area);
+    Store::format_disk(&mut disk, Path::new("<memory>"), area, None).unwrap();
+    let shared = tpmstate::image::SharedDisk::new(disk);
+    let mut writer =
+        Store::open_disk(Box::new(shared.clone()), Path::new("<memory>"), None).unwrap();
+    writer.put("permall", b"before").unwrap();
+    shared.with(|d| d.crash_at(0));
+    assert!(writer.put("permall", b"fails").is_err());
+    let poisoned = |e: &tpmstate::StoreError| matches!(e, tpmstate::StoreError::Poisoned { .. });
+    let mut writer = writer.release().reclaim(Duration::ZERO).unwrap();
+    let err = writer.put("permall", b"after the reclaim").unwrap_err();
+    assert!(poisoned(&err), "{err}");
+    let err = tpmstate::migration::release_outgoing(writer).unwrap_err();
+    assert!(poisoned(&err.error), "{}", err.error);
+}

@@ -196,14 +196,14 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
             after: Aftermath::Repair,
             damage: |img, s| flip_guest(img, blob_at(s, "permall") + 100),
             opts: with_key,
-            expect: |e| matches!(e, MigrationError::Store(StoreError::SlotDamaged { status, .. }) if status.contains("blob \"permall\"")),
+            expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("blob \"permall\"")),
         },
         Case {
             name: "flipped header",
             after: Aftermath::Repair,
             damage: |img, s| flip_guest(img, current_slot(s) + 20),
             opts: with_key,
-            expect: |e| matches!(e, MigrationError::Store(StoreError::SlotDamaged { status, .. }) if status.contains("header checksum")),
+            expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("header checksum")),
         },
         Case {
             name: "flipped directory",
@@ -216,7 +216,7 @@ fn every_failed_claim_has_its_own_error_writes_nothing_leaves_no_lock_and_source
                 flip_guest(img, slot.directory.offset + 3)
             },
             opts: with_key,
-            expect: |e| matches!(e, MigrationError::Store(StoreError::SlotDamaged { status, .. }) if status.contains("directory")),
+            expect: |e| matches!(e, MigrationError::Slot { status, .. } if status.contains("directory")),
         },
         Case {
             name: "truncated image",
@@ -539,7 +539,7 @@ fn claim_refuses_an_image_whose_newest_chained_generation_does_not_verify() {
     let before = sha(&img);
     let err = claim(&img, with_key()).map(|_| ()).unwrap_err();
     assert!(
-        matches!(&err, MigrationError::Store(StoreError::Unsettled { what, .. }) if what.contains("does not verify")),
+        matches!(&err, MigrationError::Unsettled { what, .. } if what.contains("does not verify")),
         "{err}"
     );
     assert_eq!(err.kind(), ErrorKind::Corrupt);

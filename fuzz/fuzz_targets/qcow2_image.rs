@@ -15,7 +15,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&path) else {
         return;
     };
-    if let Ok(mut disk) = tpmstate::image::Qcow2Disk::open(&path, Arc::new(file)) {
+    if let Ok(mut disk) = tpmstate::image::Qcow2Disk::open_unlocked(&path, Arc::new(file)) {
         // The leak scan parses every L1, L2 and refcount table the file names;
         // an allocation plans new ones from them and writes them.
         let _ = disk.scan_leaks();

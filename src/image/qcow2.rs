@@ -122,9 +122,17 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 }
 
 impl Qcow2Disk {
-    /// Validates the qcow2 image behind `file` (opened once by the caller, who may
-    /// already hold its locks) and maps its allocated prefix.
-    pub fn open(path: &Path, file: Arc<File>) -> Result<Self, ImageError> {
+    /// Opens the qcow2 image behind `file` without any lock, for tests and
+    /// fuzz targets only: a library user reaches images through the store's
+    /// handles, which hold the lock their writes need.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_unlocked(path: &Path, file: Arc<File>) -> Result<Self, ImageError> {
+        Qcow2Disk::open(path, file)
+    }
+
+    /// Validates the qcow2 image behind `file` (opened once by the caller, who
+    /// holds its locks) and maps its allocated prefix.
+    pub(crate) fn open(path: &Path, file: Arc<File>) -> Result<Self, ImageError> {
         let header = read_header(path, &file)?;
         let mut disk = Qcow2Disk {
             path: path.to_path_buf(),
@@ -139,6 +147,17 @@ impl Qcow2Disk {
 
     /// Writes a new, empty qcow2 image to `path`, which must not exist.
     pub fn create_file(path: &Path, opts: CreateOptions) -> Result<(), ImageError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path, "create"))?;
+        Qcow2Disk::write_empty(&file, path, opts)
+    }
+
+    /// Writes an empty qcow2 image into `file`, a new empty file, durably.
+    /// Errors name `path`, the name the image will have.
+    pub fn write_empty(file: &File, path: &Path, opts: CreateOptions) -> Result<(), ImageError> {
         use qcow2_rs::meta::Qcow2Header as Q;
         let bad = |reason: String| ImageError::Unsupported {
             path: path.to_path_buf(),
@@ -166,11 +185,6 @@ impl Qcow2Disk {
             path: path.to_path_buf(),
             reason: format!("qcow2-rs could not lay out the image: {e}"),
         })?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io_err(path, "create"))?;
         file.write_all_at(&buf, 0).map_err(io_err(path, "write"))?;
         file.sync_all().map_err(io_err(path, "fsync"))?;
         Ok(())

@@ -431,7 +431,10 @@ impl ImageLock {
 }
 
 /// Every process holding protocol bytes on the image at `path` (this one
-/// included), from `/proc`.
+/// included), from `/proc`. It opens and closes a descriptor of its own:
+/// with POSIX locks (the `locking=auto` fallback) closing any descriptor of
+/// a file drops all of this process's locks on it, so a process holding the
+/// image that way must not call it (the CLI's `locks` command holds none).
 pub fn holders_of(path: &Path) -> Result<Vec<Holder>, LockError> {
     let file = crate::file::open_regular(path, false)?;
     let key = file_key(&file).ok_or_else(|| crate::file::FileError::Io {

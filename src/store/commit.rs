@@ -104,6 +104,11 @@ impl Store {
     /// block, with both slots sound and nothing newer left by a crash. Commits
     /// an unchanged generation when the image is not already in that form.
     pub fn prepare_handover(&mut self) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned {
+                path: self.view.path.clone(),
+            });
+        }
         let v = &self.view;
         let settled = v.slots.iter().all(|r| r.sound)
             && v.chain.headers.is_empty()
@@ -189,6 +194,12 @@ impl<'s, 'd> Transaction<'s, 'd> {
         if rekey.is_none() && store.is_encrypted() && store.view.key.is_none() {
             return Err(store.key_missing());
         }
+        if store.scrub_pending && rekey.is_none() {
+            // Before this commit can overwrite the other slot, which marks
+            // an unfinished scrub on disk. A failure stays pending: it is
+            // not this commit's, which writes only blocks it allocates.
+            let _ = store.scrub_free_space();
+        }
         let settle = settle || store.settle_next;
         let mut plan = Plan::build(&store.view, changes, rekey.as_ref())?;
         let chain_at = chains_at(&store.view, rekey.is_some() || settle);
@@ -221,11 +232,6 @@ impl<'s, 'd> Transaction<'s, 'd> {
             store.view.key = Some(k);
         }
         store.settle_next = false;
-        if store.scrub_pending {
-            // The new generation is durable: a failed scrub stays pending
-            // and is not this commit's failure.
-            let _ = store.scrub_free_space();
-        }
         Ok(generation)
     }
 }

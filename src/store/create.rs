@@ -75,11 +75,24 @@ impl Store {
             )));
         }
         disk.zero_fill(area)?;
-        Store::format_disk(&mut disk, path, area, opts.key.as_ref())
+        Store::write_first_generation(&mut disk, path, area, opts.key.as_ref())
     }
 
     /// Writes generation 1 (no blobs) to a zeroed `disk`, with one sync.
+    /// Public for tests and fuzz targets (the `testing` feature); the
+    /// library formats images through [`Store::format`], under the lock.
+    #[cfg(any(test, feature = "testing"))]
     pub fn format_disk(
+        disk: &mut dyn Disk,
+        path: &Path,
+        area: u64,
+        key: Option<&KeySource>,
+    ) -> Result<(), StoreError> {
+        Store::write_first_generation(disk, path, area, key)
+    }
+
+    /// Writes generation 1 (no blobs) to a zeroed `disk`, with one sync.
+    fn write_first_generation(
         disk: &mut dyn Disk,
         path: &Path,
         area: u64,

@@ -123,7 +123,7 @@ pub enum StoreError {
         ours: u64,
     },
     /// While released, the handle's generation stopped verifying on disk.
-    #[error("{}: the image was damaged while released: generation {ours} no longer verifies{}; rewrite every blob to repair it", path.display(), newest.map(|g| format!(" (the newest intact one is {g})")).unwrap_or_default())]
+    #[error("{}: the image was damaged while released (rewrite every blob to repair it): generation {ours} no longer verifies{}", path.display(), newest.map(|g| format!("; the newest intact one is {g}")).unwrap_or_default())]
     DamagedWhileReleased {
         /// The image.
         path: PathBuf,

@@ -47,8 +47,11 @@
 
 use super::view::StoreView;
 use super::{open_file, OpenOptions, StoreError};
+#[cfg(any(test, feature = "testing"))]
 use crate::crypto::KeySource;
-use crate::image::{Disk, PageBuf, Qcow2Disk};
+#[cfg(any(test, feature = "testing"))]
+use crate::image::Disk;
+use crate::image::{PageBuf, Qcow2Disk};
 use crate::lock::{ImageLock, LockGuard, LockMode};
 use std::ops::Deref;
 use std::path::Path;
@@ -64,6 +67,7 @@ pub(super) struct HeldLock {
 
 impl HeldLock {
     /// Takes `mode` on the detached lock of a disk with no file behind it.
+    #[cfg(any(test, feature = "testing"))]
     fn detached(path: &Path, mode: LockMode) -> Result<HeldLock, StoreError> {
         let lock = ImageLock::detached(path);
         let guard = lock.acquire(mode, None)?;
@@ -151,18 +155,29 @@ impl Store {
     /// verifies, and checks the key.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Store, StoreError> {
         let (view, lock) = open_image(path, LockMode::Writer, &opts)?;
-        Ok(Store::with_lock(view, lock))
+        Ok(Store::opened(view, lock))
     }
 
     /// As [`Store::open`], with the exclusive lock: nobody else, not even a
     /// force-share reader, may hold the image (`rekey` uses it).
     pub fn open_exclusive(path: &Path, opts: OpenOptions) -> Result<Store, StoreError> {
         let (view, lock) = open_image(path, LockMode::Exclusive, &opts)?;
-        Ok(Store::with_lock(view, lock))
+        Ok(Store::opened(view, lock))
     }
 
-    /// Opens a store for writing on any [`Disk`] (tests use an in-memory one).
-    /// The handle owns the disk alone; its lock only counts acquisitions.
+    /// A writer on a freshly opened image: a rekey whose scrub did not
+    /// finish left the old key's header in the other slot, so the next
+    /// commit scrubs (see `rekey.rs`).
+    fn opened(view: StoreView, lock: HeldLock) -> Store {
+        let mut store = Store::with_lock(view, lock);
+        store.scrub_pending = store.view.old_key_remains();
+        store
+    }
+
+    /// Opens a store for writing on any [`Disk`], for tests and fuzz targets
+    /// (with the `testing` feature): the handle owns the disk alone and its
+    /// lock only counts acquisitions, so it must not be a shared image.
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_disk(
         disk: Box<dyn Disk>,
         path: &Path,
@@ -170,7 +185,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let view = StoreView::load(disk, path, key, None)?;
         let lock = HeldLock::detached(path, LockMode::Writer)?;
-        Ok(Store::with_lock(view, lock))
+        Ok(Store::opened(view, lock))
     }
 
     /// The mode of the handle's own acquisition (writer or exclusive).
@@ -221,7 +236,18 @@ impl Store {
             warning,
         } = self.lock;
         drop(guard);
-        super::Released::new(self.view, lock, warning)
+        let carried = super::handover::Carried {
+            poisoned: self.poisoned,
+            scrub_pending: self.scrub_pending,
+        };
+        super::Released::new(self.view, lock, warning, carried)
+    }
+
+    /// Whether free blocks may still hold data under a key this store no
+    /// longer uses (a rekey's scrub failed or was cut short); the next
+    /// commit zeroes them.
+    pub fn scrub_pending(&self) -> bool {
+        self.scrub_pending
     }
 }
 
@@ -262,7 +288,9 @@ impl ReadOnlyStore {
         Ok(ReadOnlyStore { view, lock })
     }
 
-    /// Opens a store read-only on any [`Disk`].
+    /// Opens a store read-only on any [`Disk`], for tests and fuzz targets
+    /// (with the `testing` feature).
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_disk(
         disk: Box<dyn Disk>,
         path: &Path,

@@ -23,6 +23,14 @@ pub struct Released {
     view: StoreView,
     lock: ImageLock,
     warning: Option<String>,
+    carried: Carried,
+}
+
+/// The writer's run-time state a release keeps for the reclaim: a poisoned
+/// writer stays poisoned, a pending scrub stays pending.
+pub(super) struct Carried {
+    pub(super) poisoned: bool,
+    pub(super) scrub_pending: bool,
 }
 
 impl std::fmt::Debug for Released {
@@ -84,11 +92,17 @@ impl std::error::Error for ReclaimError {
 }
 
 impl Released {
-    pub(super) fn new(view: StoreView, lock: ImageLock, warning: Option<String>) -> Released {
+    pub(super) fn new(
+        view: StoreView,
+        lock: ImageLock,
+        warning: Option<String>,
+        carried: Carried,
+    ) -> Released {
         Released {
             view,
             lock,
             warning,
+            carried,
         }
     }
 
@@ -114,6 +128,7 @@ impl Released {
             view,
             lock,
             warning,
+            carried,
         } = self;
         let mut store = Store::with_lock(
             view,
@@ -123,6 +138,8 @@ impl Released {
                 warning,
             },
         );
+        store.poisoned = carried.poisoned;
+        store.scrub_pending = carried.scrub_pending;
         let (newest, source) = match on_disk {
             Ok(found) if found == ours => return Ok(store),
             Ok(found) => (Some(found), None),

@@ -238,7 +238,9 @@ pub enum ImageDump {
 }
 
 /// Reads every header of the image at `path` without locking it (like
-/// `qemu-img -U`) and without opening the store, for diagnostics.
+/// `qemu-img -U`) and without opening the store, for diagnostics. Like
+/// [`crate::lock::holders_of`], it opens and closes a descriptor of its
+/// own, which drops this process's POSIX locks on the image, if it holds any.
 pub fn dump_image(path: &Path) -> Result<ImageDump, StoreError> {
     let file = super::open_file(path, false)?;
     let disk = match Qcow2Disk::open(path, file.clone()) {

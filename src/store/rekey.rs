@@ -1,13 +1,23 @@
 //! Changing the key: one commit that re-encrypts every blob under the new
 //! key, then a scrub that zeroes every block the new generation does not
 //! use, so no ciphertext under the old key (or old plaintext) stays behind.
+//!
+//! The rekey commit anchors, so the other header slot then holds the last
+//! generation under the old key. The scrub zeroes free blocks first (that
+//! header's own directory excepted) and syncs, then zeroes that slot and
+//! syncs again: until the scrub has finished, the other slot names a
+//! directory whose key check differs from the current one. A writer that
+//! opens the image sees that ([`super::StoreView::old_key_remains`]) and
+//! its next commit scrubs, so a scrub cut short by a crash or an I/O error
+//! is finished by whichever writer commits next.
 
 use super::alloc::Allocator;
 use super::commit::Transaction;
-use super::recover::SlotReport;
+use super::recover::{read_checked, read_slot, SlotReport};
+use super::view::StoreView;
 use super::{Store, StoreError};
 use crate::crypto::KeySource;
-use crate::format::{BLOCK, SLOT_OFFSETS};
+use crate::format::{Directory, Extent, BLOCK, SLOT_OFFSETS};
 
 /// What [`Store::rekey`] did.
 #[derive(Debug)]
@@ -43,23 +53,21 @@ impl Store {
         })
     }
 
-    /// Zeroes every block of the area the current generation does not use,
-    /// and the other header slot. Only free space is written, so a crash
+    /// Zeroes every block of the area the current generation does not use
+    /// and then the other header slot, each followed by a sync (see the
+    /// module documentation). Only free space is written, so a crash
     /// part-way leaves the current generation intact; a failure leaves the
     /// scrub pending for the next commit.
     pub(super) fn scrub_free_space(&mut self) -> Result<(), StoreError> {
         self.scrub_pending = true;
         let v = &self.view;
         let g = &v.current;
-        let free = Allocator::new(
-            g.slot.area_len,
-            g.dir.extents(&g.slot).chain(v.chain.pinned()),
-        )
-        .free_runs();
         let other = 1 - v.chain.anchor_slot;
+        let marker = v.other_slot_directory(other).map(|(extent, _)| extent);
+        let in_use = g.dir.extents(&g.slot).chain(v.chain.pinned()).chain(marker);
+        let free = Allocator::new(g.slot.area_len, in_use).free_runs();
         let zeros = vec![0u8; 64 * 1024];
         let disk = &mut self.view.disk;
-        disk.write_at(SLOT_OFFSETS[other], &zeros[..BLOCK as usize])?;
         for (start, end) in free {
             let mut off = start;
             while off < end {
@@ -69,6 +77,8 @@ impl Store {
             }
         }
         disk.sync()?;
+        disk.write_at(SLOT_OFFSETS[other], &zeros[..BLOCK as usize])?;
+        disk.sync()?;
         self.view.slots[other] = SlotReport {
             index: other,
             generation: None,
@@ -77,5 +87,32 @@ impl Store {
         };
         self.scrub_pending = false;
         Ok(())
+    }
+}
+
+impl StoreView {
+    /// The directory extent and decoded directory of the header in slot
+    /// `index`, if it is a header of this store whose directory verifies.
+    fn other_slot_directory(&self, index: usize) -> Option<(Extent, Directory)> {
+        let slot = read_slot(&*self.disk, index).ok()?.ok()?;
+        if slot.store_id != self.current.slot.store_id {
+            return None;
+        }
+        let d = slot.directory;
+        let bytes = read_checked(&*self.disk, d.offset, d.len, slot.directory_crc)
+            .ok()?
+            .ok()?;
+        let dir = Directory::decode(&bytes, &slot).ok()?;
+        Some((d, dir))
+    }
+
+    /// Whether the slot not holding the current anchor still holds a
+    /// generation under another key (or in plaintext while the store is now
+    /// encrypted): a rekey's scrub has not finished.
+    pub(super) fn old_key_remains(&self) -> bool {
+        let current = self.current.dir.encryption.as_ref().map(|e| e.key_check);
+        let other = 1 - self.chain.anchor_slot;
+        self.other_slot_directory(other)
+            .is_some_and(|(_, dir)| dir.encryption.map(|e| e.key_check) != current)
     }
 }
