@@ -1,6 +1,7 @@
 //! One function per subcommand, each using only the library's public API.
 
-use crate::{Cli, Command, KeyArgs, LockingArg, ModeArg};
+use super::args::{Cli, Command, KeyArgs, LockingArg, ModeArg, ShareArgs};
+use super::report;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,14 +41,14 @@ failure_from!(
     tpmstate::crypto::CryptoError
 );
 
-fn usage(msg: String) -> Failure {
+pub fn usage(msg: String) -> Failure {
     Failure {
         kind: ErrorKind::Usage,
         error: msg.into(),
     }
 }
 
-fn io(path: &Path, source: std::io::Error) -> Failure {
+pub fn io(path: &Path, source: std::io::Error) -> Failure {
     Failure {
         kind: ErrorKind::Io,
         error: Box::new(FileIo {
@@ -91,31 +92,44 @@ fn key_source(k: &KeyArgs) -> Result<Option<KeySource>, Failure> {
     Ok(Some(source))
 }
 
-fn parse_size(s: &str) -> Result<u64, Failure> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => {
-                    return Err(usage(format!(
-                        "bad size {s:?}: use a number with K, M or G"
-                    )))
-                }
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
+/// A size as `qemu-img` takes it: a number, optionally with a fraction,
+/// and a binary unit (`K`, `M`, `G`, `T`, also written `KiB`, `MiB`, ...,
+/// or `k`, `m`, ...); no unit means bytes.
+pub fn parse_size(s: &str) -> Result<u64, Failure> {
+    let bad = || {
+        usage(format!(
+            "bad size {s:?}: use a number with K, M, G or T (4M, 4MiB, 1.5G)"
+        ))
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| usage(format!("bad size {s:?}")))
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    let mut bytes = whole
+        .checked_shl(shift)
+        .filter(|b| b >> shift == whole)
+        .ok_or_else(bad)?;
+    if !frac.is_empty() {
+        let digits: u64 = frac.parse().map_err(|_| bad())?;
+        let scale = 10u64.checked_pow(frac.len() as u32).ok_or_else(bad)?;
+        let part = (u128::from(digits) << shift) / u128::from(scale);
+        bytes = bytes.checked_add(part as u64).ok_or_else(bad)?;
+    }
+    Ok(bytes)
 }
 
-fn warn_lock(warning: Option<&str>) {
+pub fn warn_lock(warning: Option<&str>) {
     if let Some(w) = warning {
         eprintln!("tpmstate: warning: {w}");
     }
@@ -154,16 +168,56 @@ fn open_writer(
 fn open_reader(
     image: &Path,
     key: &KeyArgs,
-    force_share: bool,
+    share: ShareArgs,
     locking: Locking,
 ) -> Result<ReadOnlyStore, Failure> {
     let opts = open_options(key, locking, None)?;
-    let store = match force_share {
+    let store = match share.force_share {
         true => ReadOnlyStore::open_force_share(image, opts)?,
         false => ReadOnlyStore::open(image, opts)?,
     };
     warn_lock(store.lock_warning());
     Ok(store)
+}
+
+/// The one line a user sees when a store is made without a key.
+fn note_plaintext(plaintext: bool) {
+    if plaintext {
+        eprintln!(
+            "tpmstate: note: the store is not encrypted (give --key-file or --passphrase-file to encrypt it)"
+        );
+    }
+}
+
+/// Creates `path` for a blob's plaintext: mode 0600 whatever the umask,
+/// never through a symlink, and only if it does not exist unless `force`.
+fn create_output(path: &Path, force: bool) -> Result<std::fs::File, Failure> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(!force)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .map_err(
+            |e| match e.raw_os_error().map(nix::errno::Errno::from_raw) {
+                Some(nix::errno::Errno::EEXIST) => usage(format!(
+                    "{}: already exists (give --force to overwrite it)",
+                    path.display()
+                )),
+                Some(nix::errno::Errno::ELOOP) => usage(format!(
+                    "{}: is a symbolic link; refusing to write a secret through it",
+                    path.display()
+                )),
+                _ => io(path, e),
+            },
+        )?;
+    // An existing file keeps its mode through open(): narrow it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io(path, e))?;
+    Ok(file)
 }
 
 /// Runs the parsed command; returns the exit code on success.
@@ -173,9 +227,10 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Create {
             image,
+            key,
             size,
             cluster_size,
-            key,
+            force,
         } => {
             let cs = parse_size(&cluster_size)?;
             if !cs.is_power_of_two() {
@@ -185,31 +240,39 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 size: parse_size(&size)?,
                 cluster_bits: cs.trailing_zeros(),
             };
-            Store::create(
-                &image,
-                opts,
-                FormatOptions {
-                    key: key_source(&key)?,
-                    area: None,
-                    locking: lk,
-                },
-            )?;
+            let key = key_source(&key)?;
+            let plaintext = key.is_none();
+            let format = FormatOptions {
+                key,
+                area: None,
+                locking: lk,
+                force,
+            };
+            Store::create(&image, opts, format)?;
+            note_plaintext(plaintext);
             println!(
                 "created {} ({} bytes, store formatted)",
                 image.display(),
                 opts.size
             );
         }
-        Command::Format { image, area, key } => {
+        Command::Format {
+            image,
+            key,
+            area,
+            force,
+        } => {
             let area = area.map(|a| parse_size(&a)).transpose()?;
-            Store::format(
-                &image,
-                FormatOptions {
-                    key: key_source(&key)?,
-                    area,
-                    locking: lk,
-                },
-            )?;
+            let key = key_source(&key)?;
+            let plaintext = key.is_none();
+            let opts = FormatOptions {
+                key,
+                area,
+                locking: lk,
+                force,
+            };
+            Store::format(&image, opts)?;
+            note_plaintext(plaintext);
             println!("formatted a store in {}", image.display());
         }
         Command::Put {
@@ -219,36 +282,26 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             key,
             timeout_ms,
         } => {
-            let data = if file == "-" {
-                let mut v = Vec::new();
-                std::io::stdin()
-                    .read_to_end(&mut v)
-                    .map_err(|e| io(Path::new("<stdin>"), e))?;
-                v
-            } else {
-                std::fs::read(&file).map_err(|e| io(Path::new(&file), e))?
-            };
-            let mut store = open_writer(
-                &image,
-                &key,
-                false,
-                lk,
-                timeout_ms.map(Duration::from_millis),
-            )?;
+            let data = read_input(&file)?;
+            let timeout = timeout_ms.map(Duration::from_millis);
+            let mut store = open_writer(&image, &key, false, lk, timeout)?;
             let generation = store.put(&name, &data)?;
             eprintln!("committed generation {generation}");
         }
         Command::Get {
             image,
             name,
-            output,
             key,
-            force_share,
+            share,
+            output,
+            force,
         } => {
-            let store = open_reader(&image, &key, force_share, lk)?;
+            let store = open_reader(&image, &key, share, lk)?;
             let data = store.get_required(&name)?;
             match output {
-                Some(p) => std::fs::write(&p, &*data).map_err(|e| io(&p, e))?,
+                Some(p) => create_output(&p, force)?
+                    .write_all(&data)
+                    .map_err(|e| io(&p, e))?,
                 None => std::io::stdout()
                     .write_all(&data)
                     .map_err(|e| io(Path::new("<stdout>"), e))?,
@@ -259,47 +312,36 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             let generation = store.delete(&name)?;
             eprintln!("committed generation {generation}");
         }
-        Command::Ls { image, force_share } => {
-            let store = open_reader(&image, &none, force_share, lk)?;
-            for b in store.list() {
+        Command::Ls { image, share } => {
+            let store = open_reader(&image, &none, share, lk)?;
+            let blobs = store.list();
+            if blobs.is_empty() {
+                println!("the store is empty (generation {})", store.generation());
+            }
+            for b in blobs {
                 println!("{:>10}  {}", b.size, b.name);
             }
         }
         Command::Info {
             image,
+            share,
             json,
-            force_share,
+            verbose,
         } => {
-            let store = open_reader(&image, &none, force_share, lk)?;
+            let store = open_reader(&image, &none, share, lk)?;
             let info = store.info();
-            if json {
-                // Serializing plain data structs to a String cannot fail.
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&info).expect("info serializes")
-                );
-            } else {
-                print_info(&info);
+            match json {
+                true => print_json(&info),
+                false => report::print_info(&info, verbose),
             }
         }
         Command::Check {
             image,
             key,
-            force_share,
-        } => {
-            let store = open_reader(&image, &key, force_share, lk)?;
-            let r = store.check()?;
-            for s in &r.slots {
-                println!("slot {}: {}", s.index, s.status);
-            }
-            if let Some(what) = &r.leftover {
-                println!("left over: {what}");
-            }
-            println!(
-                "ok: generation {}, {} blob(s), {} bytes verified",
-                r.generation, r.blobs, r.bytes
-            );
-        }
+            share,
+            json,
+            verbose,
+        } => return check(&image, &key, share, json, verbose, lk),
         Command::Rekey {
             image,
             key,
@@ -327,29 +369,16 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             mode,
             timeout_ms,
             command,
-        } => return run_locked(&image, mode, timeout_ms, &command, lk),
-        Command::Locks { image, json } => {
-            let holders = tpmstate::lock::holders_of(&image)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&holders).expect("holders serialize")
-                );
-            } else if holders.is_empty() {
-                println!("no process holds lock bytes on {}", image.display());
-            } else {
-                for h in holders {
-                    println!(
-                        "pid {} ({}) fd {}: uses [{}], unshares [{}]",
-                        h.pid,
-                        h.command,
-                        h.fd,
-                        h.uses.join(", "),
-                        h.unshares.join(", ")
-                    );
-                }
-            }
+        } => {
+            let mode = match mode {
+                ModeArg::Shared => LockMode::Shared,
+                ModeArg::Writer => LockMode::Writer,
+                ModeArg::Exclusive => LockMode::Exclusive,
+            };
+            let timeout = timeout_ms.map(Duration::from_millis);
+            return super::run_locked::run(&image, mode, timeout, &command, lk);
         }
+        Command::Locks { image, json } => locks(&image, json)?,
         Command::ValidateIncoming {
             image,
             key,
@@ -366,65 +395,83 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             let store = incoming.claim(opts)?;
             let r = store.check()?;
             println!(
-                "ok: generation {}, {} blob(s), {} bytes validated",
-                r.generation, r.blobs, r.bytes
+                "ok: generation {}, {}, {} validated",
+                r.generation,
+                report::count(r.blobs, "blob"),
+                report::count(r.bytes as usize, "byte")
             );
         }
         Command::Bench { dir, iterations } => {
-            crate::cli::bench::run(&dir, iterations).map_err(|e| io(&dir, e))?
+            super::bench::run(&dir, iterations).map_err(|e| io(&dir, e))?
         }
     }
     Ok(0)
 }
 
-fn print_info(i: &store::StoreInfo) {
-    println!("image:          {}", i.path.display());
-    println!("format version: {}", i.format_version);
-    println!("generation:     {}", i.generation);
-    println!("store id:       {}", i.store_id);
-    match &i.key_derivation {
-        Some(k) => println!("encrypted:      yes (AES-256-GCM, key: {k})"),
-        None => println!("encrypted:      no"),
+/// Reads a blob's content from a file, or standard input for `-`, into a
+/// buffer sized up front where the length is known.
+fn read_input(file: &str) -> Result<Vec<u8>, Failure> {
+    if file == "-" {
+        let mut v = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut v)
+            .map_err(|e| io(Path::new("<stdin>"), e))?;
+        return Ok(v);
     }
+    std::fs::read(file).map_err(|e| io(Path::new(file), e))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    // Serializing plain data structs to a String cannot fail.
     println!(
-        "store area:     {} bytes ({} used)",
-        i.area_bytes, i.used_bytes
+        "{}",
+        serde_json::to_string_pretty(value).expect("plain data serializes")
     );
-    for s in &i.slots {
-        println!(
-            "slot {}:         {}{}",
-            s.index,
-            s.status,
-            s.generation
-                .map(|g| format!(" (generation {g})"))
-                .unwrap_or_default()
-        );
+}
+
+/// `tpmstate check`: verifies everything it can. Exit status 3 when a newer
+/// commit does not verify (a rollback: a TPM must notice), 4 when the store
+/// is encrypted and no key was given (checksums verified, tags not), else 0.
+fn check(
+    image: &Path,
+    key: &KeyArgs,
+    share: ShareArgs,
+    json: bool,
+    verbose: bool,
+    lk: Locking,
+) -> Result<u8, Failure> {
+    let store = open_reader(image, key, share, lk)?;
+    let r = store.verify()?;
+    match json {
+        true => print_json(&r),
+        false => report::print_check(&r, verbose),
     }
-    println!(
-        "header:         area offset {} ({} chained commits since the anchor)",
-        i.header_offset, i.chained_commits
-    );
-    if let Some(what) = &i.leftover {
-        println!("left over:      {what}");
+    Ok(match (r.skipped.is_empty(), r.authenticated) {
+        (false, _) => ErrorKind::Corrupt.exit_code(),
+        (true, false) => ErrorKind::KeyMissing.exit_code(),
+        (true, true) => 0,
+    })
+}
+
+fn locks(image: &Path, json: bool) -> Result<(), Failure> {
+    let holders = tpmstate::lock::holders_of(image)?;
+    if json {
+        print_json(&holders);
+    } else if holders.is_empty() {
+        println!("no process holds lock bytes on {}", image.display());
+    } else {
+        for h in holders {
+            println!(
+                "pid {} ({}) fd {}: uses [{}], unshares [{}]",
+                h.pid,
+                h.command,
+                h.fd,
+                h.uses.join(", "),
+                h.unshares.join(", ")
+            );
+        }
     }
-    if let Some(q) = &i.qcow2 {
-        println!(
-            "qcow2:          version {}, cluster {} bytes, virtual size {}, file size {}, refcount {} bits{}",
-            q.version,
-            q.cluster_size,
-            q.virtual_size,
-            q.file_size,
-            q.refcount_bits,
-            if q.lazy_refcounts { ", lazy refcounts" } else { "" }
-        );
-    }
-    println!("blobs:          {}", i.blobs.len());
-    for b in &i.blobs {
-        println!(
-            "  {:>10}  {}  (generation {})",
-            b.size, b.name, b.written_generation
-        );
-    }
+    Ok(())
 }
 
 fn dump_headers(image: &Path) -> Result<(), Failure> {
@@ -500,47 +547,24 @@ fn describe_slot(s: &tpmstate::format::Slot) -> String {
     )
 }
 
-/// Exit status of `tpmstate lock` when tpmstate itself fails (the image
-/// cannot be opened or locked), as `timeout(1)` and `env(1)` use 125: the
-/// command's own statuses pass through unchanged, so a script tells the two
-/// apart. The message on standard error names the cause and its class.
-pub const LOCK_OWN_FAILURE: u8 = 125;
-/// The command was found but could not be run (not executable), as a shell says.
-const CANNOT_EXECUTE: u8 = 126;
-/// The command was not found, as a shell says.
-const NOT_FOUND: u8 = 127;
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
 
-fn run_locked(
-    image: &Path,
-    mode: ModeArg,
-    timeout_ms: Option<u64>,
-    command: &[String],
-    lk: Locking,
-) -> Result<u8, Failure> {
-    let mode = match mode {
-        ModeArg::Shared => LockMode::Shared,
-        ModeArg::Writer => LockMode::Writer,
-        ModeArg::Exclusive => LockMode::Exclusive,
-    };
-    let (prog, args) = command
-        .split_first()
-        .ok_or_else(|| usage("no command given".into()))?;
-    let (lock, warning) = tpmstate::lock::ImageLock::open(image, mode >= LockMode::Writer, lk)?;
-    warn_lock(warning.as_deref());
-    let _guard = lock.acquire(mode, timeout_ms.map(Duration::from_millis))?;
-    let status = match std::process::Command::new(prog).args(args).status() {
-        Ok(status) => status,
-        Err(e) => {
-            eprintln!("tpmstate: {prog}: {e}");
-            return Ok(match e.kind() {
-                std::io::ErrorKind::NotFound => NOT_FOUND,
-                _ => CANNOT_EXECUTE,
-            });
+    #[test]
+    fn sizes_are_read_as_qemu_img_reads_them() {
+        let ok = |s: &str| parse_size(s).ok();
+        assert_eq!(ok("4M"), Some(4 << 20));
+        assert_eq!(ok("4MiB"), Some(4 << 20));
+        assert_eq!(ok("4m"), Some(4 << 20));
+        assert_eq!(ok("64K"), Some(64 << 10));
+        assert_eq!(ok("1G"), Some(1 << 30));
+        assert_eq!(ok("1T"), Some(1 << 40));
+        assert_eq!(ok("1.5G"), Some(3 << 29));
+        assert_eq!(ok("512"), Some(512));
+        assert_eq!(ok("512B"), Some(512));
+        for bad in ["", "M", "4X", "4MB", "-1M", "99999999999T", "1.2.3M"] {
+            assert_eq!(ok(bad), None, "{bad:?}");
         }
-    };
-    // A signal death maps to 128+signal, like a shell.
-    use std::os::unix::process::ExitStatusExt;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)) as u8)
+    }
 }

@@ -112,7 +112,7 @@ impl Store {
         let v = &self.view;
         let settled = v.slots.iter().all(|r| r.sound)
             && v.chain.headers.is_empty()
-            && v.leftover.is_none()
+            && v.skipped.is_empty()
             && v.current.slot.next == 0;
         if settled {
             return Ok(());
@@ -483,7 +483,7 @@ fn switch(store: &mut Store, header_at: u64, slot: Slot, dir: Directory, dir_byt
             anchor_slot: 1 - old,
             ..Chain::default()
         };
-        view.leftover = None;
+        view.skipped.clear();
         view.slots[1 - old] = SlotReport {
             index: 1 - old,
             generation: Some(slot.generation),

@@ -1,29 +1,46 @@
 //! Making a store: a new qcow2 image holding an empty one, or an empty
 //! store formatted inside an existing image, and generation 1 on any disk.
 
+use super::recover::recover;
 use super::{open_file, FormatOptions, Store, StoreError, DEFAULT_AREA};
 use crate::crypto::KeySource;
 use crate::format::{self, Slot, SLOT_BYTES};
-use crate::image::{CreateOptions, Disk, Qcow2Disk};
+use crate::image::{CreateOptions, Disk, ImageError, Qcow2Disk};
 use crate::lock::{ImageLock, LockMode};
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 impl Store {
-    /// Creates a new qcow2 image at `path` (which must not exist) holding an
-    /// empty store. The image is built under a temporary name and linked into
-    /// place only when complete, so a crash leaves no half-made image at `path`.
+    /// Creates a new qcow2 image at `path` holding an empty store. The
+    /// image is built under a temporary name (mode 0600) and linked into
+    /// place only when complete, so a crash leaves no half-made image at
+    /// `path`. An existing file is refused, naming what it holds, unless
+    /// `opts.force`: then it is replaced in one `rename`, under its
+    /// exclusive lock, so no process using it loses it unawares.
     pub fn create(
         path: &Path,
         image: CreateOptions,
         opts: FormatOptions,
     ) -> Result<(), StoreError> {
-        if path.exists() {
-            return Err(StoreError::Usage(format!(
-                "{}: already exists",
-                path.display()
-            )));
-        }
+        let existing = std::fs::symlink_metadata(path).is_ok();
+        let _held = match (existing, opts.force) {
+            (false, _) => None,
+            (true, false) => {
+                return Err(StoreError::WouldDestroy {
+                    path: path.to_path_buf(),
+                    holds: describe_file(path),
+                    action: "creating an image over it",
+                })
+            }
+            (true, true) => {
+                let file = open_file(path, true)?;
+                let (lock, _warning) = ImageLock::new(path, file, opts.locking)?;
+                let guard = lock.acquire(LockMode::Exclusive, None)?;
+                Some((lock, guard))
+            }
+        };
         let file_name = path
             .file_name()
             .ok_or_else(|| StoreError::Usage(format!("{}: not a file path", path.display())))?;
@@ -37,16 +54,27 @@ impl Store {
             std::process::id()
         ));
         let _ = std::fs::remove_file(&tmp);
+        let io = |op, source| ImageError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        };
         let result = (|| {
-            Qcow2Disk::create_file(&tmp, image)?;
-            Store::format(&tmp, opts)?;
-            let io = |op, source| crate::image::ImageError::Io {
-                path: path.to_path_buf(),
-                op,
-                source,
-            };
-            // link() refuses to replace an existing file, unlike rename().
-            std::fs::hard_link(&tmp, path).map_err(|e| io("link", e))?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io("create", e))?;
+            // Every error below names `path`, the name the image will have.
+            Qcow2Disk::write_empty(&file, path, image)?;
+            Store::format_file(Arc::new(file), path, &opts)?;
+            match existing {
+                true => std::fs::rename(&tmp, path).map_err(|e| io("rename", e))?,
+                // link() refuses to replace a file that appeared meanwhile.
+                false => std::fs::hard_link(&tmp, path).map_err(|e| io("link", e))?,
+            }
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io("fsync directory", e))?;
@@ -58,12 +86,25 @@ impl Store {
 
     /// Formats a new, empty store inside the existing qcow2 image at `path`
     /// (for example one made by `qemu-img create -f qcow2 IMAGE 4M`), under an
-    /// exclusive lock. Any store already there is destroyed.
+    /// exclusive lock. An image that already holds a store, or any data, is
+    /// refused, naming what it holds, unless `opts.force`.
     pub fn format(path: &Path, opts: FormatOptions) -> Result<(), StoreError> {
-        let file = open_file(path, true)?;
+        Store::format_file(open_file(path, true)?, path, &opts)
+    }
+
+    fn format_file(file: Arc<File>, path: &Path, opts: &FormatOptions) -> Result<(), StoreError> {
         let (lock, _warning) = ImageLock::new(path, file.clone(), opts.locking)?;
         let _guard = lock.acquire(LockMode::Exclusive, None)?;
         let mut disk = Qcow2Disk::open(path, file)?;
+        if !opts.force {
+            if let Some(holds) = contents(&disk, path)? {
+                return Err(StoreError::WouldDestroy {
+                    path: path.to_path_buf(),
+                    holds,
+                    action: "formatting",
+                });
+            }
+        }
         let area =
             opts.area.unwrap_or(DEFAULT_AREA.min(disk.max_len())) / format::BLOCK * format::BLOCK;
         if area < format::DATA_START + 4 * format::BLOCK || area > disk.max_len() {
@@ -149,5 +190,69 @@ impl Store {
         disk.write_at(format::SLOT_OFFSETS[1], &[0u8; format::BLOCK as usize])?;
         disk.sync()?;
         Ok(())
+    }
+}
+
+/// What a user would lose if the image behind `disk` were formatted: `None`
+/// for a blank image (no cluster allocated, or only zeros).
+fn contents(disk: &Qcow2Disk, path: &Path) -> Result<Option<String>, StoreError> {
+    let described = match recover(disk, path) {
+        Ok(r) => {
+            let blobs = r.chosen.dir.blobs.len();
+            format!(
+                "a tpmstate store at generation {}, with {blobs} blob{} ({})",
+                r.chosen.slot.generation,
+                if blobs == 1 { "" } else { "s" },
+                if r.chosen.slot.encrypted {
+                    "encrypted"
+                } else {
+                    "not encrypted"
+                }
+            )
+        }
+        Err(StoreError::NotAStore { .. }) => match first_data(disk)? {
+            None => return Ok(None),
+            Some(at) => format!("data that is not a tpmstate store (from byte {at})"),
+        },
+        Err(StoreError::Corrupt { reason, .. }) => format!("a damaged tpmstate store ({reason})"),
+        Err(StoreError::NewerFormat { what, .. }) => {
+            format!("a tpmstate store written by a newer version ({what})")
+        }
+        Err(other) => return Err(other),
+    };
+    Ok(Some(described))
+}
+
+/// The guest offset of the first non-zero byte in the first [`DEFAULT_AREA`]
+/// bytes of the disk's allocated prefix, if any.
+pub(super) fn first_data(disk: &dyn Disk) -> Result<Option<u64>, StoreError> {
+    let end = disk.size().min(DEFAULT_AREA);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0;
+    while at < end {
+        let n = (end - at).min(buf.len() as u64) as usize;
+        disk.read_at(at, &mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
+}
+
+/// What the file at `path` holds, in a user's words, for a refusal to
+/// replace it. Reads without locking (like `qemu-img -U`).
+fn describe_file(path: &Path) -> String {
+    let Ok(file) = open_file(path, false) else {
+        return "a file that cannot be read as an image".into();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    match Qcow2Disk::open(path, file) {
+        Err(_) => format!("a file of {len} bytes that is not a qcow2 image tpmstate can use"),
+        Ok(disk) => match contents(&disk, path) {
+            Ok(Some(holds)) => holds,
+            Ok(None) => "an empty qcow2 image".into(),
+            Err(e) => format!("a qcow2 image whose store cannot be read ({e})"),
+        },
     }
 }

@@ -25,10 +25,25 @@ pub enum StoreError {
         source: CryptoError,
     },
     /// The image holds no tpmstate store.
-    #[error("{}: not a tpmstate store (no header slot carries the tpmstate magic; run `tpmstate format`)", path.display())]
+    #[error("{}: {}", path.display(), match first_data {
+        None => "no tpmstate store in this image (`tpmstate format` makes one)".to_string(),
+        Some(at) => format!("no tpmstate store found, but the image holds data (from byte {at}): if it held a store, its header slots are damaged; see `tpmstate dump-headers` before anything else (`tpmstate format --force` would destroy what is there)"),
+    })]
     NotAStore {
         /// The image.
         path: PathBuf,
+        /// Where the first non-zero byte of the store area lies, if any.
+        first_data: Option<u64>,
+    },
+    /// Formatting or creating would destroy what the file holds; `force` was not given.
+    #[error("{}: holds {holds}; {action} would destroy it (give --force to do it anyway)", path.display())]
+    WouldDestroy {
+        /// The file.
+        path: PathBuf,
+        /// What it holds, in a user's words.
+        holds: String,
+        /// What was refused.
+        action: &'static str,
     },
     /// The store is damaged beyond its crash recovery.
     #[error("{}: corrupt store: {reason}", path.display())]
@@ -164,6 +179,7 @@ impl StoreError {
             StoreError::Poisoned { .. } => ErrorKind::Io,
             StoreError::NoSuchBlob { .. }
             | StoreError::InvalidName { .. }
+            | StoreError::WouldDestroy { .. }
             | StoreError::Usage(_) => ErrorKind::Usage,
             StoreError::Internal(_) => ErrorKind::Internal,
         }

@@ -200,10 +200,10 @@ impl Unclaimed {
                 status: r.status.clone(),
             });
         }
-        if let Some(what) = &view.leftover {
+        if let Some(what) = view.leftover() {
             return Err(StoreError::Unsettled {
                 path: self.path,
-                what: what.clone(),
+                what,
             });
         }
         view.check()?;

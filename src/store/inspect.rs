@@ -2,7 +2,7 @@
 //! the raw header views `dump-headers` prints, which also work on an image
 //! whose store does not open.
 
-use super::recover::{self, SlotReport};
+use super::recover::{self, Skipped, SlotReport};
 use super::view::StoreView;
 use super::{BlobInfo, StoreError};
 use crate::format::{self, Slot};
@@ -32,8 +32,11 @@ pub struct StoreInfo {
     pub header_offset: u64,
     /// Chained commits since the anchor in a header slot.
     pub chained_commits: usize,
-    /// A newer generation that did not verify (left by a crash, or damage).
+    /// A newer generation that did not verify (left by a crash, or damage),
+    /// in one line; `skipped` has the same, item by item.
     pub leftover: Option<String>,
+    /// What is newer than the generation served and did not verify.
+    pub skipped: Vec<Skipped>,
     /// Blobs, by name.
     pub blobs: Vec<BlobInfo>,
     /// Both header slots.
@@ -42,19 +45,26 @@ pub struct StoreInfo {
     pub qcow2: Option<Qcow2Facts>,
 }
 
-/// What [`Store::check`] verified.
+/// What [`StoreView::check`] or [`StoreView::verify`] verified.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckReport {
     /// Generation verified.
     pub generation: u64,
-    /// Blobs verified (and decrypted, for an encrypted store).
+    /// Blobs verified (and decrypted, for an encrypted store with its key).
     pub blobs: usize,
-    /// Plaintext bytes verified.
+    /// Bytes verified: plaintext bytes when authenticated, stored bytes otherwise.
     pub bytes: u64,
+    /// Whether the key check, the directory MAC and every blob's tag were
+    /// verified too: true for a plaintext store, and for an encrypted one
+    /// opened with its key.
+    pub authenticated: bool,
     /// Both header slots.
     pub slots: Vec<SlotReport>,
-    /// A newer generation that did not verify (left by a crash, or damage).
+    /// A newer generation that did not verify (left by a crash, or damage),
+    /// in one line; `skipped` has the same, item by item.
     pub leftover: Option<String>,
+    /// What is newer than the generation served and did not verify.
+    pub skipped: Vec<Skipped>,
 }
 
 impl StoreView {
@@ -66,6 +76,13 @@ impl StoreView {
         if self.is_encrypted() && self.key.is_none() {
             return Err(self.key_missing());
         }
+        self.verify()
+    }
+
+    /// Verifies everything the handle can: as [`StoreView::check`] with a
+    /// key; without the key of an encrypted store, the header, the directory
+    /// and every blob's checksum, with [`CheckReport::authenticated`] false.
+    pub fn verify(&self) -> Result<CheckReport, StoreError> {
         let g = &self.current;
         let corrupt = |reason: String| StoreError::Corrupt {
             path: self.path.clone(),
@@ -93,16 +110,28 @@ impl StoreView {
             key.verify_directory_mac(&g.slot.store_id, &g.dir_bytes, &g.slot.directory_mac)
                 .map_err(|e| self.crypto(e))?;
         }
+        let authenticated = self.key.is_some() || !self.is_encrypted();
         let mut bytes = 0u64;
-        for name in g.dir.blobs.keys() {
-            bytes += self.get_required(name)?.len() as u64;
+        for (name, b) in &g.dir.blobs {
+            bytes += match authenticated {
+                true => self.get_required(name)?.len() as u64,
+                false => {
+                    match recover::read_checked(&*self.disk, b.extent.offset, b.extent.len, b.crc)?
+                    {
+                        Ok(stored) => stored.len() as u64,
+                        Err(why) => return Err(corrupt(format!("blob {name:?}: {why}"))),
+                    }
+                }
+            };
         }
         Ok(CheckReport {
             generation: g.slot.generation,
             blobs: g.dir.blobs.len(),
             bytes,
+            authenticated,
             slots: self.slot_reports(),
-            leftover: self.leftover.clone(),
+            leftover: self.leftover(),
+            skipped: self.skipped.clone(),
         })
     }
 
@@ -144,7 +173,8 @@ impl StoreView {
             used_bytes: used + format::DATA_START + self.chain.headers.len() as u64 * format::BLOCK,
             header_offset: g.header_at,
             chained_commits: self.chain.headers.len(),
-            leftover: self.leftover.clone(),
+            leftover: self.leftover(),
+            skipped: self.skipped.clone(),
             blobs: self.list(),
             slots: self.slot_reports(),
             qcow2: self.facts.clone(),
@@ -177,12 +207,8 @@ pub fn dump_chain(
         .skip(1)
         .map(|(at, s)| (at, Ok(s)))
         .collect();
-    if let Some(why) = damaged {
-        let at = out.last().map_or(anchor.next, |(_, s)| match s {
-            Ok(s) => s.next,
-            Err(_) => 0,
-        });
-        out.push((at, Err(why)));
+    if let Some(damaged) = damaged {
+        out.push((damaged.header_offset, Err(damaged.to_string())));
     }
     Ok(out)
 }

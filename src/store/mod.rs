@@ -31,7 +31,7 @@ pub use inspect::{
     dump_chain, dump_headers, dump_headers_of, dump_image, ChainedHeader, CheckReport, ImageDump,
     SlotDump, StoreInfo,
 };
-pub use recover::SlotReport;
+pub use recover::{Skipped, SlotReport};
 pub use rekey::Rekeyed;
 pub use view::StoreView;
 
@@ -70,6 +70,9 @@ pub struct FormatOptions {
     pub area: Option<u64>,
     /// QEMU's `locking=` option.
     pub locking: Locking,
+    /// Format (or create over) an image even if it already holds a store
+    /// or other data, destroying it.
+    pub force: bool,
 }
 
 /// A blob as listed by [`StoreView::list`].

@@ -182,9 +182,34 @@ fn claimed_extents(disk: &dyn Disk, header_at: u64, slot: &Slot) -> Vec<Extent> 
     out
 }
 
-/// Headers with their area offsets, anchor first, and why the walk stopped
-/// if it stopped at damage.
-pub(crate) type Walk = (Vec<(u64, Slot)>, Option<String>);
+/// Headers with their area offsets, anchor first, and the damaged header the
+/// walk stopped at, if it stopped at damage.
+pub(crate) type Walk = (Vec<(u64, Slot)>, Option<Skipped>);
+
+/// A commit newer than the generation served whose header, directory or
+/// blobs do not verify: the commit being written when a crash came, or damage.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// Its generation, when its header decodes.
+    pub generation: Option<u64>,
+    /// Area offset of its header (a slot, or a chained block).
+    pub header_offset: u64,
+    /// Why it does not verify.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (at, why) = (self.header_offset, &self.reason);
+        match self.generation {
+            Some(g) => write!(
+                f,
+                "generation {g} (header at area offset {at}) does not verify: {why}"
+            ),
+            None => write!(f, "header at area offset {at}: {why}"),
+        }
+    }
+}
 
 /// The headers reachable from an anchor: the anchor, then each successor
 /// found where its predecessor's `next` points, with the next generation
@@ -210,7 +235,11 @@ pub(crate) fn walk(disk: &dyn Disk, anchor_at: u64, anchor: Slot) -> Result<Walk
             // Unused space, or an older commit's header: the chain ends here.
             Ok(_) | Err(SlotProblem::NoMagic) => break,
             Err(p) => {
-                damaged = Some(format!("header at area offset {at}: {p}"));
+                damaged = Some(Skipped {
+                    generation: None,
+                    header_offset: at,
+                    reason: p.to_string(),
+                });
                 break;
             }
         }
@@ -223,10 +252,9 @@ pub(crate) struct Recovery {
     pub chosen: Generation,
     pub chain: Chain,
     pub reports: Vec<SlotReport>,
-    /// Something newer than the chosen generation that did not verify (a
-    /// torn commit, or damage): reported by `check` and refused by a
-    /// migration claim.
-    pub leftover: Option<String>,
+    /// What is newer than the chosen generation and did not verify (a torn
+    /// commit, or damage): reported by `check` and refused by a claim.
+    pub skipped: Vec<Skipped>,
 }
 
 /// Opens at the newest generation that verifies.
@@ -270,6 +298,7 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
     if !any_magic {
         return Err(StoreError::NotAStore {
             path: path.to_path_buf(),
+            first_data: super::create::first_data(disk)?,
         });
     }
     candidates.sort_by_key(|(_, s)| std::cmp::Reverse(s.generation));
@@ -288,13 +317,12 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
                         .iter()
                         .flat_map(|(at, s, _)| claimed_extents(disk, *at, s))
                         .collect();
-                    let leftover = unverified
+                    let skipped = unverified
                         .iter()
-                        .map(|(at, s, why)| {
-                            format!(
-                                "generation {} (header at area offset {at}) does not verify: {why}",
-                                s.generation
-                            )
+                        .map(|(at, s, why)| Skipped {
+                            generation: Some(s.generation),
+                            header_offset: *at,
+                            reason: why.clone(),
                         })
                         .chain(if pos + 1 == chain.len() {
                             damaged
@@ -311,7 +339,7 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
                             quarantine,
                         },
                         reports,
-                        leftover: (!leftover.is_empty()).then(|| leftover.join("; ")),
+                        skipped,
                     });
                 }
                 Err(LoadFailure::Disk(e)) => return Err(e.into()),

@@ -19,7 +19,7 @@ pub struct StoreView {
     pub(super) current: Generation,
     pub(super) chain: Chain,
     pub(super) slots: Vec<SlotReport>,
-    pub(super) leftover: Option<String>,
+    pub(super) skipped: Vec<super::recover::Skipped>,
     pub(super) key: Option<Key>,
     pub(super) facts: Option<Qcow2Facts>,
 }
@@ -50,7 +50,7 @@ impl StoreView {
             current: recovery.chosen,
             chain: recovery.chain,
             slots: recovery.reports,
-            leftover: recovery.leftover,
+            skipped: recovery.skipped,
             key: None,
             facts,
         };
@@ -83,6 +83,17 @@ impl StoreView {
             )
             .map_err(|e| self.crypto(e))?;
         Ok(Some(master))
+    }
+
+    /// What is newer than the generation served and did not verify.
+    pub fn skipped(&self) -> &[super::recover::Skipped] {
+        &self.skipped
+    }
+
+    /// The skipped generations in one line, as `info` and `check` report them.
+    pub(super) fn leftover(&self) -> Option<String> {
+        let parts: Vec<String> = self.skipped.iter().map(|s| s.to_string()).collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     pub(super) fn crypto(&self, source: crate::crypto::CryptoError) -> StoreError {

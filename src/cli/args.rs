@@ -1,0 +1,257 @@
+//! The command line: every subcommand, argument and option, with the help
+//! text `tpmstate --help` and `tpmstate CMD --help` print. Arguments come in
+//! one order everywhere: the image, the subcommand's own names and files,
+//! key options, lock options, output options, then `--force`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const EXIT_CODES: &str = "\
+Lock modes (QEMU's image-locking protocol; see docs/locking.md):
+  shared     read; others may read, nobody may write (info, ls, get, check)
+  writer     read and write; others may only force-share read (put, rm, an emulator)
+  exclusive  nobody else at all, not even -U readers (rekey, format, a migration claim)
+  -U         force-share read: reads while a writer holds the image (diagnostics)
+
+Exit codes:
+  0  ok
+  1  usage error (bad arguments, no such blob, refusing to destroy data without --force)
+  2  not a qcow2 image (or not a regular file), or no tpmstate store in it
+  3  corrupt image or store
+  4  key missing (the store is encrypted)
+  5  wrong key (or a key given for a plaintext store)
+  6  locked by another process
+  7  unsupported image feature (snapshots, small clusters, backing file, ...)
+  8  I/O error
+  9  no space: the store area (or the image around it) cannot hold the commit
+ 10  internal error (a bug in tpmstate; nothing was written)
+`tpmstate lock IMAGE -- CMD` exits with CMD's status; 125 when tpmstate
+itself fails (bad arguments, cannot open or lock the image), 126 when CMD
+cannot be run, 127 when it is not found.";
+
+/// Crash-safe, encrypted vTPM state blobs inside a qcow2 image.
+#[derive(Parser, Debug)]
+#[command(name = "tpmstate", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// QEMU's locking option: auto (OFD locks, POSIX locks where OFD locks
+    /// are unavailable), on (OFD locks or an error), off (no locks at all).
+    #[arg(long, global = true, value_enum, default_value_t = LockingArg::Auto, display_order = 900)]
+    pub locking: LockingArg,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// QEMU's `locking=` option.
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum LockingArg {
+    /// OFD locks; POSIX locks with a warning where OFD locks are unavailable.
+    Auto,
+    /// OFD locks, or an error.
+    On,
+    /// No locks.
+    Off,
+}
+
+/// The lock mode `tpmstate lock` holds.
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum ModeArg {
+    /// Others may read; nobody may write.
+    Shared,
+    /// Read and write; others may only force-share read.
+    Writer,
+    /// Nobody else at all.
+    Exclusive,
+}
+
+/// Key options of commands that read or write blobs.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// File with the store key: 32 raw bytes or 64 hex digits.
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// File with a passphrase (stretched with Argon2id).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// The force-share option of read-only commands.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct ShareArgs {
+    /// Force-share read (like qemu-img -U): read while another process
+    /// holds the image for writing; for diagnostics, may see a commit being
+    /// written.
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+}
+
+/// Every subcommand.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new qcow2 image holding an empty store (no external tool needed).
+    Create {
+        /// The image file to create (mode 0600).
+        image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Virtual size, as qemu-img takes it (4M, 4MiB, 1G; K, M, G, T).
+        #[arg(long, default_value = "4M")]
+        size: String,
+        /// qcow2 cluster size (4K to 2M).
+        #[arg(long, default_value = "64K")]
+        cluster_size: String,
+        /// Replace an existing file, whatever it holds (taking its exclusive lock first).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Format a store inside an existing qcow2 image (e.g. from `qemu-img create -f qcow2 IMG 4M`).
+    Format {
+        /// The qcow2 image (exclusive lock).
+        image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Store area (default: the virtual size, at most 4M).
+        #[arg(long)]
+        area: Option<String>,
+        /// Format even if the image already holds a store or other data, destroying it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Store FILE (or standard input with -) as blob NAME, in one atomic commit.
+    Put {
+        /// The image (writer lock).
+        image: PathBuf,
+        /// The blob's name.
+        name: String,
+        /// The file to store, or - for standard input.
+        file: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Wait up to this many milliseconds for the writer lock (default: try once).
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u64>,
+    },
+    /// Write blob NAME to standard output or to a new file (mode 0600).
+    Get {
+        /// The image (shared lock).
+        image: PathBuf,
+        /// The blob's name.
+        name: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        share: ShareArgs,
+        /// Write to this new file (mode 0600) instead of standard output.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Overwrite the output file if it exists (never through a symlink).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete blob NAME, in one atomic commit.
+    Rm {
+        /// The image (writer lock).
+        image: PathBuf,
+        /// The blob's name.
+        name: String,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// List blobs and their sizes.
+    Ls {
+        /// The image (shared lock).
+        image: PathBuf,
+        #[command(flatten)]
+        share: ShareArgs,
+    },
+    /// Show the store: generation, last commit, encryption, blobs, space, health.
+    Info {
+        /// The image (shared lock).
+        image: PathBuf,
+        #[command(flatten)]
+        share: ShareArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also show the header slots, the commit chain and the qcow2 layer.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Verify everything: headers, directory, every checksum, and with a key every tag.
+    Check {
+        /// The image (shared lock).
+        image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        share: ShareArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also show each header slot.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Change the key (or encrypt a plaintext store) in one atomic commit.
+    Rekey {
+        /// The image (exclusive lock).
+        image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The new key file.
+        #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
+        new_key_file: Option<PathBuf>,
+        /// The new passphrase file.
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Print both header slots and their commit chains raw, even from a damaged store.
+    DumpHeaders {
+        /// The image (read without any lock).
+        image: PathBuf,
+    },
+    /// Run a command while holding the image locked (like flock(1)).
+    Lock {
+        /// The image.
+        image: PathBuf,
+        /// The lock mode to hold while the command runs.
+        #[arg(long, value_enum, default_value_t = ModeArg::Writer)]
+        mode: ModeArg,
+        /// Wait up to this many milliseconds for the lock (default: try once).
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u64>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Show which processes hold lock bytes on the image, in the protocol's terms.
+    Locks {
+        /// The image.
+        image: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Claim the image exclusively as a migration target would, validate and
+    /// decrypt everything, then release it.
+    ValidateIncoming {
+        /// The image (exclusive lock while validating).
+        image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Blobs that must be present, comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+        require: Vec<String>,
+        /// Wait up to this many milliseconds for the source to let go.
+        #[arg(long, value_name = "MS", default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+    /// Measure commit latency against raw pwrite+fdatasync in the same file system.
+    Bench {
+        /// Directory to measure in (default: the current one).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Commits per measurement.
+        #[arg(long, default_value_t = 1000)]
+        iterations: u32,
+    },
+}
