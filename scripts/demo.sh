@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The real flow, end to end: an NVRAM image made by qemu-img, an encrypted
-# store in it, TPM state blobs committed, a live migration hand-over (the
-# source releases, the target claims and validates under an exclusive lock),
-# a failed claim that changes nothing, and qemu-img check after each step.
+# store in it, TPM state blobs committed, a kill -9 in the middle of a stream
+# of commits, a live migration hand-over (the source releases, the target
+# claims and validates under an exclusive lock), a failed claim that changes
+# nothing, and qemu-img check after each step. Works wherever cargo puts its
+# build (CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -q
-T="$PWD/target/release/tpmstate"
+target=$(cargo metadata --format-version 1 --no-deps |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+T="$target/release/tpmstate"
+[ -x "$T" ] || { echo "demo: no tpmstate binary at $T" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -26,6 +31,33 @@ head -c 4096 /dev/urandom > volatilestate
 "$T" put nvram.qcow2 volatilestate volatilestate --key-file vtpm.key
 "$T" info nvram.qcow2
 "$T" get nvram.qcow2 permall --key-file vtpm.key | cmp - permall && echo "permall reads back identical"
+
+step "a crash: kill -9 in the middle of a stream of commits; the store opens at the last acknowledged one"
+(
+  n=0
+  while :; do
+    n=$((n + 1))
+    printf '%d' "$n" > counter
+    "$T" put nvram.qcow2 counter counter --key-file vtpm.key 2>/dev/null &
+    echo $! > committer.pid
+    wait $! || exit 0
+    echo "$n" > acked
+  done
+) &
+loop=$!
+sleep 1.5
+kill -9 "$loop"
+{ wait "$loop"; } 2>/dev/null || true
+kill -9 "$(cat committer.pid)" 2>/dev/null || true
+sleep 0.2
+acked=$(cat acked)
+on_disk=$("$T" get nvram.qcow2 counter --key-file vtpm.key)
+echo "last commit acknowledged before the kill: counter=$acked; the store now holds counter=$on_disk"
+# The commit being written when the kill came either landed whole or not at all.
+[ "$on_disk" = "$acked" ] || [ "$on_disk" = "$((acked + 1))" ]
+qemu-img check -q nvram.qcow2 && echo "qemu-img check: clean"
+"$T" put nvram.qcow2 volatilestate volatilestate --key-file vtpm.key
+echo "(the emulator's next commit after a restart settles any commit the kill tore)"
 
 step "while a writer holds the image, QEMU's tools are kept out (QEMU's lock protocol)"
 "$T" lock nvram.qcow2 --mode writer -- sh -c 'qemu-img info nvram.qcow2 2>&1 | head -1; true'

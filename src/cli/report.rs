@@ -89,8 +89,9 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
     if let Some(when) = modified(&i.path) {
         println!("last written:   {when}");
     }
-    match &i.key_derivation {
-        Some(k) => println!("encrypted:      yes (AES-256-GCM, key: {k})"),
+    match i.key_derivation.as_deref() {
+        Some("raw-key") => println!("encrypted:      yes (AES-256-GCM, key from a key file)"),
+        Some(k) => println!("encrypted:      yes (AES-256-GCM, key from a passphrase: {k})"),
         None => println!("encrypted:      no"),
     }
     let total: u64 = i.blobs.iter().map(|b| u64::from(b.size)).sum();
