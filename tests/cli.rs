@@ -402,3 +402,44 @@ fn lock_forwards_a_sigterm_and_keeps_the_lock_until_the_command_has_exited() {
     assert_eq!(status.code(), Some(7), "the command's own status");
     assert!(tpmstate::lock::holders_of(&img).unwrap().is_empty());
 }
+
+#[test]
+fn a_commit_without_room_gives_figures_that_agree_and_a_remedy_that_works() {
+    let dir = scratch();
+    let img = dir.path().join("nvram.qcow2");
+    let i = path_str(&img);
+    assert_eq!(cli(&["create", i]).0, 0);
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![0x5a; 2 << 20]).unwrap();
+    assert_eq!(cli(&["put", i, "permall", path_str(&big)]).0, 0);
+    let before = sha(&img);
+    // Replacing it needs room for the old and the new version at once.
+    let (code, _, err) = cli(&["put", i, "permall", path_str(&big)]);
+    assert_eq!(code, 9, "{err}");
+    assert_eq!(sha(&img), before, "nothing was written");
+    let number = |after: &str| -> u64 {
+        let rest = &err[err.find(after).unwrap() + after.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (needed, free) = (number("it needs "), number("bytes has "));
+    assert!(needed > free && needed >= 2 << 20, "{err}");
+    let (_, info, _) = cli(&["info", i, "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["free_bytes"], free, "info and the error agree: {err}");
+    let remedy = err
+        .split('`')
+        .find(|s| s.starts_with("qemu-img resize"))
+        .unwrap();
+    let args: Vec<&str> = remedy.split_whitespace().skip(1).collect();
+    assert_eq!(qemu_img(&args).0, 0, "{remedy}");
+    assert_eq!(
+        cli(&["put", i, "permall", path_str(&big)]).0,
+        0,
+        "after {remedy}"
+    );
+    assert_qemu_check_clean(&img);
+}

@@ -107,10 +107,11 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
         println!("  {:>10}  {}", b.size, b.name);
     }
     println!(
-        "space:          {} store area, {} used, {} free",
+        "space:          {} store area, {} used, {} free ({} at most in one run: a commit needs its new data in one run, beside the old)",
         bytes(i.area_bytes),
         bytes(i.used_bytes),
-        bytes(i.area_bytes.saturating_sub(i.used_bytes))
+        bytes(i.free_bytes),
+        bytes(i.largest_free_bytes)
     );
     let problems = rollback(i.generation, &i.skipped);
     match problems.is_empty() {

@@ -40,6 +40,8 @@ pub trait Disk: Send + Sync {
     fn sync(&mut self) -> Result<(), ImageError>;
     /// Bytes that are allocated and writable in place.
     fn size(&self) -> u64;
+    /// The most bytes [`Disk::grow`] can reach (an image's virtual size).
+    fn max_len(&self) -> u64;
     /// Makes at least `min_len` bytes allocated, durably, before it returns.
     /// Fails with [`ImageError::CapacityLimit`] when the image cannot hold that much.
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError>;

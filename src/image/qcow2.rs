@@ -209,7 +209,7 @@ impl Qcow2Disk {
     }
 
     /// Largest area the image can hold (its virtual size).
-    pub fn max_len(&self) -> u64 {
+    fn virtual_size(&self) -> u64 {
         self.header.size
     }
 
@@ -593,6 +593,10 @@ impl Disk for Qcow2Disk {
         self.file
             .sync_data()
             .map_err(io_err(&self.path, "fdatasync"))
+    }
+
+    fn max_len(&self) -> u64 {
+        self.virtual_size()
     }
 
     fn size(&self) -> u64 {

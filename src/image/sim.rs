@@ -174,6 +174,10 @@ impl Disk for CrashDisk {
         self.live.len() as u64
     }
 
+    fn max_len(&self) -> u64 {
+        self.max_len
+    }
+
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
         if min_len <= self.size() {
             return Ok(());
@@ -222,6 +226,9 @@ impl Disk for SharedDisk {
     }
     fn size(&self) -> u64 {
         self.with(|d| d.size())
+    }
+    fn max_len(&self) -> u64 {
+        self.with(|d| d.max_len())
     }
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
         self.with(|d| d.grow(min_len))

@@ -311,7 +311,8 @@ fn chains_at(view: &StoreView, must_anchor: bool) -> Option<u64> {
 
 /// Step 2: places the plan, growing the area once if it does not fit.
 /// Growing by the full size of the new data means the new blocks alone hold
-/// it, so a second failure cannot happen; it is reported rather than looped on.
+/// it, so a second failure cannot happen while the image has room; it is
+/// reported, with the free space and its largest run, rather than looped on.
 fn place(
     view: &mut StoreView,
     plan: &Plan,
@@ -334,25 +335,31 @@ fn place(
     if let Some(l) = try_at(view, area) {
         return Ok((l, area));
     }
-    let extra =
+    let needed =
         lens.iter().map(|&len| blocks(len)).sum::<u64>() + plan.dir_bound.div_ceil(BLOCK) * BLOCK;
     // Quarantined blocks of a torn commit that grew the area may lie past
     // this generation's end: grow beyond them.
     let top = view.chain.pinned().map(|e| e.end()).fold(area, u64::max);
-    let grown = top.saturating_add(extra).saturating_add(BLOCK);
-    let capacity = |capacity| StoreError::CapacityExceeded {
-        path: view.path.clone(),
-        needed: grown,
-        capacity,
-    };
-    match view.disk.grow(grown) {
-        Ok(()) => {}
-        Err(ImageError::CapacityLimit { max, .. }) => return Err(capacity(max)),
+    let wanted = top.saturating_add(needed).saturating_add(BLOCK);
+    // Growing only when the whole run then fits: a failed commit writes nothing.
+    let grown = match view.disk.grow(wanted) {
+        Ok(()) => wanted,
+        Err(ImageError::CapacityLimit { .. }) => area,
         Err(other) => return Err(other.into()),
+    };
+    if let Some(l) = try_at(view, grown) {
+        return Ok((l, grown));
     }
-    try_at(view, grown)
-        .map(|l| (l, grown))
-        .ok_or_else(|| capacity(grown))
+    let g = &view.current;
+    let runs = Allocator::new(grown, g.dir.extents(&g.slot).chain(view.chain.pinned())).free_runs();
+    Err(StoreError::CapacityExceeded {
+        path: view.path.clone(),
+        needed,
+        area: grown,
+        free: runs.iter().map(|(s, e)| e - s).sum(),
+        largest_free: runs.iter().map(|(s, e)| e - s).max().unwrap_or(0),
+        capacity: view.disk.max_len(),
+    })
 }
 
 /// Step 3: fills the blocks (each new version encrypted or copied straight

@@ -90,13 +90,20 @@ pub enum StoreError {
         reason: String,
     },
     /// The commit does not fit and the store area cannot grow enough.
-    #[error("{}: commit needs {needed} bytes of store area but the image holds at most {capacity} bytes; nothing was written", path.display())]
+    #[error("{}: no room for this commit: it needs {needed} bytes in one run (its new blob versions and directory, written beside the current generation until the commit lands), but the store area of {area} bytes has {free} bytes free in runs of at most {largest_free}, and the image can hold an area of at most {capacity} bytes; nothing was written. Grow the image while nothing holds it (`qemu-img resize {} +{}M`) and commit again", path.display(), path.display(), needed.div_ceil(1 << 20).max(1))]
     CapacityExceeded {
         /// The image.
         path: PathBuf,
-        /// Area bytes the commit would need.
+        /// Bytes of the commit's run: new blob versions and the directory
+        /// (and a chained commit's header block).
         needed: u64,
-        /// Area bytes the image can hold.
+        /// Bytes of the store area now.
+        area: u64,
+        /// Free bytes in it (not used by the current generation or pinned).
+        free: u64,
+        /// The largest run of free bytes.
+        largest_free: u64,
+        /// Area bytes the image can hold (its virtual size).
         capacity: u64,
     },
     /// A write or sync failed earlier; the handle refuses further commits.

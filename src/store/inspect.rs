@@ -2,6 +2,7 @@
 //! the raw header views `dump-headers` prints, which also work on an image
 //! whose store does not open.
 
+use super::alloc::Allocator;
 use super::recover::{self, Skipped, SlotReport};
 use super::view::StoreView;
 use super::{BlobInfo, StoreError};
@@ -28,6 +29,11 @@ pub struct StoreInfo {
     pub area_bytes: u64,
     /// Bytes used by the current generation (blocks of blobs and directory, plus header slots).
     pub used_bytes: u64,
+    /// Bytes free for the next commit's blocks.
+    pub free_bytes: u64,
+    /// The largest run of free bytes: a commit writes its new blob versions
+    /// and directory in one run where it can, beside the current generation.
+    pub largest_free_bytes: u64,
     /// Area offset of the current generation's header (a slot or a chained block).
     pub header_offset: u64,
     /// Chained commits since the anchor in a header slot.
@@ -150,6 +156,8 @@ impl StoreView {
     /// Facts for `tpmstate info`.
     pub fn info(&self) -> StoreInfo {
         let g = &self.current;
+        let in_use = g.dir.extents(&g.slot).chain(self.chain.pinned());
+        let free = Allocator::new(g.slot.area_len, in_use).free_runs();
         // An embedded directory lies in its header's block, counted below.
         let used: u64 = g
             .dir
@@ -171,6 +179,8 @@ impl StoreView {
             }),
             area_bytes: g.slot.area_len,
             used_bytes: used + format::DATA_START + self.chain.headers.len() as u64 * format::BLOCK,
+            free_bytes: free.iter().map(|(s, e)| e - s).sum(),
+            largest_free_bytes: free.iter().map(|(s, e)| e - s).max().unwrap_or(0),
             header_offset: g.header_at,
             chained_commits: self.chain.headers.len(),
             leftover: self.leftover(),
