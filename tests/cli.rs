@@ -443,3 +443,24 @@ fn a_commit_without_room_gives_figures_that_agree_and_a_remedy_that_works() {
     );
     assert_qemu_check_clean(&img);
 }
+
+#[test]
+fn bench_uses_the_iterations_it_is_given_and_says_whether_each_goal_was_met() {
+    let dir = scratch();
+    let (code, out, err) = cli(&["bench", "--dir", path_str(dir.path()), "--iterations", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("median of 3"), "{out}");
+    let goals: Vec<&str> = out.lines().filter(|l| l.contains("goal")).collect();
+    assert!(goals.len() >= 6, "{out}");
+    for line in goals {
+        assert!(
+            line.contains(": met)") || line.contains(": NOT met)") || line.contains("no goal"),
+            "a goal line without a verdict: {line}"
+        );
+    }
+    assert_eq!(
+        cli(&["bench", "--iterations", "0"]).0,
+        8,
+        "zero iterations are refused"
+    );
+}

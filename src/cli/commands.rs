@@ -402,6 +402,9 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             );
         }
         Command::Bench { dir, iterations } => {
+            if iterations == 0 {
+                return Err(usage("--iterations must be at least 1".into()));
+            }
             super::bench::run(&dir, iterations).map_err(|e| io(&dir, e))?
         }
     }
