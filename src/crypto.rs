@@ -27,12 +27,23 @@ use zeroize::Zeroizing;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Argon2id memory cost for new passphrase stores (OWASP's 19 MiB, 2 passes).
-pub const ARGON2_M_KIB: u32 = 19 * 1024;
+/// Argon2id memory cost for new passphrase stores: RFC 9106's second
+/// recommended option (64 MiB, 3 passes, 4 lanes), about 0.3 s here
+/// (`docs/security.md`).
+pub const ARGON2_M_KIB: u32 = 64 * 1024;
 /// Argon2id passes.
-pub const ARGON2_T: u32 = 2;
+pub const ARGON2_T: u32 = 3;
 /// Argon2id lanes.
-pub const ARGON2_P: u32 = 1;
+pub const ARGON2_P: u32 = 4;
+/// The most memory a stored KDF may ask for: 256 MiB. A store asking for
+/// more is refused as corrupt rather than run, so that a hostile image
+/// cannot make every open cost gigabytes and seconds.
+pub const ARGON2_MAX_M_KIB: u32 = 256 * 1024;
+/// The most work (memory in KiB times passes) a stored KDF may ask for:
+/// 256 MiB over 3 passes, about 1.1 s here.
+pub const ARGON2_MAX_WORK: u64 = 256 * 1024 * 3;
+/// The most lanes a stored KDF may ask for.
+pub const ARGON2_MAX_P: u32 = 8;
 
 /// Errors of the crypto layer.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +94,15 @@ impl CryptoError {
     }
 }
 
+/// `N` bytes from the operating system's generator: every salt, nonce, key,
+/// store id and commit id comes from here, never from a user-space
+/// generator whose state a VM snapshot or a process restore would duplicate.
+pub fn os_random<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    rand::rngs::OsRng.fill_bytes(&mut out);
+    out
+}
+
 /// A 32-byte key, wiped from memory on drop. Its `Debug` shows nothing secret.
 #[derive(Clone)]
 pub struct Key {
@@ -99,9 +119,12 @@ impl std::fmt::Debug for Key {
 }
 
 impl Key {
-    /// Wraps raw key bytes; an all-zero key is refused as an obvious mistake.
-    pub fn from_bytes(bytes: [u8; 32]) -> Result<Key, String> {
-        let key = Key::new(Zeroizing::new(bytes));
+    /// Copies raw key bytes into a wiped-on-drop key (the caller wipes its
+    /// own copy); an all-zero key is refused as an obvious mistake.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Key, String> {
+        let mut master = Zeroizing::new([0u8; 32]);
+        master.copy_from_slice(bytes);
+        let key = Key::new(master);
         if key.master.iter().all(|&b| b == 0) {
             return Err("key is all zeros".into());
         }
@@ -168,7 +191,10 @@ impl Key {
         let mut m = self.mac(store_id, b"key-check");
         m.update(store_id);
         m.verify_slice(stored).map_err(|_| {
-            CryptoError::WrongKey("the key does not match this store's key check".into())
+            CryptoError::WrongKey(
+                "the key does not match this store's key check (or the store id in its header was altered)"
+                    .into(),
+            )
         })
     }
 
@@ -194,7 +220,9 @@ impl Key {
 
     fn blob_cipher(&self, store_id: &[u8; 16], salt: &[u8; 32]) -> Aes256Gcm {
         let k = self.derive(salt, &[b"tpmstate/v1/blob", store_id]);
-        Aes256Gcm::new(&aes_gcm::Key::<Aes256Gcm>::from(*k))
+        // From the slice: no copy of the key on the stack. 32 bytes is
+        // AES-256's key length, so this cannot fail.
+        Aes256Gcm::new_from_slice(&k[..]).expect("a 32-byte key for AES-256")
     }
 
     /// Encrypts one blob version under a fresh derived key from `plain` into
@@ -216,11 +244,11 @@ impl Key {
                 "output buffer of {output} bytes for {input} bytes of input"
             ))
         })?;
-        // Salt (32 bytes) then nonce (12) from the thread's CSPRNG (ChaCha,
-        // seeded and periodically reseeded from the OS; reseeded after a
-        // fork), which spares a system call per blob.
+        // Salt (32 bytes) then nonce (12) straight from the OS: a user-space
+        // generator's state is duplicated by a VM snapshot or a CRIU restore
+        // of the process, and would then repeat salts and nonces.
         let mut random = [0u8; 44];
-        rand::thread_rng().fill_bytes(&mut random);
+        rand::rngs::OsRng.fill_bytes(&mut random);
         let (salt, nonce) = random.split_at(32);
         let mut sealed = Sealed {
             salt: salt.try_into().expect("32 bytes by the split"),
@@ -372,10 +400,12 @@ impl KeySource {
                     p: lanes,
                 },
             ) => {
-                // Bound the cost a hostile image can ask of us (1 GiB, 16 passes).
-                if *m_kib > 1 << 20 || *t > 16 || *lanes > 16 {
+                // Bound the cost a hostile image can ask of us.
+                let work = u64::from(*m_kib) * u64::from(*t);
+                if *m_kib > ARGON2_MAX_M_KIB || work > ARGON2_MAX_WORK || *lanes > ARGON2_MAX_P {
                     return Err(CryptoError::Kdf(format!(
-                        "Argon2id parameters m={m_kib} t={t} p={lanes} out of range"
+                        "Argon2id parameters m={m_kib} KiB t={t} p={lanes} exceed the limits \
+                         ({ARGON2_MAX_M_KIB} KiB, {ARGON2_MAX_WORK} KiB-passes, {ARGON2_MAX_P} lanes)"
                     )));
                 }
                 let params = argon2::Params::new(*m_kib, *t, *lanes, Some(32))
@@ -400,19 +430,34 @@ impl KeySource {
     }
 }
 
-/// Parses key-file content: 64 hex digits (whitespace around them ignored)
-/// or exactly 32 raw bytes; an all-zero key is refused.
+/// How a user makes a key file, said wherever one is refused.
+pub const MAKE_A_KEY: &str = "make one with: head -c 32 /dev/urandom > KEYFILE";
+
+/// Parses key-file content: 64 hex digits (whitespace around them
+/// ignored), or exactly 32 bytes that are not all printable text. Anything
+/// else, a 31-character passphrase and a newline, 32 spaces or 32 hex
+/// digits included, is refused: taken as raw key bytes with no KDF it would
+/// make the key check a fast offline test of a guessable text. An all-zero
+/// key is refused too.
 pub fn parse_key(data: &[u8]) -> Result<Key, String> {
     let mut key = Zeroizing::new([0u8; 32]);
     let text = std::str::from_utf8(data).map(str::trim).unwrap_or("");
+    let printable = |b: &u8| b.is_ascii_graphic() || b.is_ascii_whitespace();
     if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         hex::decode_to_slice(text, &mut *key).map_err(|_| "bad hex key".to_string())?;
-    } else if data.len() == 32 {
+    } else if data.len() == 32 && !data.iter().all(printable) {
         key.copy_from_slice(data);
+    } else if data.len() == 32 {
+        return Err(format!(
+            "a 32-byte key file of printable text looks like a passphrase, not a key \
+             (use --passphrase-file for a passphrase, or {MAKE_A_KEY})"
+        ));
     } else {
-        return Err("a key file holds 32 raw bytes or 64 hex digits".into());
+        return Err(format!(
+            "a key file holds 64 hex digits or 32 random bytes ({MAKE_A_KEY})"
+        ));
     }
-    Key::from_bytes(*key)
+    Key::from_bytes(&key)
 }
 
 fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
@@ -487,7 +532,7 @@ mod tests {
         assert_ne!(k.directory_mac(&[8; 16], b"dir"), mac);
         assert_eq!(k.clone().directory_mac(&ID, b"dir"), mac);
         assert_eq!(
-            Key::from_bytes(*k.master)
+            Key::from_bytes(&k.master)
                 .unwrap()
                 .directory_mac(&ID, b"dir"),
             mac
@@ -506,8 +551,30 @@ mod tests {
     }
 
     #[test]
+    fn key_files_are_64_hex_digits_or_32_bytes_that_are_not_text() {
+        let hex = hex::encode([0x5a; 32]);
+        assert!(parse_key(hex.as_bytes()).is_ok());
+        assert!(parse_key(format!("  {hex}\n").as_bytes()).is_ok());
+        let mut random = [0u8; 32];
+        random[0] = 0xff;
+        random[1] = 7;
+        assert!(parse_key(&random).is_ok());
+        let refused: [&[u8]; 5] = [
+            b"correct horse battery staple!!\n", // 31 printable + newline
+            &[b' '; 32],
+            &hex.as_bytes()[..32], // 32 hex digits
+            b"short",
+            &[0xff; 33],
+        ];
+        for data in refused {
+            let err = parse_key(data).unwrap_err();
+            assert!(err.contains("head -c 32 /dev/urandom"), "{data:?}: {err}");
+        }
+    }
+
+    #[test]
     fn zero_key_is_refused() {
-        assert!(Key::from_bytes([0; 32]).is_err());
+        assert!(Key::from_bytes(&[0; 32]).is_err());
     }
 
     #[test]
@@ -523,7 +590,7 @@ mod tests {
 
     #[test]
     fn debug_output_hides_key_material() {
-        let k = Key::from_bytes([0xab; 32]).unwrap();
+        let k = Key::from_bytes(&[0xab; 32]).unwrap();
         let shown = format!("{k:?} {:?}", KeySource::Key(k.clone()));
         assert!(!shown.contains("ab") && !shown.contains("171"));
     }

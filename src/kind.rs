@@ -27,6 +27,10 @@ pub enum ErrorKind {
     NoSpace,
     /// An internal invariant failed: a bug in tpmstate, reported instead of a panic.
     Internal,
+    /// The store is older than the caller expects, or not the store it
+    /// expects, or opening it would serve an older generation than one on
+    /// disk (a rollback the caller did not accept).
+    Rollback,
 }
 
 impl ErrorKind {
@@ -44,6 +48,7 @@ impl ErrorKind {
             ErrorKind::Io => 8,
             ErrorKind::NoSpace => 9,
             ErrorKind::Internal => 10,
+            ErrorKind::Rollback => 11,
         }
     }
 }

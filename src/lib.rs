@@ -29,7 +29,8 @@ pub use crypto::{Key, KeySource};
 pub use kind::ErrorKind;
 pub use lock::{LockMode, Locking};
 pub use store::{
-    OpenOptions, ReadOnlyStore, ReclaimError, Released, Store, StoreError, StoreView, Transaction,
+    Expect, OpenOptions, ReadOnlyStore, ReclaimError, Released, RollbackPolicy, Store, StoreError,
+    StoreView, Transaction,
 };
 
 /// The handles an emulator shares between threads must stay `Send + Sync`.

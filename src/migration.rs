@@ -19,7 +19,7 @@
 use crate::crypto::KeySource;
 use crate::kind::ErrorKind;
 use crate::lock::{LockError, Locking};
-use crate::store::{Released, Store, StoreError, Unclaimed};
+use crate::store::{Expect, Released, Store, StoreError, Unclaimed};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -150,6 +150,10 @@ pub struct ClaimOptions<'a> {
     pub timeout: Option<Duration>,
     /// A check of every blob's plaintext.
     pub validate: Option<BlobValidator<'a>>,
+    /// What the target knows of the store (the source's generation and
+    /// store id, sent along with the migration stream): an older or another
+    /// store is refused.
+    pub expect: Expect,
 }
 
 impl Incoming {
@@ -167,7 +171,7 @@ impl Incoming {
         let timeout = opts.timeout.unwrap_or(DEFAULT_CLAIM_TIMEOUT);
         // On any error below `store` drops: the bytes are unlocked and the
         // descriptor closed before the error reaches the caller.
-        let mut store = self.image.claim(opts.key.as_ref(), timeout)?;
+        let mut store = self.image.claim(opts.key.as_ref(), timeout, &opts.expect)?;
         if let Some(name) = opts.required.iter().find(|n| !store.contains(n)) {
             return Err(MigrationError::MissingBlob {
                 path: self.path,

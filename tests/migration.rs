@@ -16,7 +16,7 @@ use tpmstate::{
 const TARGET_ENV: &str = "TPMSTATE_MIGRATION_TARGET";
 
 fn key(byte: u8) -> KeySource {
-    KeySource::Key(Key::from_bytes([byte; 32]).unwrap())
+    KeySource::Key(Key::from_bytes(&[byte; 32]).unwrap())
 }
 
 /// An encrypted image with permall/volatilestate/savestate, open as the source.

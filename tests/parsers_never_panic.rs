@@ -69,7 +69,7 @@ proptest! {
         if stamp && data.len() >= 8 {
             data[..8].copy_from_slice(tpmstate::format::MAGIC);
         }
-        let key = KeySource::Key(Key::from_bytes([7; 32]).unwrap());
+        let key = KeySource::Key(Key::from_bytes(&[7; 32]).unwrap());
         for k in [None, Some(&key)] {
             let disk = CrashDisk::from_image(data.clone(), data.len() as u64);
             if let Ok(mut store) = Store::open_disk(Box::new(disk), Path::new("<random>"), k) {

@@ -285,7 +285,7 @@ fn largest_state(round: u32) -> (Vec<u8>, Vec<u8>) {
 fn default_images_take_the_largest_libtpms_state_commit_after_commit() {
     use tpmstate::store::FormatOptions;
     use tpmstate::{Key, KeySource, OpenOptions, Store};
-    let key = KeySource::Key(Key::from_bytes([9; 32]).unwrap());
+    let key = KeySource::Key(Key::from_bytes(&[9; 32]).unwrap());
     for made_by in ["tpmstate create", "qemu-img create 4M"] {
         for key in [None, Some(key.clone())] {
             let dir = scratch();

@@ -14,7 +14,7 @@ use tpmstate::{Key, KeySource, Store};
 const AREA: u64 = 256 * 1024;
 
 fn key() -> Key {
-    Key::from_bytes([7; 32]).expect("a non-zero key")
+    Key::from_bytes(&[7; 32]).expect("a non-zero key")
 }
 
 /// The store every input starts from, built once.

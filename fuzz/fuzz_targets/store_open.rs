@@ -5,7 +5,7 @@ use std::path::Path;
 use tpmstate::image::CrashDisk;
 use tpmstate::{Key, KeySource, Store};
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let key = KeySource::Key(Key::from_bytes([7; 32]).unwrap());
+    let key = KeySource::Key(Key::from_bytes(&[7; 32]).unwrap());
     for k in [None, Some(&key)] {
         let disk = CrashDisk::from_image(data.to_vec(), data.len() as u64);
         if let Ok(mut store) = Store::open_disk(Box::new(disk), Path::new("<fuzz>"), k) {

@@ -74,6 +74,29 @@ pub struct KeyArgs {
     pub passphrase_file: Option<PathBuf>,
 }
 
+/// What the caller knows of the store: refused with exit 11 if it does not hold.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ExpectArgs {
+    /// Refuse (exit 11) a store at an older generation than N: the last one
+    /// you saw committed, so a rolled-back image is not used.
+    #[arg(long, value_name = "N")]
+    pub expect_generation: Option<u64>,
+    /// Refuse (exit 11) an image holding another store than this id (32 hex
+    /// digits, from `info`), even one under the same key.
+    #[arg(long, value_name = "HEX")]
+    pub expect_store_id: Option<String>,
+}
+
+/// The option that accepts serving an older generation than one on disk.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct RollbackArgs {
+    /// Use the newest generation that verifies even though a newer commit on
+    /// disk does not (after a crash during a commit, or damage): the TPM's
+    /// state goes back in time. Without it that is refused with exit 11.
+    #[arg(long)]
+    pub accept_rollback: bool,
+}
+
 /// The force-share option of read-only commands.
 #[derive(Args, Debug, Clone, Copy, Default)]
 pub struct ShareArgs {
@@ -126,6 +149,10 @@ pub enum Command {
         file: String,
         #[command(flatten)]
         key: KeyArgs,
+        #[command(flatten)]
+        expect: ExpectArgs,
+        #[command(flatten)]
+        rollback: RollbackArgs,
         /// Wait up to this many milliseconds for the writer lock (default: try once).
         #[arg(long, value_name = "MS")]
         timeout_ms: Option<u64>,
@@ -138,6 +165,10 @@ pub enum Command {
         name: String,
         #[command(flatten)]
         key: KeyArgs,
+        #[command(flatten)]
+        expect: ExpectArgs,
+        #[command(flatten)]
+        rollback: RollbackArgs,
         #[command(flatten)]
         share: ShareArgs,
         /// Write to this new file (mode 0600) instead of standard output.
@@ -155,11 +186,19 @@ pub enum Command {
         name: String,
         #[command(flatten)]
         key: KeyArgs,
+        #[command(flatten)]
+        expect: ExpectArgs,
+        #[command(flatten)]
+        rollback: RollbackArgs,
     },
     /// List blobs and their sizes.
     Ls {
         /// The image (shared lock).
         image: PathBuf,
+        #[command(flatten)]
+        expect: ExpectArgs,
+        #[command(flatten)]
+        rollback: RollbackArgs,
         #[command(flatten)]
         share: ShareArgs,
     },
@@ -167,6 +206,10 @@ pub enum Command {
     Info {
         /// The image (shared lock).
         image: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        expect: ExpectArgs,
         #[command(flatten)]
         share: ShareArgs,
         /// Print JSON instead of text.
@@ -183,6 +226,8 @@ pub enum Command {
         #[command(flatten)]
         key: KeyArgs,
         #[command(flatten)]
+        expect: ExpectArgs,
+        #[command(flatten)]
         share: ShareArgs,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -197,6 +242,10 @@ pub enum Command {
         image: PathBuf,
         #[command(flatten)]
         key: KeyArgs,
+        #[command(flatten)]
+        expect: ExpectArgs,
+        #[command(flatten)]
+        rollback: RollbackArgs,
         /// The new key file.
         #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
         new_key_file: Option<PathBuf>,
@@ -238,6 +287,8 @@ pub enum Command {
         image: PathBuf,
         #[command(flatten)]
         key: KeyArgs,
+        #[command(flatten)]
+        expect: ExpectArgs,
         /// Blobs that must be present, comma-separated.
         #[arg(long, value_delimiter = ',', value_name = "NAMES")]
         require: Vec<String>,

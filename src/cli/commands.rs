@@ -1,6 +1,8 @@
 //! One function per subcommand, each using only the library's public API.
 
-use super::args::{Cli, Command, KeyArgs, LockingArg, ModeArg, ShareArgs};
+use super::args::{
+    Cli, Command, ExpectArgs, KeyArgs, LockingArg, ModeArg, RollbackArgs, ShareArgs,
+};
 use super::report;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -8,7 +10,10 @@ use std::time::Duration;
 use tpmstate::image::CreateOptions;
 use tpmstate::migration::{ClaimOptions, Incoming};
 use tpmstate::store::{self, FormatOptions, ImageDump};
-use tpmstate::{ErrorKind, KeySource, LockMode, Locking, OpenOptions, ReadOnlyStore, Store};
+use tpmstate::{
+    ErrorKind, Expect, KeySource, LockMode, Locking, OpenOptions, ReadOnlyStore, RollbackPolicy,
+    Store,
+};
 
 /// A failure with its exit-code class.
 pub struct Failure {
@@ -135,27 +140,57 @@ pub fn warn_lock(warning: Option<&str>) {
     }
 }
 
-fn open_options(
-    key: &KeyArgs,
+/// The store a caller expects, from `--expect-generation` and `--expect-store-id`.
+fn expect(e: &ExpectArgs) -> Result<Expect, Failure> {
+    let store_id = match &e.expect_store_id {
+        None => None,
+        Some(text) => {
+            let mut id = [0u8; 16];
+            hex::decode_to_slice(text.trim(), &mut id).map_err(|_| {
+                usage(format!(
+                    "--expect-store-id {text:?}: give the 32 hex digits `info` shows"
+                ))
+            })?;
+            Some(id)
+        }
+    };
+    Ok(Expect {
+        min_generation: e.expect_generation,
+        store_id,
+    })
+}
+
+/// The policy of a command that serves or changes the store's content:
+/// refuse a rollback unless `--accept-rollback`.
+fn policy(r: RollbackArgs) -> RollbackPolicy {
+    match r.accept_rollback {
+        true => RollbackPolicy::Accept,
+        false => RollbackPolicy::Refuse,
+    }
+}
+
+/// How a command opens the store.
+struct Opening<'a> {
+    key: &'a KeyArgs,
+    expect: &'a ExpectArgs,
+    rollback: RollbackPolicy,
     locking: Locking,
     timeout: Option<Duration>,
-) -> Result<OpenOptions, Failure> {
+}
+
+fn open_options(o: &Opening) -> Result<OpenOptions, Failure> {
     Ok(OpenOptions {
-        key: key_source(key)?,
-        locking,
-        lock_timeout: timeout,
+        key: key_source(o.key)?,
+        locking: o.locking,
+        lock_timeout: o.timeout,
+        rollback: o.rollback,
+        expect: expect(o.expect)?,
     })
 }
 
 /// Opens the writer handle (`exclusive`: the exclusive lock, for rekey).
-fn open_writer(
-    image: &Path,
-    key: &KeyArgs,
-    exclusive: bool,
-    locking: Locking,
-    timeout: Option<Duration>,
-) -> Result<Store, Failure> {
-    let opts = open_options(key, locking, timeout)?;
+fn open_writer(image: &Path, o: &Opening, exclusive: bool) -> Result<Store, Failure> {
+    let opts = open_options(o)?;
     let store = match exclusive {
         true => Store::open_exclusive(image, opts)?,
         false => Store::open(image, opts)?,
@@ -165,13 +200,8 @@ fn open_writer(
 }
 
 /// Opens a read-only handle, shared or (with `-U`) force-share.
-fn open_reader(
-    image: &Path,
-    key: &KeyArgs,
-    share: ShareArgs,
-    locking: Locking,
-) -> Result<ReadOnlyStore, Failure> {
-    let opts = open_options(key, locking, None)?;
+fn open_reader(image: &Path, o: &Opening, share: ShareArgs) -> Result<ReadOnlyStore, Failure> {
+    let opts = open_options(o)?;
     let store = match share.force_share {
         true => ReadOnlyStore::open_force_share(image, opts)?,
         false => ReadOnlyStore::open(image, opts)?,
@@ -280,11 +310,19 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             name,
             file,
             key,
+            expect,
+            rollback,
             timeout_ms,
         } => {
             let data = read_input(&file)?;
-            let timeout = timeout_ms.map(Duration::from_millis);
-            let mut store = open_writer(&image, &key, false, lk, timeout)?;
+            let o = Opening {
+                key: &key,
+                expect: &expect,
+                rollback: policy(rollback),
+                locking: lk,
+                timeout: timeout_ms.map(Duration::from_millis),
+            };
+            let mut store = open_writer(&image, &o, false)?;
             let generation = store.put(&name, &data)?;
             eprintln!("committed generation {generation}");
         }
@@ -292,11 +330,20 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             image,
             name,
             key,
+            expect,
+            rollback,
             share,
             output,
             force,
         } => {
-            let store = open_reader(&image, &key, share, lk)?;
+            let o = Opening {
+                key: &key,
+                expect: &expect,
+                rollback: policy(rollback),
+                locking: lk,
+                timeout: None,
+            };
+            let store = open_reader(&image, &o, share)?;
             let data = store.get_required(&name)?;
             match output {
                 Some(p) => create_output(&p, force)?
@@ -307,13 +354,38 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                     .map_err(|e| io(Path::new("<stdout>"), e))?,
             }
         }
-        Command::Rm { image, name, key } => {
-            let mut store = open_writer(&image, &key, false, lk, None)?;
+        Command::Rm {
+            image,
+            name,
+            key,
+            expect,
+            rollback,
+        } => {
+            let o = Opening {
+                key: &key,
+                expect: &expect,
+                rollback: policy(rollback),
+                locking: lk,
+                timeout: None,
+            };
+            let mut store = open_writer(&image, &o, false)?;
             let generation = store.delete(&name)?;
             eprintln!("committed generation {generation}");
         }
-        Command::Ls { image, share } => {
-            let store = open_reader(&image, &none, share, lk)?;
+        Command::Ls {
+            image,
+            expect,
+            rollback,
+            share,
+        } => {
+            let o = Opening {
+                key: &none,
+                expect: &expect,
+                rollback: policy(rollback),
+                locking: lk,
+                timeout: None,
+            };
+            let store = open_reader(&image, &o, share)?;
             let blobs = store.list();
             if blobs.is_empty() {
                 println!("the store is empty (generation {})", store.generation());
@@ -324,11 +396,21 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Info {
             image,
+            key,
+            expect,
             share,
             json,
             verbose,
         } => {
-            let store = open_reader(&image, &none, share, lk)?;
+            // A diagnostic: it shows a rollback (under health) rather than refusing.
+            let o = Opening {
+                key: &key,
+                expect: &expect,
+                rollback: RollbackPolicy::Accept,
+                locking: lk,
+                timeout: None,
+            };
+            let store = open_reader(&image, &o, share)?;
             let info = store.info();
             match json {
                 true => print_json(&info),
@@ -338,13 +420,26 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Check {
             image,
             key,
+            expect,
             share,
             json,
             verbose,
-        } => return check(&image, &key, share, json, verbose, lk),
+        } => {
+            // A diagnostic: it reports a rollback (exit 3) rather than refusing.
+            let o = Opening {
+                key: &key,
+                expect: &expect,
+                rollback: RollbackPolicy::Accept,
+                locking: lk,
+                timeout: None,
+            };
+            return check(&image, &o, share, json, verbose);
+        }
         Command::Rekey {
             image,
             key,
+            expect,
+            rollback,
             new_key_file,
             new_passphrase_file,
         } => {
@@ -353,7 +448,14 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 passphrase_file: new_passphrase_file,
             })?
             .ok_or_else(|| usage("rekey needs --new-key-file or --new-passphrase-file".into()))?;
-            let mut store = open_writer(&image, &key, true, lk, None)?;
+            let o = Opening {
+                key: &key,
+                expect: &expect,
+                rollback: policy(rollback),
+                locking: lk,
+                timeout: None,
+            };
+            let mut store = open_writer(&image, &o, true)?;
             let rekeyed = store.rekey(&new)?;
             println!("rekeyed: generation {}", rekeyed.generation);
             if let Some(e) = rekeyed.scrub_failed {
@@ -382,6 +484,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         Command::ValidateIncoming {
             image,
             key,
+            expect: expected,
             require,
             timeout_ms,
         } => {
@@ -391,6 +494,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 required: require.into_iter().filter(|s| !s.is_empty()).collect(),
                 timeout: Some(Duration::from_millis(timeout_ms)),
                 validate: None,
+                expect: expect(&expected)?,
             };
             let store = incoming.claim(opts)?;
             let r = store.check()?;
@@ -437,13 +541,12 @@ fn print_json<T: serde::Serialize>(value: &T) {
 /// is encrypted and no key was given (checksums verified, tags not), else 0.
 fn check(
     image: &Path,
-    key: &KeyArgs,
+    o: &Opening,
     share: ShareArgs,
     json: bool,
     verbose: bool,
-    lk: Locking,
 ) -> Result<u8, Failure> {
-    let store = open_reader(image, key, share, lk)?;
+    let store = open_reader(image, o, share)?;
     let r = store.verify()?;
     match json {
         true => print_json(&r),

@@ -80,12 +80,19 @@ fn slot_line(s: &SlotReport) -> String {
 /// `tpmstate info`.
 pub fn print_info(i: &StoreInfo, verbose: bool) {
     let newest = match i.skipped.is_empty() {
-        true => " (the newest commit)".to_string(),
-        false => " (a newer commit does not verify: see health)".to_string(),
+        true => "the newest commit",
+        false => "a newer commit does not verify: see health",
     };
+    let verified = match (i.authenticated, i.encrypted) {
+        (true, _) => "",
+        (false, true) => "; it and the store id are not verified without the key",
+        (false, false) => "; a plaintext store's generation is not authenticated",
+    };
+    let newest = format!(" ({newest}{verified})");
     println!("image:          {}", i.path.display());
     println!("format version: {}", i.format_version);
     println!("generation:     {}{newest}", i.generation);
+    println!("store id:       {}", i.store_id);
     if let Some(when) = modified(&i.path) {
         println!("last written:   {when}");
     }
@@ -124,7 +131,6 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
     if !verbose {
         return;
     }
-    println!("store id:       {}", i.store_id);
     for s in &i.slots {
         println!("{}", slot_line(s));
     }

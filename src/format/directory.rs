@@ -124,6 +124,13 @@ impl Directory {
         Ok(dir)
     }
 
+    /// Decodes the CBOR directory at the start of `bytes` (trailing bytes
+    /// ignored) without checking it against a header: for looking at a
+    /// directory whose header is gone. Never trusted for reading blobs.
+    pub fn decode_loose(bytes: &[u8]) -> Option<Directory> {
+        ciborium::from_reader(bytes).ok()
+    }
+
     /// An upper bound on the bytes the encoding grows by when an entry for
     /// `name` is added (or replaces one of that name), whatever its values:
     /// CBOR integers never get shorter as they grow, so the entry is measured

@@ -431,7 +431,7 @@ fn seal(
         directory_mac: key
             .map(|k| k.directory_mac(&id, &dir_bytes))
             .unwrap_or([0; 32]),
-        commit_id: rand::random(),
+        commit_id: crate::crypto::os_random(),
         prev_id: view.current.slot.commit_id,
         next,
     };

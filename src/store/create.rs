@@ -139,8 +139,7 @@ impl Store {
         area: u64,
         key: Option<&KeySource>,
     ) -> Result<(), StoreError> {
-        let mut store_id = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut store_id);
+        let store_id = crate::crypto::os_random();
         let crypto = |source| StoreError::Crypto {
             path: path.to_path_buf(),
             source,
@@ -178,7 +177,7 @@ impl Store {
             directory_mac: master
                 .map(|m| m.directory_mac(&store_id, &bytes))
                 .unwrap_or([0; 32]),
-            commit_id: rand::random(),
+            commit_id: crate::crypto::os_random(),
             prev_id: [0; 16],
             // The first commit anchors.
             next: 0,
@@ -196,7 +195,7 @@ impl Store {
 /// What a user would lose if the image behind `disk` were formatted: `None`
 /// for a blank image (no cluster allocated, or only zeros).
 fn contents(disk: &Qcow2Disk, path: &Path) -> Result<Option<String>, StoreError> {
-    let described = match recover(disk, path) {
+    let described = match recover(disk, path, None) {
         Ok(r) => {
             let blobs = r.chosen.dir.blobs.len();
             format!(

@@ -157,6 +157,37 @@ pub enum StoreError {
         #[source]
         source: Option<Box<StoreError>>,
     },
+    /// A newer commit than the one that can be served does not verify, and
+    /// the caller's [`super::RollbackPolicy`] does not accept serving the older one.
+    #[error("{}: {}; serving generation {served}, the newest that verifies, would take the TPM's state back: refused (after a crash during a commit that is the commit that never completed; to open the older state anyway, accept the rollback with --accept-rollback)", path.display(), skipped.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; "))]
+    RolledBack {
+        /// The image.
+        path: PathBuf,
+        /// The generation that would be served.
+        served: u64,
+        /// What is newer and does not verify.
+        skipped: Vec<super::Skipped>,
+    },
+    /// The store is older than the caller expects.
+    #[error("{}: the store is at generation {served}, older than the generation {expected} expected: refused as a rollback", path.display())]
+    OlderThanExpected {
+        /// The image.
+        path: PathBuf,
+        /// The generation served.
+        served: u64,
+        /// The oldest acceptable.
+        expected: u64,
+    },
+    /// The image holds another store than the caller expects.
+    #[error("{}: the image holds store {found}, not the expected store {expected}: refused as a substituted image", path.display())]
+    UnexpectedStore {
+        /// The image.
+        path: PathBuf,
+        /// Its store id (hex).
+        found: String,
+        /// The expected one (hex).
+        expected: String,
+    },
     /// A bad argument.
     #[error("{0}")]
     Usage(String),
@@ -189,6 +220,9 @@ impl StoreError {
             | StoreError::WouldDestroy { .. }
             | StoreError::Usage(_) => ErrorKind::Usage,
             StoreError::Internal(_) => ErrorKind::Internal,
+            StoreError::RolledBack { .. }
+            | StoreError::OlderThanExpected { .. }
+            | StoreError::UnexpectedStore { .. } => ErrorKind::Rollback,
         }
     }
 }

@@ -97,6 +97,7 @@ fn open_image(
     }
     let facts = disk.facts();
     let view = StoreView::load(Box::new(disk), path, opts.key.as_ref(), Some(facts))?;
+    view.admit(opts.rollback, &opts.expect)?;
     Ok((
         view,
         HeldLock {
@@ -176,7 +177,10 @@ impl Store {
 
     /// Opens a store for writing on any [`Disk`], for tests and fuzz targets
     /// (with the `testing` feature): the handle owns the disk alone and its
-    /// lock only counts acquisitions, so it must not be a shared image.
+    /// lock only counts acquisitions, so it must not be a shared image. It
+    /// serves the newest generation that verifies whatever is newer
+    /// ([`super::RollbackPolicy::Accept`]): tests of recovery look at what
+    /// was served and skipped.
     #[cfg(any(test, feature = "testing"))]
     pub fn open_disk(
         disk: Box<dyn Disk>,

@@ -7,7 +7,7 @@
 
 use super::handle::HeldLock;
 use super::view::StoreView;
-use super::{open_file, Store, StoreError};
+use super::{open_file, Expect, RollbackPolicy, Store, StoreError};
 use crate::crypto::KeySource;
 use crate::image::Qcow2Disk;
 use crate::lock::{ImageLock, LockMode, Locking};
@@ -184,11 +184,17 @@ impl Unclaimed {
     /// everything: the qcow2 layer, both header slots sound, nothing newer
     /// than the generation served left unverified
     /// ([`StoreError::SlotDamaged`], [`StoreError::Unsettled`]), the key,
-    /// and every blob's checksum and tag ([`StoreView::check`]). Returns a
+    /// and every blob's checksum and tag ([`StoreView::check`]), and the
+    /// caller's expectations (`expect`). Returns a
     /// writer that still holds the exclusive lock, for the caller's own
     /// checks; [`Store::downgrade_to_writer`] then lets readers in. Writes
     /// nothing; on error every lock is released and the file closed.
-    pub fn claim(self, key: Option<&KeySource>, timeout: Duration) -> Result<Store, StoreError> {
+    pub fn claim(
+        self,
+        key: Option<&KeySource>,
+        timeout: Duration,
+        expect: &Expect,
+    ) -> Result<Store, StoreError> {
         let guard = self.lock.acquire(LockMode::Exclusive, Some(timeout))?;
         let disk = Qcow2Disk::open(&self.path, self.file)?;
         let facts = disk.facts();
@@ -206,6 +212,7 @@ impl Unclaimed {
                 what,
             });
         }
+        view.admit(RollbackPolicy::Refuse, expect)?;
         view.check()?;
         let lock = HeldLock {
             lock: self.lock,

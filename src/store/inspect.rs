@@ -23,6 +23,10 @@ pub struct StoreInfo {
     pub store_id: String,
     /// Whether blobs are encrypted.
     pub encrypted: bool,
+    /// Whether the generation and store id shown were verified under the
+    /// key (opened with it: the directory MAC covers both). A plaintext
+    /// store's, or an encrypted one's read without its key, are not.
+    pub authenticated: bool,
     /// "raw-key" or "argon2id" for encrypted stores.
     pub key_derivation: Option<String>,
     /// Store area in bytes.
@@ -171,6 +175,7 @@ impl StoreView {
             generation: g.slot.generation,
             store_id: hex::encode(g.slot.store_id),
             encrypted: g.slot.encrypted,
+            authenticated: self.authenticated(),
             key_derivation: g.dir.encryption.as_ref().map(|e| match e.kdf {
                 format::Kdf::RawKey => "raw-key".to_string(),
                 format::Kdf::Argon2id { m_kib, t, p, .. } => {

@@ -59,6 +59,43 @@ pub struct OpenOptions {
     pub locking: Locking,
     /// How long to wait for a conflicting holder (`None`: try once).
     pub lock_timeout: Option<Duration>,
+    /// What to do when a newer commit than the one that can be served does
+    /// not verify (default: refuse).
+    pub rollback: RollbackPolicy,
+    /// What the caller knows of the store, checked at open.
+    pub expect: Expect,
+}
+
+/// What an open does when something newer than the generation it can serve
+/// does not verify: serving it would take the TPM's state back in time
+/// (`docs/format.md`, section 5, says what the format can and cannot tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RollbackPolicy {
+    /// Refuse with [`StoreError::RolledBack`].
+    #[default]
+    Refuse,
+    /// Serve the generation before one newer commit that has the shape a
+    /// crash during that commit leaves ([`Skipped::could_be_torn`]), if that
+    /// generation holds blobs; refuse anything more, and never fall back to
+    /// an empty store. For a process restarting after a crash.
+    AcceptTorn,
+    /// Serve the newest generation that verifies, whatever is newer: for
+    /// diagnostics, or a deliberate recovery.
+    Accept,
+}
+
+/// What a caller knows of a store, checked when it opens or claims it:
+/// anti-rollback and anti-substitution hooks. In an encrypted store opened
+/// with its key both are authenticated (the directory MAC covers them); in
+/// a plaintext store anyone who can write the image can forge them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Expect {
+    /// The oldest generation acceptable (the last one the caller saw
+    /// committed): an older one is [`StoreError::OlderThanExpected`].
+    pub min_generation: Option<u64>,
+    /// The store id (`tpmstate info`): another store's image, even under
+    /// the same key, is [`StoreError::UnexpectedStore`].
+    pub store_id: Option<[u8; 16]>,
 }
 
 /// How to format a store.

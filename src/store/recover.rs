@@ -147,9 +147,25 @@ fn load_directory(disk: &dyn Disk, slot: &Slot) -> Result<(Directory, Vec<u8>), 
     }
 }
 
-/// Verifies the generation `slot` describes: directory and every blob.
-pub(crate) fn load(disk: &dyn Disk, header_at: u64, slot: Slot) -> Result<Generation, LoadFailure> {
+/// An authenticated check of a header and its directory's bytes (the
+/// directory MAC under the store's key): recovery skips a generation that
+/// fails it, as one whose checksums fail.
+pub(crate) type Authenticate<'a> = &'a dyn Fn(&Slot, &Directory, &[u8]) -> bool;
+
+/// Verifies the generation `slot` describes: directory and every blob, and
+/// the directory's authentication where `auth` is given.
+pub(crate) fn load(
+    disk: &dyn Disk,
+    header_at: u64,
+    slot: Slot,
+    auth: Option<Authenticate>,
+) -> Result<Generation, LoadFailure> {
     let (dir, dir_bytes) = load_directory(disk, &slot)?;
+    if auth.is_some_and(|auth| !auth(&slot, &dir, &dir_bytes)) {
+        return Err(LoadFailure::Bad(
+            "it does not authenticate under the key (key check or directory MAC)".into(),
+        ));
+    }
     for (name, b) in &dir.blobs {
         if let Err(why) =
             read_checked(disk, b.extent.offset, b.extent.len, b.crc).map_err(LoadFailure::Disk)?
@@ -196,6 +212,11 @@ pub struct Skipped {
     pub header_offset: u64,
     /// Why it does not verify.
     pub reason: String,
+    /// It has the shape a crash during the commit after the served one
+    /// leaves: the next generation, built on the served one, at the place
+    /// that commit writes its header (or an undecodable header there).
+    /// Damage to that commit has the same shape (`docs/format.md`, section 5).
+    pub could_be_torn: bool,
 }
 
 impl std::fmt::Display for Skipped {
@@ -239,12 +260,57 @@ pub(crate) fn walk(disk: &dyn Disk, anchor_at: u64, anchor: Slot) -> Result<Walk
                     generation: None,
                     header_offset: at,
                     reason: p.to_string(),
+                    could_be_torn: false,
                 });
                 break;
             }
         }
     }
     Ok((chain, damaged))
+}
+
+/// Newer commits whose header is gone but whose embedded directory, right
+/// after it in the same block, is still there: where the commit after
+/// `chosen` writes its header (its `next`, or the other slot), no magic,
+/// but a directory of this store naming a newer generation. A header
+/// zeroed alone (its 512 bytes) is found this way; a whole block zeroed,
+/// or a header with its directory in other blocks, leaves no trace.
+fn orphans(
+    disk: &dyn Disk,
+    chosen: &Generation,
+    other_slot: u64,
+) -> Result<Vec<Skipped>, ImageError> {
+    let mut found = Vec::new();
+    for at in [chosen.slot.next, other_slot] {
+        if at == 0 || read_header(disk, at)? != Err(SlotProblem::NoMagic) {
+            continue;
+        }
+        let Some(start) = at.checked_add(SLOT_BYTES as u64) else {
+            continue;
+        };
+        let mut buf = vec![0u8; crate::format::EMBEDDED_DIRECTORY_MAX as usize];
+        if start
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > disk.size())
+        {
+            continue;
+        }
+        disk.read_at(start, &mut buf)?;
+        let Some(g) = Directory::decode_loose(&buf)
+            .filter(|d| d.store_id == chosen.slot.store_id)
+            .map(|d| d.generation)
+            .filter(|&g| g > chosen.slot.generation)
+        else {
+            continue;
+        };
+        found.push(Skipped {
+            generation: Some(g),
+            header_offset: at,
+            reason: "its header is gone (no magic), but its directory is still there".into(),
+            could_be_torn: chosen.slot.generation.checked_add(1) == Some(g),
+        });
+    }
+    Ok(found)
 }
 
 /// The generation to open, how it is reached, and what the slots hold.
@@ -258,7 +324,11 @@ pub(crate) struct Recovery {
 }
 
 /// Opens at the newest generation that verifies.
-pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreError> {
+pub(crate) fn recover(
+    disk: &dyn Disk,
+    path: &Path,
+    auth: Option<Authenticate>,
+) -> Result<Recovery, StoreError> {
     let mut reports = Vec::new();
     let mut candidates = Vec::new();
     let mut any_magic = false;
@@ -309,7 +379,7 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
         let (chain, damaged) = walk(disk, SLOT_OFFSETS[index], anchor)?;
         let mut failures = Vec::new();
         for (pos, (at, header)) in chain.iter().enumerate().rev() {
-            match load(disk, *at, header.clone()) {
+            match load(disk, *at, header.clone(), auth) {
                 Ok(chosen) => {
                     reports[index].status = anchor_status(chosen.slot.generation, pos);
                     unverified.extend(failures);
@@ -317,20 +387,33 @@ pub(crate) fn recover(disk: &dyn Disk, path: &Path) -> Result<Recovery, StoreErr
                         .iter()
                         .flat_map(|(at, s, _)| claimed_extents(disk, *at, s))
                         .collect();
+                    let next_at = [chosen.slot.next, SLOT_OFFSETS[1 - index]];
                     let skipped = unverified
                         .iter()
                         .map(|(at, s, why)| Skipped {
                             generation: Some(s.generation),
                             header_offset: *at,
                             reason: why.clone(),
+                            could_be_torn: chosen.slot.generation.checked_add(1)
+                                == Some(s.generation)
+                                && s.prev_id == chosen.slot.commit_id
+                                && next_at.contains(at),
                         })
                         .chain(if pos + 1 == chain.len() {
-                            damaged
+                            // Where the served header named its successor.
+                            damaged.map(|d| Skipped {
+                                could_be_torn: d.header_offset == chosen.slot.next,
+                                ..d
+                            })
                         } else {
                             None
                         })
                         .chain(damaged_next)
                         .collect::<Vec<_>>();
+                    let skipped = skipped
+                        .into_iter()
+                        .chain(orphans(disk, &chosen, SLOT_OFFSETS[1 - index])?)
+                        .collect();
                     return Ok(Recovery {
                         chosen,
                         chain: Chain {

@@ -4,8 +4,9 @@
 //! dereference to one, and only the writer adds methods that write.
 
 use super::recover::{self, Chain, Generation, SlotReport};
-use super::{BlobInfo, StoreError};
+use super::{BlobInfo, Expect, RollbackPolicy, StoreError};
 use crate::crypto::{Key, KeySource};
+use crate::format::{Directory, Slot};
 use crate::image::{Disk, Qcow2Facts};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -36,14 +37,17 @@ impl std::fmt::Debug for StoreView {
 
 impl StoreView {
     /// Recovers the newest generation on `disk` that verifies and checks the
-    /// key against it. Reads only.
+    /// key against it. With the key of an encrypted store, the directory
+    /// MAC takes part in choosing: a generation whose MAC fails is skipped
+    /// as one whose checksums fail. Reads only; the caller then decides
+    /// with [`StoreView::admit`] whether what was skipped is acceptable.
     pub(super) fn load(
         disk: Box<dyn Disk>,
         path: &Path,
         key: Option<&KeySource>,
         facts: Option<Qcow2Facts>,
     ) -> Result<StoreView, StoreError> {
-        let recovery = recover::recover(&*disk, path)?;
+        let recovery = recover::recover(&*disk, path, None)?;
         let mut view = StoreView {
             path: path.to_path_buf(),
             disk,
@@ -54,14 +58,42 @@ impl StoreView {
             key: None,
             facts,
         };
-        view.key = view.unlock(key)?;
+        let Some(master) = view.derive_master(key)? else {
+            return Ok(view);
+        };
+        let authentic = |slot: &Slot, dir: &Directory, bytes: &[u8]| {
+            let id = &slot.store_id;
+            let key_check = dir.encryption.as_ref().map(|e| &e.key_check);
+            // With a key, a plaintext generation never counts as authentic.
+            slot.encrypted
+                && key_check.is_some_and(|c| master.verify_key_check(id, c).is_ok())
+                && master
+                    .verify_directory_mac(id, bytes, &slot.directory_mac)
+                    .is_ok()
+        };
+        // The newest generation's key check decides whether the key is
+        // wrong: after a rekey an older generation under the old key may
+        // still be on disk, and the old key must not open it.
+        view.check_key(&master)?;
+        let current = &view.current;
+        if !authentic(&current.slot, &current.dir, &current.dir_bytes) {
+            // The key is right but the directory chosen by checksums alone
+            // does not authenticate (forged): choose again with the key
+            // check and MAC taking part.
+            let again = recover::recover(&*view.disk, path, Some(&authentic))?;
+            view.current = again.chosen;
+            view.chain = again.chain;
+            view.slots = again.reports;
+            view.skipped = again.skipped;
+        }
+        view.key = Some(master);
         Ok(view)
     }
 
-    /// Derives and checks the master key against the current generation.
-    fn unlock(&self, key: Option<&KeySource>) -> Result<Option<Key>, StoreError> {
-        let enc = &self.current.dir.encryption;
-        let (source, enc) = match (key, enc) {
+    /// Derives the master key as the current generation's KDF settings say
+    /// (`None` without a key).
+    fn derive_master(&self, key: Option<&KeySource>) -> Result<Option<Key>, StoreError> {
+        let (source, enc) = match (key, &self.current.dir.encryption) {
             (None, _) => return Ok(None),
             (Some(_), None) => {
                 return Err(StoreError::KeyNotExpected {
@@ -70,19 +102,70 @@ impl StoreView {
             }
             (Some(s), Some(e)) => (s, e),
         };
-        let master = source.master_key(&enc.kdf).map_err(|e| self.crypto(e))?;
-        let id = &self.current.slot.store_id;
-        master
-            .verify_key_check(id, &enc.key_check)
-            .map_err(|e| self.crypto(e))?;
-        master
-            .verify_directory_mac(
-                id,
-                &self.current.dir_bytes,
-                &self.current.slot.directory_mac,
-            )
-            .map_err(|e| self.crypto(e))?;
-        Ok(Some(master))
+        source
+            .master_key(&enc.kdf)
+            .map(Some)
+            .map_err(|e| self.crypto(e))
+    }
+
+    /// Checks `master` against the current generation's key check.
+    fn check_key(&self, master: &Key) -> Result<(), StoreError> {
+        let check = self.current.dir.encryption.as_ref().map(|e| e.key_check);
+        match check {
+            Some(c) => master
+                .verify_key_check(&self.current.slot.store_id, &c)
+                .map_err(|e| self.crypto(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies the caller's rollback policy and expectations to what was
+    /// loaded: refuses to serve an older generation than one on disk
+    /// unless `rollback` accepts it, and refuses a store older than or
+    /// other than `expect` says.
+    pub(super) fn admit(
+        &self,
+        rollback: RollbackPolicy,
+        expect: &Expect,
+    ) -> Result<(), StoreError> {
+        // Never fall back to an empty store over a newer commit: a consumer
+        // would start from nothing (an emulator, with a fresh TPM).
+        let torn_only = matches!(&self.skipped[..], [one] if one.could_be_torn)
+            && !self.current.dir.blobs.is_empty();
+        let refused = match rollback {
+            RollbackPolicy::Refuse => !self.skipped.is_empty(),
+            RollbackPolicy::AcceptTorn => !self.skipped.is_empty() && !torn_only,
+            RollbackPolicy::Accept => false,
+        };
+        if refused {
+            return Err(StoreError::RolledBack {
+                path: self.path.clone(),
+                served: self.generation(),
+                skipped: self.skipped.clone(),
+            });
+        }
+        let id = self.current.slot.store_id;
+        if let Some(expected) = expect.store_id.filter(|e| *e != id) {
+            return Err(StoreError::UnexpectedStore {
+                path: self.path.clone(),
+                found: hex::encode(id),
+                expected: hex::encode(expected),
+            });
+        }
+        if let Some(expected) = expect.min_generation.filter(|&e| self.generation() < e) {
+            return Err(StoreError::OlderThanExpected {
+                path: self.path.clone(),
+                served: self.generation(),
+                expected,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the key has verified this generation: its generation and
+    /// store id are then authenticated (the directory MAC covers both).
+    pub fn authenticated(&self) -> bool {
+        self.key.is_some()
     }
 
     /// What is newer than the generation served and did not verify.
@@ -195,7 +278,7 @@ impl StoreView {
 
     /// The generation recovery would open now, read from the disk.
     pub fn disk_generation(&self) -> Result<u64, StoreError> {
-        Ok(recover::recover(&*self.disk, &self.path)?
+        Ok(recover::recover(&*self.disk, &self.path, None)?
             .chosen
             .slot
             .generation)
