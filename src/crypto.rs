@@ -157,7 +157,7 @@ impl Key {
     fn mac(&self, store_id: &[u8; 16], purpose: &[u8]) -> HmacSha256 {
         let k = self.derive(store_id, &[b"tpmstate/v1/", purpose]);
         // HMAC accepts keys of any length.
-        <HmacSha256 as Mac>::new_from_slice(&*k).expect("HMAC takes any key length")
+        <HmacSha256 as hmac::KeyInit>::new_from_slice(&*k).expect("HMAC takes any key length")
     }
 
     /// The directory MAC, keyed with the cached subkey when it is for `store_id`.
@@ -170,7 +170,8 @@ impl Key {
         });
         match id == store_id {
             // HMAC accepts keys of any length.
-            true => <HmacSha256 as Mac>::new_from_slice(&**k).expect("HMAC takes any key length"),
+            true => <HmacSha256 as hmac::KeyInit>::new_from_slice(&**k)
+                .expect("HMAC takes any key length"),
             false => self.mac(store_id, b"directory"),
         }
     }

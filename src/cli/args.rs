@@ -25,6 +25,9 @@ Exit codes:
   8  I/O error
   9  no space: the store area (or the image around it) cannot hold the commit
  10  internal error (a bug in tpmstate; nothing was written)
+ 11  rollback refused: a newer commit on disk does not verify (give
+     --accept-rollback to use the older state), or the store is older than
+     --expect-generation or not the --expect-store-id
 `tpmstate lock IMAGE -- CMD` exits with CMD's status; 125 when tpmstate
 itself fails (bad arguments, cannot open or lock the image), 126 when CMD
 cannot be run, 127 when it is not found.";

@@ -14,6 +14,7 @@ use tpmstate::{
     ErrorKind, Expect, KeySource, LockMode, Locking, OpenOptions, ReadOnlyStore, RollbackPolicy,
     Store,
 };
+use zeroize::Zeroizing;
 
 /// A failure with its exit-code class.
 pub struct Failure {
@@ -515,17 +516,49 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// Reads a blob's content from a file, or standard input for `-`, into a
-/// buffer sized up front where the length is known.
-fn read_input(file: &str) -> Result<Vec<u8>, Failure> {
+/// Reads a blob's content (TPM state, secret) from a file, or standard
+/// input for `-`, into wiped-on-drop memory without leaving copies behind:
+/// a file into one buffer of its size; standard input in chunks, joined
+/// into one buffer of the total size, each chunk wiped as it is dropped.
+fn read_input(file: &str) -> Result<Zeroizing<Vec<u8>>, Failure> {
     if file == "-" {
-        let mut v = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut v)
-            .map_err(|e| io(Path::new("<stdin>"), e))?;
-        return Ok(v);
+        return read_chunks(&mut std::io::stdin().lock(), Path::new("<stdin>"));
     }
-    std::fs::read(file).map_err(|e| io(Path::new(file), e))
+    let path = Path::new(file);
+    let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
+    let len = f.metadata().map_err(|e| io(path, e))?.len();
+    let len = usize::try_from(len).map_err(|_| usage(format!("{file}: too large")))?;
+    let mut data = Zeroizing::new(vec![0u8; len]);
+    f.read_exact(&mut data).map_err(|e| io(path, e))?;
+    let mut extra = [0u8; 1];
+    if f.read(&mut extra).map_err(|e| io(path, e))? != 0 {
+        return Err(usage(format!("{file}: changed size while being read")));
+    }
+    Ok(data)
+}
+
+fn read_chunks(input: &mut impl Read, name: &Path) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    let mut chunks: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+    loop {
+        let mut chunk = Zeroizing::new(vec![0u8; 64 * 1024]);
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match input.read(&mut chunk[filled..]).map_err(|e| io(name, e))? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        chunk.truncate(filled);
+        let last = filled < 64 * 1024;
+        chunks.push(chunk);
+        if last {
+            break;
+        }
+    }
+    let total = chunks.iter().map(|c| c.len()).sum();
+    let mut data = Zeroizing::new(Vec::with_capacity(total));
+    chunks.iter().for_each(|c| data.extend_from_slice(c));
+    Ok(data)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
@@ -655,7 +688,20 @@ fn describe_slot(s: &tpmstate::format::Slot) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, read_chunks};
+
+    #[test]
+    fn standard_input_is_read_whole_across_chunks() {
+        let data: Vec<u8> = (0..150_000u32).map(|i| i as u8).collect();
+        let got = read_chunks(&mut &data[..], std::path::Path::new("<stdin>"))
+            .ok()
+            .unwrap();
+        assert_eq!(&got[..], &data[..]);
+        let empty = read_chunks(&mut &[][..], std::path::Path::new("<stdin>"))
+            .ok()
+            .unwrap();
+        assert!(empty.is_empty());
+    }
 
     #[test]
     fn sizes_are_read_as_qemu_img_reads_them() {
