@@ -222,7 +222,9 @@ fn sweep_around_anchoring(
         }
         let mut model = initial.clone();
         let txn = |i: usize| -> Txn { vec![((i % 3) as u8, Some((1000 + i * 37, i as u8)))] };
-        for i in 0..commits {
+        // The commit after the first one that stores a blob anchors too (it
+        // marks the other slot as having held state): one more commit.
+        for i in 0..commits + 1 {
             run_txn(&mut store, &txn(i)).unwrap();
             model = apply(&model, &txn(i));
         }
@@ -470,8 +472,9 @@ fn commit_larger_than_the_area_grows_it_in_one_step() {
 fn newer_generation_that_fails_to_verify_is_reported_quarantined_and_anchored_past() {
     let shared = SharedDisk::new(fresh(None));
     let mut store = Store::open_disk(Box::new(shared.clone()), mem(), None).unwrap();
-    // Generation 2 anchors (format names no successor); 3 and 4 chain.
-    for i in 0..3u8 {
+    // Generation 2 anchors (format names no successor), 3 too (it marks the
+    // other slot as having held state); 4 and 5 chain.
+    for i in 0..4u8 {
         store.put("permall", &[i; 5000]).unwrap();
     }
     assert_eq!(store.info().chained_commits, 2);
@@ -482,17 +485,17 @@ fn newer_generation_that_fails_to_verify_is_reported_quarantined_and_anchored_pa
 
     let shared = SharedDisk::new(disk);
     let mut store = Store::open_disk(Box::new(shared.clone()), mem(), None).unwrap();
-    assert_eq!(store.generation(), 3);
-    assert_eq!(&**store.get("permall").unwrap().unwrap(), &[1u8; 5000][..]);
-    let leftover = store.info().leftover.expect("generation 4 is reported");
-    assert!(leftover.contains("generation 4"), "{leftover}");
+    assert_eq!(store.generation(), 4);
+    assert_eq!(&**store.get("permall").unwrap().unwrap(), &[2u8; 5000][..]);
+    let leftover = store.info().leftover.expect("generation 5 is reported");
+    assert!(leftover.contains("generation 5"), "{leftover}");
     assert!(store.check().unwrap().leftover.is_some());
 
-    // The next commit anchors (a chained one would reuse generation 4's
+    // The next commit anchors (a chained one would reuse generation 5's
     // header block) and clears the report.
     store.put("permall", b"after").unwrap();
     let info = store.info();
-    assert_eq!((info.generation, info.chained_commits), (4, 0));
+    assert_eq!((info.generation, info.chained_commits), (5, 0));
     assert!(info.leftover.is_none());
     drop(store);
     let reopened = Store::open_disk(Box::new(shared.with(|d| d.clone())), mem(), None).unwrap();

@@ -363,3 +363,46 @@ fn finding_6_passphrase_stores_use_rfc_9106_costs_and_hostile_costs_are_refused_
     assert!(code == 3 && err.contains("exceed the limits"), "{err}");
     let _ = started; // (the refusal is logic, not a timing: no timed assertion)
 }
+
+#[test]
+fn both_slots_say_the_store_has_held_state_once_the_second_commit_lands() {
+    let dir = scratch();
+    let (img, k) = encrypted(dir.path(), 0);
+    let (i, kf) = (path_str(&img), path_str(&k));
+    assert_eq!(info_json(&img, &k)["held_state"], false);
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, b"state").unwrap();
+    let put = || {
+        assert_eq!(
+            cli(&["put", i, "permall", path_str(&blob), "--key-file", kf]).0,
+            0
+        )
+    };
+    put();
+    let info = info_json(&img, &k);
+    assert_eq!(
+        (info["held_state"].clone(), info["header_offset"].clone()),
+        (true.into(), 4096.into())
+    );
+    put();
+    assert_eq!(
+        info_json(&img, &k)["header_offset"],
+        0,
+        "the second commit marks slot 0"
+    );
+    put();
+    assert!(
+        info_json(&img, &k)["header_offset"].as_u64().unwrap() >= 8192,
+        "then commits chain"
+    );
+    // Slot 1 wiped whole (no trace): the store is served from slot 0's
+    // chain, and still says it has held state; never an empty new store.
+    overwrite(&img, 4096, &[0u8; 4096]);
+    let store = ReadOnlyStore::open(&img, key_opts(&k, RollbackPolicy::Refuse)).unwrap();
+    assert!(store.has_held_state() && store.contains("permall"));
+    drop(store);
+    // Deleting every blob keeps the mark.
+    assert_eq!(cli(&["rm", i, "permall", "--key-file", kf]).0, 0);
+    let (_, out, _) = cli(&["info", i, "--key-file", kf]);
+    assert!(out.contains("the store has held state before"), "{out}");
+}

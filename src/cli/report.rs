@@ -103,6 +103,7 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
     }
     let total: u64 = i.blobs.iter().map(|b| u64::from(b.size)).sum();
     match i.blobs.len() {
+        0 if i.held_state => println!("blobs:          none now (the store has held state before)"),
         0 => println!("blobs:          none"),
         n => println!(
             "blobs:          {}, {} in all",

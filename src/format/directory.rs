@@ -80,6 +80,13 @@ pub struct Directory {
     pub encryption: Option<Encryption>,
     /// Blobs by name.
     pub blobs: BTreeMap<String, BlobEntry>,
+    /// Set by the first commit that stores a blob and kept by every later
+    /// one: the store has held state, so an empty generation is not a new
+    /// store (an emulator must not make a fresh TPM over it). Not written
+    /// while false, so a store that never held a blob encodes as before,
+    /// and older readers ignore it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held_state: bool,
 }
 
 /// Why a directory was refused.
@@ -161,6 +168,10 @@ impl Directory {
     /// Bytes by which the encoding may grow when the generation number grows
     /// (a CBOR integer takes 1 to 9 bytes).
     pub const GENERATION_GROWTH_BOUND: u64 = 8;
+
+    /// Bytes the `held_state` entry adds when it is first set (its key,
+    /// `true`, and the map's count header growing).
+    pub const HELD_STATE_BOUND: u64 = 24;
 
     /// Every extent this generation uses, the directory's own included.
     pub fn extents<'a>(&'a self, slot: &'a Slot) -> impl Iterator<Item = Extent> + 'a {
@@ -247,15 +258,17 @@ mod tests {
                 generation: 1,
                 encryption: None,
                 blobs: names.iter().map(|n| (n.clone(), entry(DATA_START, 1, 1, sealed))).collect(),
+                held_state: false,
             };
             let before = dir.encode().len() as u64;
             dir.generation = generation;
             dir.blobs.insert(new.clone(), entry(offset, len, generation, sealed));
+            dir.held_state = true;
             let after = dir.encode().len() as u64;
-            proptest::prop_assert!(
-                after <= before + Directory::entry_bound(&new) + Directory::GENERATION_GROWTH_BOUND,
-                "{before} -> {after}"
-            );
+            let bound = Directory::entry_bound(&new)
+                + Directory::GENERATION_GROWTH_BOUND
+                + Directory::HELD_STATE_BOUND;
+            proptest::prop_assert!(after <= before + bound, "{before} -> {after}");
         }
     }
 
@@ -353,6 +366,7 @@ mod tests {
             generation: s.generation,
             encryption: None,
             blobs: [("a".to_string(), entry)].into(),
+            held_state: false,
         };
         assert!(matches!(
             Directory::decode(&dir.encode(), &s),

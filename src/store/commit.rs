@@ -202,7 +202,11 @@ impl<'s, 'd> Transaction<'s, 'd> {
         }
         let settle = settle || store.settle_next;
         let mut plan = Plan::build(&store.view, changes, rekey.as_ref())?;
-        let chain_at = chains_at(&store.view, rekey.is_some() || settle);
+        // Until both slots say the store has held state, commits anchor, so
+        // that the next one marks the other slot too.
+        let unmarked =
+            plan.dir.held_state && !store.view.slot_marked[1 - store.view.chain.anchor_slot];
+        let chain_at = chains_at(&store.view, rekey.is_some() || settle || unmarked);
         let (layout, area) = place(&mut store.view, &plan, chain_at)?;
         let key = match &rekey {
             Some((k, _)) => Some(k),
@@ -266,6 +270,10 @@ impl<'d> Plan<'d> {
             };
             dir_bound += format::encoded_len(&Some(&encryption));
             dir.encryption = Some(encryption);
+        }
+        if !dir.held_state && (changes.values().any(Option::is_some) || !dir.blobs.is_empty()) {
+            dir.held_state = true;
+            dir_bound += Directory::HELD_STATE_BOUND;
         }
         let mut staged = Vec::new();
         for (name, change) in changes {
@@ -498,6 +506,7 @@ fn switch(store: &mut Store, header_at: u64, slot: Slot, dir: Directory, dir_byt
             sound: true,
         };
         view.slots[old].status = "ok (older anchor, not needed)".into();
+        view.slot_marked[1 - old] = dir.held_state;
     }
     view.current = Generation {
         header_at,

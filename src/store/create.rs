@@ -159,6 +159,7 @@ impl Store {
             generation: 1,
             encryption,
             blobs: Default::default(),
+            held_state: false,
         };
         let bytes = dir.encode();
         let slot = Slot {

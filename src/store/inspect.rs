@@ -27,6 +27,9 @@ pub struct StoreInfo {
     /// key (opened with it: the directory MAC covers both). A plaintext
     /// store's, or an encrypted one's read without its key, are not.
     pub authenticated: bool,
+    /// Whether the store has held state (a blob) at some time
+    /// ([`StoreView::has_held_state`]).
+    pub held_state: bool,
     /// "raw-key" or "argon2id" for encrypted stores.
     pub key_derivation: Option<String>,
     /// Store area in bytes.
@@ -176,6 +179,7 @@ impl StoreView {
             store_id: hex::encode(g.slot.store_id),
             encrypted: g.slot.encrypted,
             authenticated: self.authenticated(),
+            held_state: self.has_held_state(),
             key_derivation: g.dir.encryption.as_ref().map(|e| match e.kdf {
                 format::Kdf::RawKey => "raw-key".to_string(),
                 format::Kdf::Argon2id { m_kib, t, p, .. } => {

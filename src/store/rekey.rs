@@ -13,11 +13,11 @@
 
 use super::alloc::Allocator;
 use super::commit::Transaction;
-use super::recover::{read_checked, read_slot, SlotReport};
+use super::recover::SlotReport;
 use super::view::StoreView;
 use super::{Store, StoreError};
 use crate::crypto::KeySource;
-use crate::format::{Directory, Extent, BLOCK, SLOT_OFFSETS};
+use crate::format::{BLOCK, SLOT_OFFSETS};
 
 /// What [`Store::rekey`] did.
 #[derive(Debug)]
@@ -63,7 +63,7 @@ impl Store {
         let v = &self.view;
         let g = &v.current;
         let other = 1 - v.chain.anchor_slot;
-        let marker = v.other_slot_directory(other).map(|(extent, _)| extent);
+        let marker = v.slot_directory(other).map(|(extent, _)| extent);
         let in_use = g.dir.extents(&g.slot).chain(v.chain.pinned()).chain(marker);
         let free = Allocator::new(g.slot.area_len, in_use).free_runs();
         let zeros = vec![0u8; 64 * 1024];
@@ -79,6 +79,7 @@ impl Store {
         disk.sync()?;
         disk.write_at(SLOT_OFFSETS[other], &zeros[..BLOCK as usize])?;
         disk.sync()?;
+        self.view.slot_marked[other] = false;
         self.view.slots[other] = SlotReport {
             index: other,
             generation: None,
@@ -91,28 +92,13 @@ impl Store {
 }
 
 impl StoreView {
-    /// The directory extent and decoded directory of the header in slot
-    /// `index`, if it is a header of this store whose directory verifies.
-    fn other_slot_directory(&self, index: usize) -> Option<(Extent, Directory)> {
-        let slot = read_slot(&*self.disk, index).ok()?.ok()?;
-        if slot.store_id != self.current.slot.store_id {
-            return None;
-        }
-        let d = slot.directory;
-        let bytes = read_checked(&*self.disk, d.offset, d.len, slot.directory_crc)
-            .ok()?
-            .ok()?;
-        let dir = Directory::decode(&bytes, &slot).ok()?;
-        Some((d, dir))
-    }
-
     /// Whether the slot not holding the current anchor still holds a
     /// generation under another key (or in plaintext while the store is now
     /// encrypted): a rekey's scrub has not finished.
     pub(super) fn old_key_remains(&self) -> bool {
         let current = self.current.dir.encryption.as_ref().map(|e| e.key_check);
         let other = 1 - self.chain.anchor_slot;
-        self.other_slot_directory(other)
+        self.slot_directory(other)
             .is_some_and(|(_, dir)| dir.encryption.map(|e| e.key_check) != current)
     }
 }

@@ -3,10 +3,10 @@
 //! ([`super::Store`], [`super::ReadOnlyStore`], [`super::Released`]) all
 //! dereference to one, and only the writer adds methods that write.
 
-use super::recover::{self, Chain, Generation, SlotReport};
+use super::recover::{self, read_checked, read_slot, Chain, Generation, SlotReport};
 use super::{BlobInfo, Expect, RollbackPolicy, StoreError};
 use crate::crypto::{Key, KeySource};
-use crate::format::{Directory, Slot};
+use crate::format::{Directory, Extent, Slot};
 use crate::image::{Disk, Qcow2Facts};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -23,6 +23,9 @@ pub struct StoreView {
     pub(super) skipped: Vec<super::recover::Skipped>,
     pub(super) key: Option<Key>,
     pub(super) facts: Option<Qcow2Facts>,
+    /// Whether each slot holds a header of this store whose directory says
+    /// the store has held state (see [`StoreView::has_held_state`]).
+    pub(super) slot_marked: [bool; 2],
 }
 
 impl std::fmt::Debug for StoreView {
@@ -57,8 +60,10 @@ impl StoreView {
             skipped: recovery.skipped,
             key: None,
             facts,
+            slot_marked: [false; 2],
         };
         let Some(master) = view.derive_master(key)? else {
+            view.mark_slots();
             return Ok(view);
         };
         let authentic = |slot: &Slot, dir: &Directory, bytes: &[u8]| {
@@ -87,7 +92,37 @@ impl StoreView {
             view.skipped = again.skipped;
         }
         view.key = Some(master);
+        view.mark_slots();
         Ok(view)
+    }
+
+    fn mark_slots(&mut self) {
+        self.slot_marked =
+            [0, 1].map(|i| self.slot_directory(i).is_some_and(|(_, d)| d.held_state));
+    }
+
+    /// Whether this store has held state: a commit stored a blob in it at
+    /// some time, even if its blobs were deleted since. Once the commit after
+    /// the first such one has landed, both header slots say so, so the
+    /// marker survives the loss of either slot; an emulator must not make a
+    /// fresh TPM over a store that has held state unless told to.
+    pub fn has_held_state(&self) -> bool {
+        self.current.dir.held_state || self.slot_marked.iter().any(|&m| m)
+    }
+
+    /// The directory extent and decoded directory of the header in slot
+    /// `index`, if it is a header of this store whose directory verifies.
+    pub(super) fn slot_directory(&self, index: usize) -> Option<(Extent, Directory)> {
+        let slot = read_slot(&*self.disk, index).ok()?.ok()?;
+        if slot.store_id != self.current.slot.store_id {
+            return None;
+        }
+        let d = slot.directory;
+        let bytes = read_checked(&*self.disk, d.offset, d.len, slot.directory_crc)
+            .ok()?
+            .ok()?;
+        let dir = Directory::decode(&bytes, &slot).ok()?;
+        Some((d, dir))
     }
 
     /// Derives the master key as the current generation's KDF settings say
