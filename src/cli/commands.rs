@@ -179,6 +179,36 @@ struct Opening<'a> {
     timeout: Option<Duration>,
 }
 
+impl<'a> Opening<'a> {
+    /// A command that serves or changes the store's content: a rollback is
+    /// refused unless `--accept-rollback`.
+    fn data(
+        key: &'a KeyArgs,
+        expect: &'a ExpectArgs,
+        rollback: RollbackArgs,
+        locking: Locking,
+    ) -> Self {
+        Opening {
+            key,
+            expect,
+            rollback: policy(rollback),
+            locking,
+            timeout: None,
+        }
+    }
+
+    /// A diagnostic (`info`, `check`): it reports a rollback instead of refusing.
+    fn diagnostic(key: &'a KeyArgs, expect: &'a ExpectArgs, locking: Locking) -> Self {
+        Opening {
+            key,
+            expect,
+            rollback: RollbackPolicy::Accept,
+            locking,
+            timeout: None,
+        }
+    }
+}
+
 fn open_options(o: &Opening) -> Result<OpenOptions, Failure> {
     Ok(OpenOptions {
         key: key_source(o.key)?,
@@ -317,11 +347,8 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
         } => {
             let data = read_input(&file)?;
             let o = Opening {
-                key: &key,
-                expect: &expect,
-                rollback: policy(rollback),
-                locking: lk,
                 timeout: timeout_ms.map(Duration::from_millis),
+                ..Opening::data(&key, &expect, rollback, lk)
             };
             let mut store = open_writer(&image, &o, false)?;
             let generation = store.put(&name, &data)?;
@@ -337,13 +364,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             output,
             force,
         } => {
-            let o = Opening {
-                key: &key,
-                expect: &expect,
-                rollback: policy(rollback),
-                locking: lk,
-                timeout: None,
-            };
+            let o = Opening::data(&key, &expect, rollback, lk);
             let store = open_reader(&image, &o, share)?;
             let data = store.get_required(&name)?;
             match output {
@@ -362,13 +383,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             expect,
             rollback,
         } => {
-            let o = Opening {
-                key: &key,
-                expect: &expect,
-                rollback: policy(rollback),
-                locking: lk,
-                timeout: None,
-            };
+            let o = Opening::data(&key, &expect, rollback, lk);
             let mut store = open_writer(&image, &o, false)?;
             let generation = store.delete(&name)?;
             eprintln!("committed generation {generation}");
@@ -379,13 +394,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             rollback,
             share,
         } => {
-            let o = Opening {
-                key: &none,
-                expect: &expect,
-                rollback: policy(rollback),
-                locking: lk,
-                timeout: None,
-            };
+            let o = Opening::data(&none, &expect, rollback, lk);
             let store = open_reader(&image, &o, share)?;
             let blobs = store.list();
             if blobs.is_empty() {
@@ -403,14 +412,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             json,
             verbose,
         } => {
-            // A diagnostic: it shows a rollback (under health) rather than refusing.
-            let o = Opening {
-                key: &key,
-                expect: &expect,
-                rollback: RollbackPolicy::Accept,
-                locking: lk,
-                timeout: None,
-            };
+            let o = Opening::diagnostic(&key, &expect, lk);
             let store = open_reader(&image, &o, share)?;
             let info = store.info();
             match json {
@@ -426,14 +428,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             json,
             verbose,
         } => {
-            // A diagnostic: it reports a rollback (exit 3) rather than refusing.
-            let o = Opening {
-                key: &key,
-                expect: &expect,
-                rollback: RollbackPolicy::Accept,
-                locking: lk,
-                timeout: None,
-            };
+            let o = Opening::diagnostic(&key, &expect, lk);
             return check(&image, &o, share, json, verbose);
         }
         Command::Rekey {
@@ -449,13 +444,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 passphrase_file: new_passphrase_file,
             })?
             .ok_or_else(|| usage("rekey needs --new-key-file or --new-passphrase-file".into()))?;
-            let o = Opening {
-                key: &key,
-                expect: &expect,
-                rollback: policy(rollback),
-                locking: lk,
-                timeout: None,
-            };
+            let o = Opening::data(&key, &expect, rollback, lk);
             let mut store = open_writer(&image, &o, true)?;
             let rekeyed = store.rekey(&new)?;
             println!("rekeyed: generation {}", rekeyed.generation);
