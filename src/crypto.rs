@@ -353,6 +353,23 @@ impl KeySource {
             })
     }
 
+    /// Reads a key file an earlier tpmstate accepted as raw bytes although it
+    /// is 32 bytes of printable text: only to open such a store and rekey
+    /// it (`--legacy-key-file`); new stores refuse such keys.
+    pub fn from_legacy_key_file(path: &Path) -> Result<KeySource, CryptoError> {
+        let data = read_secret(path)?;
+        let bad = |reason: String| CryptoError::BadKeyFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes: &[u8; 32] = data[..].try_into().map_err(|_| {
+            bad(format!(
+                "a legacy key file holds exactly 32 bytes ({MAKE_A_KEY})"
+            ))
+        })?;
+        Key::from_bytes(bytes).map(KeySource::Key).map_err(bad)
+    }
+
     /// Reads a passphrase file (one trailing newline is not part of the passphrase).
     pub fn from_passphrase_file(path: &Path) -> Result<KeySource, CryptoError> {
         let mut data = read_secret(path)?;
@@ -561,7 +578,7 @@ mod tests {
         random[1] = 7;
         assert!(parse_key(&random).is_ok());
         let refused: [&[u8]; 5] = [
-            b"correct horse battery staple!!\n", // 31 printable + newline
+            b"correct horse battery staples!!\n", // 31 printable + newline
             &[b' '; 32],
             &hex.as_bytes()[..32], // 32 hex digits
             b"short",

@@ -179,9 +179,16 @@ fn sigkills_during_format_and_growth_leave_no_leaks_and_no_errors() {
         // The next writer: a new format, or a commit to the store.
         if growth {
             // The killed put may have left its commit torn, which is refused
-            // by default as a rollback: this writer accepts it knowingly.
+            // by default as a rollback: this writer accepts exactly that.
             assert_eq!(
-                cli(&["put", img, "small2", path_str(&small), "--accept-rollback"]).0,
+                cli(&[
+                    "put",
+                    img,
+                    "small2",
+                    path_str(&small),
+                    "--accept-torn-commit"
+                ])
+                .0,
                 0,
                 "round {round}"
             );

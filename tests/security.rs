@@ -304,7 +304,7 @@ fn finding_5_a_key_file_of_printable_text_is_refused_with_how_to_make_a_key() {
     let dir = scratch();
     let img = dir.path().join("n.qcow2");
     for (name, content) in [
-        ("passphrase", b"correct horse battery staple!!\n".to_vec()),
+        ("passphrase", b"correct horse battery staples!!\n".to_vec()),
         ("spaces", vec![b' '; 32]),
         ("hex32", b"0123456789abcdef0123456789abcdef".to_vec()),
     ] {
@@ -313,6 +313,8 @@ fn finding_5_a_key_file_of_printable_text_is_refused_with_how_to_make_a_key() {
         let (code, _, err) = cli(&["create", path_str(&img), "--key-file", path_str(&k)]);
         assert_eq!(code, 1, "{name}: {err}");
         assert!(err.contains("head -c 32 /dev/urandom"), "{name}: {err}");
+        assert_eq!(content.len(), 32, "{name}: the 32-byte case is the one tested");
+        assert!(err.contains("looks like a passphrase"), "{name}: {err}");
         assert!(!img.exists());
     }
     let raw = dir.path().join("raw");
@@ -405,4 +407,115 @@ fn both_slots_say_the_store_has_held_state_once_the_second_commit_lands() {
     assert_eq!(cli(&["rm", i, "permall", "--key-file", kf]).0, 0);
     let (_, out, _) = cli(&["info", i, "--key-file", kf]);
     assert!(out.contains("the store has held state before"), "{out}");
+}
+
+#[test]
+fn a_zeroed_or_damaged_header_in_either_slot_is_never_a_silent_rollback() {
+    // Generation 2 anchors in slot 1, generation 3 in slot 0 (held-state mark).
+    for (slot, edit) in [(0u64, "zeroed"), (0, "flipped"), (4096, "flipped")] {
+        let dir = scratch();
+        let (img, k) = encrypted(dir.path(), 2);
+        let (i, kf) = (path_str(&img), path_str(&k));
+        let newest = info_json(&img, &k)["header_offset"].as_u64().unwrap();
+        assert_eq!(newest, 0, "generation 3 is in slot 0");
+        match edit {
+            "zeroed" => overwrite(&img, slot, &[0u8; 512]),
+            _ => {
+                let mut b = read(&img, slot + 20, 1);
+                b[0] ^= 0x10;
+                overwrite(&img, slot + 20, &b);
+            }
+        }
+        let what = format!("slot at {slot} {edit}");
+        let (code, out, _) = cli(&["check", i, "--key-file", kf]);
+        assert_eq!(code, 3, "{what}: {out}");
+        assert_eq!(
+            cli(&["get", i, "permall", "--key-file", kf]).0,
+            11,
+            "{what}"
+        );
+        let (code, _, _) = cli(&["info", i, "--key-file", kf]);
+        assert_eq!(code, 0, "{what}");
+    }
+}
+
+#[test]
+fn a_damaged_header_inside_a_chain_does_not_hide_the_commits_behind_it() {
+    let dir = scratch();
+    let (img, k) = encrypted(dir.path(), 7);
+    let headers: Vec<u64> = {
+        let (_, out, _) = cli(&["dump-headers", path_str(&img)]);
+        out.lines()
+            .filter_map(|l| l.trim().strip_prefix("chained at area offset "))
+            .map(|l| l.split(':').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    assert!(headers.len() >= 4, "a chain to damage: {headers:?}");
+    // The edit: one byte of the second chained header.
+    let mut b = read(&img, headers[1] + 20, 1);
+    b[0] ^= 0x10;
+    overwrite(&img, headers[1] + 20, &b);
+    // A crash leaves one torn commit; this is more, and refused as such.
+    let err = ReadOnlyStore::open(&img, key_opts(&k, RollbackPolicy::AcceptTorn)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::RolledBack { skipped, .. } if skipped.len() > 1),
+        "{err}"
+    );
+    let (code, _, err) = cli(&[
+        "get",
+        path_str(&img),
+        "permall",
+        "--key-file",
+        path_str(&k),
+        "--accept-torn-commit",
+    ]);
+    assert!(code == 11 && err.contains("out of reach"), "{err}");
+}
+
+#[test]
+fn a_forged_plaintext_generation_over_an_encrypted_store_is_a_rollback_not_a_plaintext_store() {
+    let dir = scratch();
+    let (img, k) = encrypted(dir.path(), 1);
+    forge(&img, 4096, |slot, dir| {
+        slot.encrypted = false;
+        slot.generation = 50;
+        slot.directory_mac = [0; 32];
+        dir.generation = 50;
+        dir.encryption = None;
+        dir.blobs.clear();
+    });
+    let (code, _, err) = cli(&["get", path_str(&img), "permall", "--key-file", path_str(&k)]);
+    assert_eq!(code, 11, "{err}");
+}
+
+#[test]
+fn a_text_key_an_earlier_version_accepted_opens_with_legacy_key_file_to_rekey() {
+    let dir = scratch();
+    let text = b"correct horse battery staples!!\n";
+    let legacy = dir.path().join("legacy");
+    std::fs::write(&legacy, text).unwrap();
+    // The store an earlier tpmstate made from that file's 32 bytes.
+    let as_hex = dir.path().join("as-hex");
+    std::fs::write(&as_hex, hex::encode(text)).unwrap();
+    let img = dir.path().join("old.qcow2");
+    let i = path_str(&img);
+    assert_eq!(cli(&["create", i, "--key-file", path_str(&as_hex)]).0, 0);
+    assert_eq!(
+        cli(&["check", i, "--key-file", path_str(&legacy)]).0,
+        1,
+        "refused as a key"
+    );
+    let (code, _, err) = cli(&["check", i, "--legacy-key-file", path_str(&legacy)]);
+    assert!(code == 0 && err.contains("rekey"), "{err}");
+    let new = key_file(dir.path(), "new", 0x77);
+    let args = [
+        "rekey",
+        i,
+        "--legacy-key-file",
+        path_str(&legacy),
+        "--new-key-file",
+        path_str(&new),
+    ];
+    assert_eq!(cli(&args).0, 0);
+    assert_eq!(cli(&["check", i, "--key-file", path_str(&new)]).0, 0);
 }

@@ -73,8 +73,12 @@ pub struct KeyArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
     pub key_file: Option<PathBuf>,
     /// File with a passphrase (stretched with Argon2id).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "legacy_key_file")]
     pub passphrase_file: Option<PathBuf>,
+    /// A 32-byte key file of printable text that an earlier tpmstate took
+    /// as raw key bytes: opens such a store, to rekey it to a proper key.
+    #[arg(long, value_name = "FILE", conflicts_with = "key_file")]
+    pub legacy_key_file: Option<PathBuf>,
 }
 
 /// What the caller knows of the store: refused with exit 11 if it does not hold.
@@ -90,12 +94,19 @@ pub struct ExpectArgs {
     pub expect_store_id: Option<String>,
 }
 
-/// The option that accepts serving an older generation than one on disk.
+/// The options that accept serving an older generation than one on disk.
 #[derive(Args, Debug, Clone, Copy, Default)]
 pub struct RollbackArgs {
-    /// Use the newest generation that verifies even though a newer commit on
-    /// disk does not (after a crash during a commit, or damage): the TPM's
-    /// state goes back in time. Without it that is refused with exit 11.
+    /// Use the generation before one newer commit that does not verify, if
+    /// that commit has the shape a crash while writing it leaves (and the
+    /// generation holds blobs); refuse anything more. For a restart after a
+    /// crash.
+    #[arg(long, conflicts_with = "accept_rollback")]
+    pub accept_torn_commit: bool,
+    /// Use the newest generation that verifies even though newer commits on
+    /// disk do not (after a crash during a commit, or damage): the TPM's
+    /// state goes back in time. Without it (or --accept-torn-commit) that is
+    /// refused with exit 11.
     #[arg(long)]
     pub accept_rollback: bool,
 }

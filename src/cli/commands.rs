@@ -87,10 +87,17 @@ fn locking(l: LockingArg) -> Locking {
 }
 
 fn key_source(k: &KeyArgs) -> Result<Option<KeySource>, Failure> {
-    let (path, source) = match (&k.key_file, &k.passphrase_file) {
-        (Some(p), _) => (p, KeySource::from_key_file(p)?),
-        (None, Some(p)) => (p, KeySource::from_passphrase_file(p)?),
-        (None, None) => return Ok(None),
+    let (path, source) = match (&k.key_file, &k.passphrase_file, &k.legacy_key_file) {
+        (Some(p), _, _) => (p, KeySource::from_key_file(p)?),
+        (None, Some(p), _) => (p, KeySource::from_passphrase_file(p)?),
+        (None, None, Some(p)) => {
+            eprintln!(
+                "tpmstate: warning: {}: a text key file is a guessable key; rekey the store to a random one (head -c 32 /dev/urandom > KEYFILE)",
+                p.display()
+            );
+            (p, KeySource::from_legacy_key_file(p)?)
+        }
+        (None, None, None) => return Ok(None),
     };
     if let Some(w) = tpmstate::crypto::permission_warning(path) {
         eprintln!("tpmstate: {w}");
@@ -112,7 +119,8 @@ pub fn parse_size(s: &str) -> Result<u64, Failure> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+    let unit = unit.trim().to_ascii_lowercase();
+    let shift = match unit.as_str() {
         "" | "b" => 0,
         "k" | "kib" => 10,
         "m" | "mib" => 20,
@@ -121,6 +129,9 @@ pub fn parse_size(s: &str) -> Result<u64, Failure> {
         _ => return Err(bad()),
     };
     let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    if !frac.is_empty() && shift == 0 {
+        return Err(bad()); // a fraction of a byte
+    }
     let whole: u64 = whole.parse().map_err(|_| bad())?;
     let mut bytes = whole
         .checked_shl(shift)
@@ -164,9 +175,10 @@ fn expect(e: &ExpectArgs) -> Result<Expect, Failure> {
 /// The policy of a command that serves or changes the store's content:
 /// refuse a rollback unless `--accept-rollback`.
 fn policy(r: RollbackArgs) -> RollbackPolicy {
-    match r.accept_rollback {
-        true => RollbackPolicy::Accept,
-        false => RollbackPolicy::Refuse,
+    match (r.accept_rollback, r.accept_torn_commit) {
+        (true, _) => RollbackPolicy::Accept,
+        (false, true) => RollbackPolicy::AcceptTorn,
+        (false, false) => RollbackPolicy::Refuse,
     }
 }
 
@@ -232,7 +244,12 @@ fn open_writer(image: &Path, o: &Opening, exclusive: bool) -> Result<Store, Fail
 
 /// Opens a read-only handle, shared or (with `-U`) force-share.
 fn open_reader(image: &Path, o: &Opening, share: ShareArgs) -> Result<ReadOnlyStore, Failure> {
-    let opts = open_options(o)?;
+    let mut opts = open_options(o)?;
+    if share.force_share && opts.rollback == RollbackPolicy::Refuse {
+        // A force-share reader may catch a writer mid-commit: that commit
+        // looks torn, and the generation before it is the acknowledged one.
+        opts.rollback = RollbackPolicy::AcceptTorn;
+    }
     let store = match share.force_share {
         true => ReadOnlyStore::open_force_share(image, opts)?,
         false => ReadOnlyStore::open(image, opts)?,
@@ -442,6 +459,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
             let new = key_source(&KeyArgs {
                 key_file: new_key_file,
                 passphrase_file: new_passphrase_file,
+                legacy_key_file: None,
             })?
             .ok_or_else(|| usage("rekey needs --new-key-file or --new-passphrase-file".into()))?;
             let o = Opening::data(&key, &expect, rollback, lk);
@@ -515,7 +533,12 @@ fn read_input(file: &str) -> Result<Zeroizing<Vec<u8>>, Failure> {
     }
     let path = Path::new(file);
     let mut f = std::fs::File::open(path).map_err(|e| io(path, e))?;
-    let len = f.metadata().map_err(|e| io(path, e))?.len();
+    let meta = f.metadata().map_err(|e| io(path, e))?;
+    if !meta.is_file() {
+        // A pipe, `/dev/stdin`, a process substitution: no size to trust.
+        return read_chunks(&mut f, path);
+    }
+    let len = meta.len();
     let len = usize::try_from(len).map_err(|_| usage(format!("{file}: too large")))?;
     let mut data = Zeroizing::new(vec![0u8; len]);
     f.read_exact(&mut data).map_err(|e| io(path, e))?;
@@ -704,7 +727,7 @@ mod tests {
         assert_eq!(ok("1.5G"), Some(3 << 29));
         assert_eq!(ok("512"), Some(512));
         assert_eq!(ok("512B"), Some(512));
-        for bad in ["", "M", "4X", "4MB", "-1M", "99999999999T", "1.2.3M"] {
+        for bad in ["", "M", "4X", "4MB", "-1M", "99999999999T", "1.2.3M", "1.5"] {
             assert_eq!(ok(bad), None, "{bad:?}");
         }
     }

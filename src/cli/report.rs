@@ -83,7 +83,7 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
         true => "the newest commit",
         false => "a newer commit does not verify: see health",
     };
-    let verified = match (i.authenticated, i.encrypted) {
+    let verified = match (i.identity_verified, i.encrypted) {
         (true, _) => "",
         (false, true) => "; it and the store id are not verified without the key",
         (false, false) => "; a plaintext store's generation is not authenticated",

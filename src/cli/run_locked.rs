@@ -2,12 +2,16 @@
 //! as `flock(1)` does for a lock file. Signals another process sends to
 //! tpmstate (SIGTERM, SIGINT, SIGHUP) go on to CMD, and the lock is held
 //! until CMD has exited: a service manager stopping the wrapper must not
-//! free the image under a command still writing it. Signals from the
-//! terminal already reach CMD (it is in the same process group) and are not
-//! sent twice.
+//! free the image under a command still writing it. Signals the kernel
+//! sends (the terminal's ^C, a hang-up) already reach CMD, which is in the
+//! same process group, and are not forwarded. A signal another process
+//! sends to the whole group (`kill -- -PGID`, systemd's control-group kill)
+//! reaches CMD directly and once more through tpmstate: its sender cannot
+//! be told from one aimed at tpmstate alone.
 
 use super::commands::{usage, warn_lock, Failure};
 use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::exfiltrator::WithOrigin;
@@ -72,13 +76,17 @@ pub fn run(
             });
         }
     };
-    let _ = child_pid.set(child.id() as i32);
-    let status = child
-        .wait()
-        .map_err(|e| super::commands::io(Path::new(prog), e));
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = child_pid.set(pid.as_raw());
+    // Wait for CMD to end without reaping it, then stop forwarding, then
+    // reap: no forward can reach its pid once another process may reuse it.
+    let ended = waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
     handle.close();
     let _ = forwarder.join();
-    let status = status?;
+    ended.map_err(|e| super::commands::io(Path::new(prog), e.into()))?;
+    let status = child
+        .wait()
+        .map_err(|e| super::commands::io(Path::new(prog), e))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status
         .code()

@@ -347,6 +347,27 @@ impl Qcow2Disk {
         sync()
     }
 
+    /// The guest offset of the first cluster below `to` that holds data but
+    /// lies past the allocated prefix (behind an unallocated one), if any:
+    /// the store area cannot reach it through [`Disk::read_at`], but
+    /// formatting `[0, to)` would overwrite it.
+    pub fn data_beyond_prefix(&self, to: u64) -> Result<Option<u64>, ImageError> {
+        let cs = self.header.cluster_size();
+        let first = self.host.len() as u64;
+        let last = to.min(self.header.size).div_ceil(cs);
+        self.qcow2_session(|dev| {
+            futures::executor::block_on(async {
+                for c in first..last {
+                    let m = dev.get_mapping(c * cs).await?;
+                    if let (MappingSource::DataFile, Some(_)) = (m.source, m.cluster_offset) {
+                        return Ok(Some(c * cs));
+                    }
+                }
+                Ok(None)
+            })
+        })
+    }
+
     /// Re-reads the guest-to-host map of the allocated prefix and checks that
     /// every mapped cluster is safe to overwrite in place.
     fn remap(&mut self) -> Result<(), ImageError> {

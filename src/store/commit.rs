@@ -367,6 +367,7 @@ fn place(
         free: runs.iter().map(|(s, e)| e - s).sum(),
         largest_free: runs.iter().map(|(s, e)| e - s).max().unwrap_or(0),
         capacity: view.disk.max_len(),
+        wanted,
     })
 }
 

@@ -96,8 +96,10 @@ impl Store {
         let (lock, _warning) = ImageLock::new(path, file.clone(), opts.locking)?;
         let _guard = lock.acquire(LockMode::Exclusive, None)?;
         let mut disk = Qcow2Disk::open(path, file)?;
+        let area =
+            opts.area.unwrap_or(DEFAULT_AREA.min(disk.max_len())) / format::BLOCK * format::BLOCK;
         if !opts.force {
-            if let Some(holds) = contents(&disk, path)? {
+            if let Some(holds) = contents(&disk, path, area)? {
                 return Err(StoreError::WouldDestroy {
                     path: path.to_path_buf(),
                     holds,
@@ -105,8 +107,6 @@ impl Store {
                 });
             }
         }
-        let area =
-            opts.area.unwrap_or(DEFAULT_AREA.min(disk.max_len())) / format::BLOCK * format::BLOCK;
         if area < format::DATA_START + 4 * format::BLOCK || area > disk.max_len() {
             return Err(StoreError::Usage(format!(
                 "{}: store area of {area} bytes does not fit (image virtual size {} bytes, at least {} needed)",
@@ -193,9 +193,9 @@ impl Store {
     }
 }
 
-/// What a user would lose if the image behind `disk` were formatted: `None`
-/// for a blank image (no cluster allocated, or only zeros).
-fn contents(disk: &Qcow2Disk, path: &Path) -> Result<Option<String>, StoreError> {
+/// What a user would lose if `[0, area)` of the image behind `disk` were
+/// formatted: `None` if it is blank (no cluster allocated, or only zeros).
+fn contents(disk: &Qcow2Disk, path: &Path, area: u64) -> Result<Option<String>, StoreError> {
     let described = match recover(disk, path, None) {
         Ok(r) => {
             let blobs = r.chosen.dir.blobs.len();
@@ -210,10 +210,16 @@ fn contents(disk: &Qcow2Disk, path: &Path) -> Result<Option<String>, StoreError>
                 }
             )
         }
-        Err(StoreError::NotAStore { .. }) => match first_data(disk)? {
-            None => return Ok(None),
-            Some(at) => format!("data that is not a tpmstate store (from byte {at})"),
-        },
+        Err(StoreError::NotAStore { .. }) => {
+            let data = match first_data(disk, area)? {
+                Some(at) => Some(at),
+                None => disk.data_beyond_prefix(area)?,
+            };
+            match data {
+                None => return Ok(None),
+                Some(at) => format!("data that is not a tpmstate store (from byte {at})"),
+            }
+        }
         Err(StoreError::Corrupt { reason, .. }) => format!("a damaged tpmstate store ({reason})"),
         Err(StoreError::NewerFormat { what, .. }) => {
             format!("a tpmstate store written by a newer version ({what})")
@@ -223,10 +229,10 @@ fn contents(disk: &Qcow2Disk, path: &Path) -> Result<Option<String>, StoreError>
     Ok(Some(described))
 }
 
-/// The guest offset of the first non-zero byte in the first [`DEFAULT_AREA`]
-/// bytes of the disk's allocated prefix, if any.
-pub(super) fn first_data(disk: &dyn Disk) -> Result<Option<u64>, StoreError> {
-    let end = disk.size().min(DEFAULT_AREA);
+/// The guest offset of the first non-zero byte in the first `limit` bytes
+/// of the disk's allocated prefix, if any.
+pub(super) fn first_data(disk: &dyn Disk, limit: u64) -> Result<Option<u64>, StoreError> {
+    let end = disk.size().min(limit);
     let mut buf = vec![0u8; 64 * 1024];
     let mut at = 0;
     while at < end {
@@ -249,10 +255,11 @@ fn describe_file(path: &Path) -> String {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     match Qcow2Disk::open(path, file) {
         Err(_) => format!("a file of {len} bytes that is not a qcow2 image tpmstate can use"),
-        Ok(disk) => match contents(&disk, path) {
+        // Up to 64 MiB: a description, not a guarantee (the file is replaced whole).
+        Ok(disk) => match contents(&disk, path, disk.max_len().min(64 << 20)) {
             Ok(Some(holds)) => holds,
             Ok(None) => "an empty qcow2 image".into(),
-            Err(e) => format!("a qcow2 image whose store cannot be read ({e})"),
+            Err(_) => "a qcow2 image whose store cannot be read".into(),
         },
     }
 }

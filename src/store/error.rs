@@ -90,7 +90,7 @@ pub enum StoreError {
         reason: String,
     },
     /// The commit does not fit and the store area cannot grow enough.
-    #[error("{}: no room for this commit: it needs {needed} bytes in one run (its new blob versions and directory, written beside the current generation until the commit lands), but the store area of {area} bytes has {free} bytes free in runs of at most {largest_free}, and the image can hold an area of at most {capacity} bytes; nothing was written. Grow the image while nothing holds it (`qemu-img resize {} +{}M`) and commit again", path.display(), path.display(), needed.div_ceil(1 << 20).max(1))]
+    #[error("{}: no room for this commit: it needs {needed} bytes in one run (its new blob versions and directory, written beside the current generation until the commit lands), but the store area of {area} bytes has {free} bytes free in runs of at most {largest_free}, and the image can hold an area of at most {capacity} bytes; nothing was written. Grow the image while nothing holds it (`qemu-img resize {} +{}M`) and commit again", path.display(), path.display(), wanted.saturating_sub(*capacity).div_ceil(1 << 20).max(1))]
     CapacityExceeded {
         /// The image.
         path: PathBuf,
@@ -105,6 +105,9 @@ pub enum StoreError {
         largest_free: u64,
         /// Area bytes the image can hold (its virtual size).
         capacity: u64,
+        /// The area the commit grows to when the image can hold it: the
+        /// virtual size the remedy reaches.
+        wanted: u64,
     },
     /// A write or sync failed earlier; the handle refuses further commits.
     #[error("{}: an earlier write or sync failed; reopen the store before committing again", path.display())]

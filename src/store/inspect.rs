@@ -26,7 +26,7 @@ pub struct StoreInfo {
     /// Whether the generation and store id shown were verified under the
     /// key (opened with it: the directory MAC covers both). A plaintext
     /// store's, or an encrypted one's read without its key, are not.
-    pub authenticated: bool,
+    pub identity_verified: bool,
     /// Whether the store has held state (a blob) at some time
     /// ([`StoreView::has_held_state`]).
     pub held_state: bool,
@@ -178,7 +178,7 @@ impl StoreView {
             generation: g.slot.generation,
             store_id: hex::encode(g.slot.store_id),
             encrypted: g.slot.encrypted,
-            authenticated: self.authenticated(),
+            identity_verified: self.authenticated(),
             held_state: self.has_held_state(),
             key_derivation: g.dir.encryption.as_ref().map(|e| match e.kdf {
                 format::Kdf::RawKey => "raw-key".to_string(),

@@ -281,8 +281,10 @@ fn orphans(
     other_slot: u64,
 ) -> Result<Vec<Skipped>, ImageError> {
     let mut found = Vec::new();
-    for at in [chosen.slot.next, other_slot] {
-        if at == 0 || read_header(disk, at)? != Err(SlotProblem::NoMagic) {
+    // `next` 0 means "none"; the other slot may well be slot 0, at offset 0.
+    let places = (chosen.slot.next != 0).then_some(chosen.slot.next);
+    for at in places.into_iter().chain([other_slot]) {
+        if read_header(disk, at)? != Err(SlotProblem::NoMagic) {
             continue;
         }
         let Some(start) = at.checked_add(SLOT_BYTES as u64) else {
@@ -309,6 +311,63 @@ fn orphans(
             reason: "its header is gone (no magic), but its directory is still there".into(),
             could_be_torn: chosen.slot.generation.checked_add(1) == Some(g),
         });
+    }
+    Ok(found)
+}
+
+/// Header slots that do not decode (a checksum that fails, fields that
+/// cannot be right): they may have held a newer generation than `chosen`,
+/// so they are listed. The other slot is where the commit after `chosen`
+/// anchors, so a torn write there has the crash shape.
+fn damaged_slots(reports: &[SlotReport], anchor: usize) -> Vec<Skipped> {
+    reports
+        .iter()
+        .filter(|r| !r.sound && r.generation.is_none())
+        .map(|r| Skipped {
+            generation: None,
+            header_offset: SLOT_OFFSETS[r.index],
+            reason: format!("header slot {}: {}", r.index, r.status),
+            could_be_torn: r.index != anchor,
+        })
+        .collect()
+}
+
+/// Headers of this store newer than `chosen` anywhere in the area, except
+/// at the places already listed: when a header that does not decode breaks
+/// a chain, the commits after it are out of reach, but their headers are
+/// still in their blocks. Read only when something did not decode (a rare
+/// path): it reads the whole area.
+fn beyond_damage(
+    disk: &dyn Disk,
+    chosen: &Generation,
+    listed: &[Skipped],
+) -> Result<Vec<Skipped>, ImageError> {
+    let end = chosen.slot.area_len.min(disk.size());
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut base = 0;
+    while base < end {
+        let n = (end - base).min(buf.len() as u64) as usize;
+        disk.read_at(base, &mut buf[..n])?;
+        for off in (0..n).step_by(BLOCK as usize) {
+            let at = base + off as u64;
+            let Some(bytes) = buf.get(off..off + SLOT_BYTES) else {
+                continue;
+            };
+            let Ok(s) = Slot::decode_at(bytes, at) else {
+                continue;
+            };
+            let newer = s.store_id == chosen.slot.store_id && s.generation > chosen.slot.generation;
+            if newer && !listed.iter().any(|l| l.header_offset == at) {
+                found.push(Skipped {
+                    generation: Some(s.generation),
+                    header_offset: at,
+                    reason: "a newer commit, out of reach behind a damaged header".into(),
+                    could_be_torn: false,
+                });
+            }
+        }
+        base += n as u64;
     }
     Ok(found)
 }
@@ -368,7 +427,7 @@ pub(crate) fn recover(
     if !any_magic {
         return Err(StoreError::NotAStore {
             path: path.to_path_buf(),
-            first_data: super::create::first_data(disk)?,
+            first_data: super::create::first_data(disk, super::DEFAULT_AREA)?,
         });
     }
     candidates.sort_by_key(|(_, s)| std::cmp::Reverse(s.generation));
@@ -410,10 +469,15 @@ pub(crate) fn recover(
                         })
                         .chain(damaged_next)
                         .collect::<Vec<_>>();
-                    let skipped = skipped
+                    let mut skipped: Vec<Skipped> = skipped
                         .into_iter()
                         .chain(orphans(disk, &chosen, SLOT_OFFSETS[1 - index])?)
+                        .chain(damaged_slots(&reports, index))
                         .collect();
+                    if skipped.iter().any(|s| s.generation.is_none()) {
+                        let more = beyond_damage(disk, &chosen, &skipped)?;
+                        skipped.extend(more);
+                    }
                     return Ok(Recovery {
                         chosen,
                         chain: Chain {

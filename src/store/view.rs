@@ -62,9 +62,20 @@ impl StoreView {
             facts,
             slot_marked: [false; 2],
         };
-        let Some(master) = view.derive_master(key)? else {
-            view.mark_slots();
-            return Ok(view);
+        let master = match view.derive_master(key) {
+            Ok(Some(master)) => master,
+            Ok(None) => {
+                view.mark_slots();
+                return Ok(view);
+            }
+            // A raw key for a plaintext newest generation: a plaintext store,
+            // or a forged plaintext generation over an encrypted one; the
+            // key tells which (a passphrase has no KDF settings to go by).
+            Err(not_expected @ StoreError::KeyNotExpected { .. }) => match key {
+                Some(KeySource::Key(raw)) => raw.clone(),
+                _ => return Err(not_expected),
+            },
+            Err(other) => return Err(other),
         };
         let authentic = |slot: &Slot, dir: &Directory, bytes: &[u8]| {
             let id = &slot.store_id;
@@ -81,19 +92,35 @@ impl StoreView {
         // still be on disk, and the old key must not open it.
         view.check_key(&master)?;
         let current = &view.current;
-        if !authentic(&current.slot, &current.dir, &current.dir_bytes) {
+        if !current.slot.encrypted {
+            // Only an older encrypted generation under this key makes this
+            // a forged plaintext one rather than a plaintext store.
+            match recover::recover(&*view.disk, path, Some(&authentic)) {
+                Ok(again) => view.adopt(again),
+                Err(_) => {
+                    return Err(StoreError::KeyNotExpected {
+                        path: view.path.clone(),
+                    })
+                }
+            }
+        } else if !authentic(&current.slot, &current.dir, &current.dir_bytes) {
             // The key is right but the directory chosen by checksums alone
             // does not authenticate (forged): choose again with the key
             // check and MAC taking part.
             let again = recover::recover(&*view.disk, path, Some(&authentic))?;
-            view.current = again.chosen;
-            view.chain = again.chain;
-            view.slots = again.reports;
-            view.skipped = again.skipped;
+            view.adopt(again);
         }
         view.key = Some(master);
         view.mark_slots();
         Ok(view)
+    }
+
+    /// Switches to what a recovery chose again.
+    fn adopt(&mut self, again: recover::Recovery) {
+        self.current = again.chosen;
+        self.chain = again.chain;
+        self.slots = again.reports;
+        self.skipped = again.skipped;
     }
 
     fn mark_slots(&mut self) {
