@@ -376,6 +376,13 @@ fn assert_next_commit_finishes_the_scrub(
 ) {
     let shared = SharedDisk::new(disk.clone());
     let mut writer = Store::open_disk(Box::new(shared.clone()), mem(), Some(key)).unwrap();
+    // info and check report what the writer will finish.
+    assert_eq!(writer.info().old_key_data, writer.scrub_pending(), "{at}");
+    assert_eq!(
+        writer.check().unwrap().old_key_data,
+        writer.scrub_pending(),
+        "{at}"
+    );
     writer.put("after-the-rekey", b"1").unwrap();
     assert!(
         !writer.scrub_pending(),

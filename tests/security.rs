@@ -313,7 +313,11 @@ fn finding_5_a_key_file_of_printable_text_is_refused_with_how_to_make_a_key() {
         let (code, _, err) = cli(&["create", path_str(&img), "--key-file", path_str(&k)]);
         assert_eq!(code, 1, "{name}: {err}");
         assert!(err.contains("head -c 32 /dev/urandom"), "{name}: {err}");
-        assert_eq!(content.len(), 32, "{name}: the 32-byte case is the one tested");
+        assert_eq!(
+            content.len(),
+            32,
+            "{name}: the 32-byte case is the one tested"
+        );
         assert!(err.contains("looks like a passphrase"), "{name}: {err}");
         assert!(!img.exists());
     }

@@ -121,7 +121,10 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
         bytes(i.free_bytes),
         bytes(i.largest_free_bytes)
     );
-    let problems = rollback(i.generation, &i.skipped);
+    let mut problems = rollback(i.generation, &i.skipped);
+    if i.old_key_data {
+        problems.push(OLD_KEY_DATA.into());
+    }
     match problems.is_empty() {
         true => println!("health:         ok (run `tpmstate check` to verify every byte)"),
         false => {
@@ -159,6 +162,8 @@ pub fn print_info(i: &StoreInfo, verbose: bool) {
     }
 }
 
+const OLD_KEY_DATA: &str = "a rekey's scrub did not finish: free blocks may still hold data under the old key (the next commit zeroes them)";
+
 /// `tpmstate check`'s text.
 pub fn print_check(r: &CheckReport, verbose: bool) {
     if verbose {
@@ -169,6 +174,9 @@ pub fn print_check(r: &CheckReport, verbose: bool) {
     rollback(r.generation, &r.skipped)
         .iter()
         .for_each(|l| println!("{l}"));
+    if r.old_key_data {
+        println!("warning: {OLD_KEY_DATA}");
+    }
     let what = match r.authenticated {
         true => "verified",
         false => "checksummed",

@@ -27,6 +27,9 @@ pub struct StoreInfo {
     /// key (opened with it: the directory MAC covers both). A plaintext
     /// store's, or an encrypted one's read without its key, are not.
     pub identity_verified: bool,
+    /// Whether free blocks may still hold data under a key the store no
+    /// longer uses (a rekey's scrub did not finish; the next commit does it).
+    pub old_key_data: bool,
     /// Whether the store has held state (a blob) at some time
     /// ([`StoreView::has_held_state`]).
     pub held_state: bool,
@@ -78,6 +81,9 @@ pub struct CheckReport {
     pub leftover: Option<String>,
     /// What is newer than the generation served and did not verify.
     pub skipped: Vec<Skipped>,
+    /// Whether free blocks may still hold data under a key the store no
+    /// longer uses (a rekey's scrub did not finish; the next commit does it).
+    pub old_key_data: bool,
 }
 
 impl StoreView {
@@ -145,6 +151,7 @@ impl StoreView {
             slots: self.slot_reports(),
             leftover: self.leftover(),
             skipped: self.skipped.clone(),
+            old_key_data: self.old_key_remains(),
         })
     }
 
@@ -180,6 +187,7 @@ impl StoreView {
             encrypted: g.slot.encrypted,
             identity_verified: self.authenticated(),
             held_state: self.has_held_state(),
+            old_key_data: self.old_key_remains(),
             key_derivation: g.dir.encryption.as_ref().map(|e| match e.kdf {
                 format::Kdf::RawKey => "raw-key".to_string(),
                 format::Kdf::Argon2id { m_kib, t, p, .. } => {

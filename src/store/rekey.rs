@@ -94,8 +94,9 @@ impl Store {
 impl StoreView {
     /// Whether the slot not holding the current anchor still holds a
     /// generation under another key (or in plaintext while the store is now
-    /// encrypted): a rekey's scrub has not finished.
-    pub(super) fn old_key_remains(&self) -> bool {
+    /// encrypted): a rekey's scrub has not finished, and free blocks may
+    /// still hold data under the old key until the next commit zeroes them.
+    pub fn old_key_remains(&self) -> bool {
         let current = self.current.dir.encryption.as_ref().map(|e| e.key_check);
         let other = 1 - self.chain.anchor_slot;
         self.slot_directory(other)
