@@ -97,11 +97,13 @@ impl StoreView {
             // a forged plaintext one rather than a plaintext store.
             match recover::recover(&*view.disk, path, Some(&authentic)) {
                 Ok(again) => view.adopt(again),
-                Err(_) => {
+                // Nothing authenticates: it is a plaintext store.
+                Err(StoreError::Corrupt { .. }) => {
                     return Err(StoreError::KeyNotExpected {
                         path: view.path.clone(),
                     })
                 }
+                Err(other) => return Err(other),
             }
         } else if !authentic(&current.slot, &current.dir, &current.dir_bytes) {
             // The key is right but the directory chosen by checksums alone
