@@ -41,7 +41,8 @@ step "a crash: kill -9 in the middle of a stream of commits; the store opens at 
     # The committer's pid is on file before it starts writing.
     ( echo "$BASHPID" > committer.pid; exec "$T" put nvram.qcow2 counter counter --key-file vtpm.key 2>/dev/null ) &
     wait $! || exit 0
-    echo "$n" > acked
+    # Atomically: a kill between truncating and writing must not lose it.
+    echo "$n" > acked.tmp && mv acked.tmp acked
   done
 ) &
 loop=$!
