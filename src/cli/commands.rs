@@ -582,8 +582,10 @@ fn print_json<T: serde::Serialize>(value: &T) {
 }
 
 /// `tpmstate check`: verifies everything it can. Exit status 3 when a newer
-/// commit does not verify (a rollback: a TPM must notice), 4 when the store
-/// is encrypted and no key was given (checksums verified, tags not), else 0.
+/// commit does not verify (a rollback: a TPM must notice; with `-U`, one
+/// commit with the shape of a commit in progress is not one), 4 when the
+/// store is encrypted and no key was given (checksums verified, tags not),
+/// else 0.
 fn check(
     image: &Path,
     o: &Opening,
@@ -597,7 +599,16 @@ fn check(
         true => print_json(&r),
         false => report::print_check(&r, verbose),
     }
-    Ok(match (r.skipped.is_empty(), r.authenticated) {
+    // A force-share read can catch a writer between its write and its sync:
+    // that commit looks torn, and is no rollback of anything acknowledged.
+    let in_flight = share.force_share && matches!(&r.skipped[..], [one] if one.could_be_torn);
+    if in_flight && !json {
+        println!(
+            "(read with -U while a writer may be committing: the newer commit may be in progress)"
+        );
+    }
+    let rolled_back = !r.skipped.is_empty() && !in_flight;
+    Ok(match (rolled_back, r.authenticated) {
         (false, _) => ErrorKind::Corrupt.exit_code(),
         (true, false) => ErrorKind::KeyMissing.exit_code(),
         (true, true) => 0,
