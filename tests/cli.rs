@@ -266,6 +266,13 @@ fn a_rollback_is_reported_in_plain_words_by_check_and_info_and_fails_check() {
     );
     // validate-incoming keeps refusing it.
     assert_eq!(cli(&["validate-incoming", i]).0, 3);
+    // A force-share reader may have caught a writer mid-commit: one commit
+    // of that shape is reported, with a note, but is no alarm.
+    let (code, out, _) = cli(&["check", i, "-U"]);
+    assert!(
+        code == 0 && out.contains("ROLLBACK") && out.contains("in progress"),
+        "{out}"
+    );
 }
 
 #[test]
