@@ -609,9 +609,9 @@ fn check(
     }
     let rolled_back = !r.skipped.is_empty() && !in_flight;
     Ok(match (rolled_back, r.authenticated) {
-        (false, _) => ErrorKind::Corrupt.exit_code(),
-        (true, false) => ErrorKind::KeyMissing.exit_code(),
-        (true, true) => 0,
+        (true, _) => ErrorKind::Corrupt.exit_code(),
+        (false, false) => ErrorKind::KeyMissing.exit_code(),
+        (false, true) => 0,
     })
 }
 
