@@ -40,6 +40,24 @@ impl Allocator {
         Some(Extent { offset: start, len })
     }
 
+    /// Takes the smallest free run that holds `len` bytes (rounded up to
+    /// blocks), lowest of equals: for an extent that must be contiguous
+    /// (a directory), leaving longer runs to what needs them.
+    pub(super) fn alloc_best(&mut self, len: u32) -> Option<Extent> {
+        if len == 0 {
+            return Some(Extent::default());
+        }
+        let size = u64::from(len).div_ceil(BLOCK) * BLOCK;
+        let start = self
+            .free_runs()
+            .into_iter()
+            .filter(|&(s, e)| e - s >= size)
+            .min_by_key(|&(s, e)| (e - s, s))?
+            .0;
+        self.mark(start, start + size);
+        Some(Extent { offset: start, len })
+    }
+
     /// Takes `len` bytes (rounded up to blocks) exactly at `offset`, if free.
     pub(super) fn alloc_at(&mut self, offset: u64, len: u64) -> Option<Extent> {
         let end = offset.checked_add(len.div_ceil(BLOCK) * BLOCK)?;
@@ -101,6 +119,19 @@ mod tests {
         );
         assert!(a.alloc(1).is_none());
         assert_eq!(a.alloc(0), Some(Extent::default()));
+    }
+
+    #[test]
+    fn best_fit_takes_the_smallest_run_that_holds_it() {
+        let used = [Extent {
+            offset: DATA_START + 2 * BLOCK,
+            len: 1,
+        }];
+        // Free: 2 blocks at DATA_START, then 5 blocks after the used one.
+        let mut a = Allocator::new(DATA_START + 8 * BLOCK, used.into_iter());
+        assert_eq!(a.alloc_best(2 * BLOCK as u32).unwrap().offset, DATA_START);
+        assert_eq!(a.alloc_best(1).unwrap().offset, DATA_START + 3 * BLOCK);
+        assert!(a.alloc_best(5 * BLOCK as u32).is_none());
     }
 
     #[test]

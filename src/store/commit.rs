@@ -18,7 +18,7 @@
 //! new one.
 
 use super::alloc::Allocator;
-use super::layout::{blocks, layout, Layout, Writes};
+use super::layout::{blocks, layout, Layout, Placement, Writes};
 use super::recover::{anchor_status, Chain, Generation, SlotReport, MAX_CHAIN};
 use super::view::StoreView;
 use super::{Store, StoreError};
@@ -179,7 +179,7 @@ impl<'s, 'd> Transaction<'s, 'd> {
     pub fn commit(self) -> Result<u64, StoreError> {
         let Transaction {
             store,
-            changes,
+            mut changes,
             rekey,
             settle,
         } = self;
@@ -201,13 +201,18 @@ impl<'s, 'd> Transaction<'s, 'd> {
             let _ = store.scrub_free_space();
         }
         let settle = settle || store.settle_next;
+        let compact = store.compact_next && rekey.is_none() && !settle;
+        if compact {
+            relocate_upper_blobs(store, &mut changes)?;
+        }
         let mut plan = Plan::build(&store.view, changes, rekey.as_ref())?;
         // Until both slots say the store has held state, commits anchor, so
         // that the next one marks the other slot too.
         let unmarked =
             plan.dir.held_state && !store.view.slot_marked[1 - store.view.chain.anchor_slot];
-        let chain_at = chains_at(&store.view, rekey.is_some() || settle || unmarked);
-        let (layout, area) = place(&mut store.view, &plan, chain_at)?;
+        let must_anchor = rekey.is_some() || settle || unmarked;
+        let placement = placement(&store.view, must_anchor, compact);
+        let (layout, area) = place(&mut store.view, &plan, placement)?;
         let key = match &rekey {
             Some((k, _)) => Some(k),
             None => store.view.key.as_ref(),
@@ -236,8 +241,27 @@ impl<'s, 'd> Transaction<'s, 'd> {
             store.view.key = Some(k);
         }
         store.settle_next = false;
+        store.compact_next = needs_compaction(&store.view);
         Ok(generation)
     }
+}
+
+/// Adds to `changes` every blob of the area's upper half that the commit
+/// does not change anyway, read back (and decrypted) to be written again:
+/// the compacting commit scatters them into the lowest holes.
+fn relocate_upper_blobs<'d>(
+    store: &Store,
+    changes: &mut BTreeMap<String, Option<Data<'d>>>,
+) -> Result<(), StoreError> {
+    let names: Vec<String> = upper_blobs(&store.view.current)
+        .map(|(name, _)| name.clone())
+        .filter(|name| !changes.contains_key(name))
+        .collect();
+    for name in names {
+        let data = store.get_required(&name)?;
+        changes.insert(name, Some(Data::Owned(data)));
+    }
+    Ok(())
 }
 
 impl<'d> Plan<'d> {
@@ -305,16 +329,46 @@ impl<'d> Plan<'d> {
     }
 }
 
-/// Where the commit chains, if it can: at the block the current header
-/// named, behind a chain not yet at its limit, with no torn commit left to
-/// keep in quarantine. Rekeys and settling commits anchor.
-fn chains_at(view: &StoreView, must_anchor: bool) -> Option<u64> {
+/// How the commit places its blocks: chained where it can (at the block the
+/// current header named, behind a chain not yet at its limit, with no torn
+/// commit left to keep in quarantine); rekeys and settling commits anchor;
+/// a compacting commit scatters its blobs into the lowest holes.
+fn placement(view: &StoreView, must_anchor: bool, compact: bool) -> Placement {
     let next = view.current.slot.next;
-    (!must_anchor
+    let chains = !must_anchor
         && next != 0
         && view.chain.headers.len() < MAX_CHAIN
-        && view.chain.quarantine.is_empty())
-    .then_some(next)
+        && view.chain.quarantine.is_empty();
+    match (compact, chains) {
+        (true, _) => Placement::Scatter,
+        (false, true) => Placement::Chain(next),
+        (false, false) => Placement::Anchor,
+    }
+}
+
+/// Whether free space has come apart into runs too short to keep commits
+/// cheap and possible: the largest free run is below twice the directory
+/// plus two blocks, while enough is free to move the blobs of the area's
+/// upper half down into holes (which frees that half in one run).
+pub(super) fn needs_compaction(view: &StoreView) -> bool {
+    let g = &view.current;
+    let area = g.slot.area_len;
+    let in_use = g.dir.extents(&g.slot).chain(view.chain.pinned());
+    let runs = Allocator::new(area, in_use).free_runs();
+    let largest = runs.iter().map(|(s, e)| e - s).max().unwrap_or(0);
+    let free: u64 = runs.iter().map(|(s, e)| e - s).sum();
+    let reserve = 2 * (blocks(g.slot.directory.len) + 2 * BLOCK);
+    let upper: u64 = upper_blobs(g).map(|(_, b)| blocks(b.extent.len)).sum();
+    largest < reserve && upper > 0 && free >= upper + reserve
+}
+
+/// The blobs that lie in the upper half of the area.
+fn upper_blobs(g: &Generation) -> impl Iterator<Item = (&String, &BlobEntry)> {
+    let half = g.slot.area_len / 2;
+    g.dir
+        .blobs
+        .iter()
+        .filter(move |(_, b)| b.extent.len > 0 && b.extent.start() >= half)
 }
 
 /// Step 2: places the plan, growing the area once if it does not fit.
@@ -324,7 +378,7 @@ fn chains_at(view: &StoreView, must_anchor: bool) -> Option<u64> {
 fn place(
     view: &mut StoreView,
     plan: &Plan,
-    chain_at: Option<u64>,
+    placement: Placement,
 ) -> Result<(Layout, u64), StoreError> {
     let lens = plan.lens();
     let anchor_at = SLOT_OFFSETS[1 - view.chain.anchor_slot];
@@ -335,7 +389,7 @@ fn place(
             area,
             &lens,
             plan.dir_bound,
-            chain_at,
+            placement,
             anchor_at,
         )
     };

@@ -124,6 +124,9 @@ pub struct Store {
     /// A rekey committed but could not zero the old key's free blocks: the
     /// next commit does it.
     pub(super) scrub_pending: bool,
+    /// Free space has come apart: the next commit moves the blobs of the
+    /// area's upper half into holes (see `commit.rs`).
+    pub(super) compact_next: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -148,6 +151,7 @@ impl Store {
             write_buf: PageBuf::default(),
             poisoned: false,
             scrub_pending: false,
+            compact_next: false,
         }
     }
 
@@ -172,6 +176,7 @@ impl Store {
     fn opened(view: StoreView, lock: HeldLock) -> Store {
         let mut store = Store::with_lock(view, lock);
         store.scrub_pending = store.view.old_key_remains();
+        store.compact_next = super::commit::needs_compaction(&store.view);
         store
     }
 

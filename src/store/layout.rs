@@ -31,18 +31,29 @@ pub(super) struct Layout {
     pub(super) regions: Vec<(u64, u64)>,
 }
 
+/// How a commit may place its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Placement {
+    /// Chained at this block if the whole run fits there, else anchored.
+    Chain(u64),
+    /// Anchored, with blobs and directory in one run where one is free.
+    Anchor,
+    /// Anchored, each blob in the lowest free run that takes it: a
+    /// compacting commit moves blobs down into holes.
+    Scatter,
+}
+
 /// Places the staged blobs and the directory (in the header's block when at
 /// most `EMBEDDED_DIRECTORY_MAX` bytes) in blocks of `area` that neither the
-/// current generation nor the chain uses: chained at `chain_at` if the whole
-/// run fits there, else anchored with the header at `anchor_at`. `None` if
-/// they do not fit.
+/// current generation nor the chain uses, as `placement` says, anchored
+/// with the header at `anchor_at`. `None` if they do not fit.
 pub(super) fn layout(
     cur: &Generation,
     chain: &Chain,
     area: u64,
     lens: &[u32],
     dir_bound: u64,
-    chain_at: Option<u64>,
+    placement: Placement,
     anchor_at: u64,
 ) -> Option<Layout> {
     let embedded = dir_bound <= u64::from(EMBEDDED_DIRECTORY_MAX);
@@ -75,7 +86,7 @@ pub(super) fn layout(
         };
         (blobs, dir_at, dir_room)
     };
-    if let Some(at) = chain_at {
+    if let Placement::Chain(at) = placement {
         if Allocator::new(area, in_use())
             .alloc_at(at, BLOCK + body)
             .is_some()
@@ -102,8 +113,9 @@ pub(super) fn layout(
             regions: vec![header_block],
         });
     }
-    if let Some(run) = u32::try_from(body)
-        .ok()
+    let one_run = (placement != Placement::Scatter).then_some(body);
+    if let Some(run) = one_run
+        .and_then(|body| u32::try_from(body).ok())
         .and_then(|len| Allocator::new(area, in_use()).alloc(len))
     {
         let (blobs, dir_at, dir_room) = place(run.offset, anchor_at);
@@ -115,21 +127,24 @@ pub(super) fn layout(
             regions: vec![header_block, (run.offset, body)],
         });
     }
+    // Free space in pieces: the directory first, in the smallest run that
+    // holds it (it must be contiguous), then each blob in the lowest run
+    // that takes it.
     let mut alloc = Allocator::new(area, in_use());
-    let blobs = lens
-        .iter()
-        .map(|&len| alloc.alloc(len))
-        .collect::<Option<Vec<_>>>()?;
     let (dir_at, dir_room) = match embedded {
         true => (
             anchor_at + SLOT_BYTES as u64,
             u64::from(EMBEDDED_DIRECTORY_MAX),
         ),
         false => (
-            alloc.alloc(u32::try_from(dir_blocks).ok()?)?.offset,
+            alloc.alloc_best(u32::try_from(dir_blocks).ok()?)?.offset,
             dir_blocks,
         ),
     };
+    let blobs = lens
+        .iter()
+        .map(|&len| alloc.alloc(len))
+        .collect::<Option<Vec<_>>>()?;
     let mut regions: Vec<(u64, u64)> = blobs
         .iter()
         .filter(|e| e.len > 0)
