@@ -523,3 +523,152 @@ fn a_text_key_an_earlier_version_accepted_opens_with_legacy_key_file_to_rekey() 
     assert_eq!(cli(&args).0, 0);
     assert_eq!(cli(&["check", i, "--key-file", path_str(&new)]).0, 0);
 }
+
+/// Area offsets of the chained headers `dump-headers` shows behind slot `slot`.
+fn chained_headers(img: &Path, slot: usize) -> Vec<u64> {
+    let (_, out, _) = cli(&["dump-headers", path_str(img)]);
+    out.split(&format!("slot {slot}:"))
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.trim().strip_prefix("chained at area offset "))
+        .map(|l| l.split(':').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_flipped_magic_bit_in_a_chain_does_not_hide_the_commits_behind_it() {
+    let dir = scratch();
+    let (img, k) = encrypted(dir.path(), 0);
+    let (i, kf) = (path_str(&img), path_str(&k));
+    // Forty names: a directory too large to embed in its header's block.
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, b"x").unwrap();
+    for n in 0..40 {
+        let name = format!("nvram-index-{n:03}");
+        assert_eq!(
+            cli(&["put", i, &name, path_str(&blob), "--key-file", kf]).0,
+            0
+        );
+    }
+    let anchor = info_json(&img, &k)["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| {
+            s["status"]
+                .as_str()
+                .unwrap()
+                .contains("anchor of the current")
+        })
+        .expect("the newest commit is chained");
+    let chain = chained_headers(&img, anchor);
+    assert!(chain.len() >= 3, "{chain:?}");
+    // The edit: one bit of the magic of a header in the middle of the chain.
+    let at = chain[chain.len() / 2];
+    let mut b = read(&img, at, 1);
+    b[0] ^= 0x01;
+    overwrite(&img, at, &b);
+    let (code, out, _) = cli(&["check", i, "--key-file", kf]);
+    assert!(code == 3 && out.contains("out of reach"), "{out}");
+    assert_eq!(
+        cli(&[
+            "get",
+            i,
+            "nvram-index-000",
+            "--key-file",
+            kf,
+            "--accept-torn-commit"
+        ])
+        .0,
+        11
+    );
+}
+
+#[test]
+fn a_zeroed_header_with_commits_behind_it_is_not_taken_for_one_torn_commit() {
+    let dir = scratch();
+    let (img, k) = encrypted(dir.path(), 6);
+    let (i, kf) = (path_str(&img), path_str(&k));
+    let chain = chained_headers(&img, 0);
+    assert!(chain.len() >= 3, "{chain:?}");
+    overwrite(&img, chain[1], &[0u8; 512]);
+    let err = ReadOnlyStore::open(&img, key_opts(&k, RollbackPolicy::AcceptTorn)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::RolledBack { skipped, .. } if skipped.len() > 1),
+        "{err}"
+    );
+    assert_eq!(
+        cli(&["check", i, "--key-file", kf, "-U"]).0,
+        3,
+        "more than one commit in progress"
+    );
+    // Accepting the rollback and committing leaves no abandoned newer
+    // header behind: damage to the old slot later is one torn-shaped thing.
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, b"after").unwrap();
+    let (code, _, err) = cli(&[
+        "put",
+        i,
+        "permall",
+        path_str(&blob),
+        "--key-file",
+        kf,
+        "--accept-rollback",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let old_slot = 4096
+        * (1 - info_json(&img, &k)["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|s| s["status"].as_str().unwrap().contains("current"))
+            .unwrap() as u64);
+    let mut b = read(&img, old_slot + 20, 1);
+    b[0] ^= 0x10;
+    overwrite(&img, old_slot + 20, &b);
+    let (code, out, err) = cli(&[
+        "get",
+        i,
+        "permall",
+        "--key-file",
+        kf,
+        "--accept-torn-commit",
+    ]);
+    assert!(code == 0 && out == "after", "{err}");
+}
+
+#[test]
+fn a_forged_plaintext_generation_over_a_passphrase_store_is_a_rollback() {
+    let dir = scratch();
+    let img = dir.path().join("p.qcow2");
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "a long enough passphrase\n").unwrap();
+    let (i, pf) = (path_str(&img), path_str(&pass));
+    assert_eq!(cli(&["create", i, "--passphrase-file", pf]).0, 0);
+    assert_eq!(
+        cli(&["put", i, "permall", pf, "--passphrase-file", pf]).0,
+        0
+    );
+    assert_eq!(
+        cli(&["put", i, "permall", pf, "--passphrase-file", pf]).0,
+        0
+    );
+    let newest = {
+        let (_, out, _) = cli(&["info", i, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["header_offset"].as_u64().unwrap()
+    };
+    forge(&img, newest, |slot, dir| {
+        slot.encrypted = false;
+        slot.generation = 50;
+        slot.directory_mac = [0; 32];
+        dir.generation = 50;
+        dir.encryption = None;
+        dir.blobs.clear();
+    });
+    let (code, _, err) = cli(&["get", i, "permall", "--passphrase-file", pf]);
+    assert_eq!(code, 11, "{err}");
+}

@@ -19,7 +19,7 @@
 
 use super::alloc::Allocator;
 use super::layout::{blocks, layout, Layout, Placement, Writes};
-use super::recover::{anchor_status, Chain, Generation, SlotReport, MAX_CHAIN};
+use super::recover::{anchor_status, Chain, Generation, Skipped, SlotReport, MAX_CHAIN};
 use super::view::StoreView;
 use super::{Store, StoreError};
 use crate::crypto::Key;
@@ -40,6 +40,8 @@ pub struct Transaction<'s, 'd> {
     changes: BTreeMap<String, Option<Data<'d>>>,
     rekey: Option<(Key, Kdf)>,
     settle: bool,
+    /// A compacting commit: its blobs go to the lowest holes.
+    compact: bool,
 }
 
 /// A new blob version: the caller's bytes, or bytes read back for a rekey.
@@ -137,6 +139,7 @@ impl<'s, 'd> Transaction<'s, 'd> {
             changes: BTreeMap::new(),
             rekey: None,
             settle: false,
+            compact: false,
         }
     }
 
@@ -179,9 +182,10 @@ impl<'s, 'd> Transaction<'s, 'd> {
     pub fn commit(self) -> Result<u64, StoreError> {
         let Transaction {
             store,
-            mut changes,
+            changes,
             rekey,
             settle,
+            compact,
         } = self;
         if store.poisoned {
             return Err(StoreError::Poisoned {
@@ -201,9 +205,8 @@ impl<'s, 'd> Transaction<'s, 'd> {
             let _ = store.scrub_free_space();
         }
         let settle = settle || store.settle_next;
-        let compact = store.compact_next && rekey.is_none() && !settle;
-        if compact {
-            relocate_upper_blobs(store, &mut changes)?;
+        if store.compact_next && !compact && rekey.is_none() && !settle {
+            compact_first(store)?;
         }
         let mut plan = Plan::build(&store.view, changes, rekey.as_ref())?;
         // Until both slots say the store has held state, commits anchor, so
@@ -236,7 +239,9 @@ impl<'s, 'd> Transaction<'s, 'd> {
         };
         write(store, writes)?;
         let generation = plan.generation;
+        let skipped = std::mem::take(&mut store.view.skipped);
         switch(store, layout.header_at, slot, plan.dir, dir_bytes);
+        forget_skipped(store, &skipped);
         if let Some((k, _)) = rekey {
             store.view.key = Some(k);
         }
@@ -246,22 +251,59 @@ impl<'s, 'd> Transaction<'s, 'd> {
     }
 }
 
-/// Adds to `changes` every blob of the area's upper half that the commit
-/// does not change anyway, read back (and decrypted) to be written again:
-/// the compacting commit scatters them into the lowest holes.
-fn relocate_upper_blobs<'d>(
-    store: &Store,
-    changes: &mut BTreeMap<String, Option<Data<'d>>>,
-) -> Result<(), StoreError> {
+/// Zeroes the header blocks of the commits the previous generation was
+/// served over (torn, damaged, or given up by an accepted rollback), now
+/// that a newer generation is durable on top of it, where no block of the
+/// new generation lies: left, an abandoned header newer than a later
+/// generation would read as a rollback at every open. Free space only, so
+/// a failure leaves them (the next open reports them again) and is not
+/// this commit's.
+fn forget_skipped(store: &mut Store, skipped: &[Skipped]) {
+    if skipped.is_empty() {
+        return;
+    }
+    let view = &store.view;
+    let g = &view.current;
+    let free = Allocator::new(
+        g.slot.area_len,
+        g.dir.extents(&g.slot).chain(view.chain.pinned()),
+    )
+    .free_runs();
+    let anchor = SLOT_OFFSETS[view.chain.anchor_slot];
+    let stale: Vec<u64> = skipped
+        .iter()
+        .map(|s| s.header_offset / BLOCK * BLOCK)
+        .filter(|&at| match at < DATA_START {
+            true => at != anchor,
+            false => free.iter().any(|&(s, e)| s <= at && at + BLOCK <= e),
+        })
+        .collect();
+    let zeros = [0u8; BLOCK as usize];
+    let disk = &mut store.view.disk;
+    let zeroed = stale.iter().try_for_each(|&at| disk.write_at(at, &zeros));
+    let _ = zeroed.and_then(|()| disk.sync());
+}
+
+/// The compacting commit, before the caller's: every blob of the area's
+/// upper half read back (and decrypted) and written again into the lowest
+/// holes, as a commit of its own, so that the caller's commit neither waits
+/// on it for room nor fails with it. If it finds no room after all, the
+/// caller's commit goes ahead as it would have; a failed write fails both.
+fn compact_first(store: &mut Store) -> Result<(), StoreError> {
+    store.compact_next = false;
     let names: Vec<String> = upper_blobs(&store.view.current)
         .map(|(name, _)| name.clone())
-        .filter(|name| !changes.contains_key(name))
         .collect();
+    let mut t = Transaction::new(store);
+    t.compact = true;
     for name in names {
-        let data = store.get_required(&name)?;
-        changes.insert(name, Some(Data::Owned(data)));
+        let data = t.store.get_required(&name)?;
+        t.changes.insert(name, Some(Data::Owned(data)));
     }
-    Ok(())
+    match t.commit() {
+        Ok(_) | Err(StoreError::CapacityExceeded { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl<'d> Plan<'d> {
@@ -347,9 +389,9 @@ fn placement(view: &StoreView, must_anchor: bool, compact: bool) -> Placement {
 }
 
 /// Whether free space has come apart into runs too short to keep commits
-/// cheap and possible: the largest free run is below twice the directory
-/// plus two blocks, while enough is free to move the blobs of the area's
-/// upper half down into holes (which frees that half in one run).
+/// cheap and possible: the directory has its own blocks and the largest free
+/// run is below twice its size plus two blocks, while the blobs of the
+/// area's upper half can move down into holes (which frees that half).
 pub(super) fn needs_compaction(view: &StoreView) -> bool {
     let g = &view.current;
     let area = g.slot.area_len;
@@ -359,7 +401,41 @@ pub(super) fn needs_compaction(view: &StoreView) -> bool {
     let free: u64 = runs.iter().map(|(s, e)| e - s).sum();
     let reserve = 2 * (blocks(g.slot.directory.len) + 2 * BLOCK);
     let upper: u64 = upper_blobs(g).map(|(_, b)| blocks(b.extent.len)).sum();
-    largest < reserve && upper > 0 && free >= upper + reserve
+    // A directory embedded in its header's block needs no run of its own:
+    // only a store of many blobs comes apart this way, and a vTPM's three
+    // blobs keep their one sync per commit.
+    !g.slot.directory.is_embedded()
+        && largest < reserve
+        && upper > 0
+        && free >= upper + reserve
+        && compaction_fits(view)
+}
+
+/// A dry run of the compacting commit: whether its blobs and directory can
+/// be placed, every blob below the area's middle (else moving them would
+/// not free the upper half, and would be tried again and again).
+fn compaction_fits(view: &StoreView) -> bool {
+    let g = &view.current;
+    let moved: Vec<(&String, &BlobEntry)> = upper_blobs(g).collect();
+    let lens: Vec<u32> = moved.iter().map(|(_, b)| b.extent.len).collect();
+    let dir_bound = g.dir_bytes.len() as u64
+        + Directory::GENERATION_GROWTH_BOUND
+        + moved
+            .iter()
+            .map(|(n, _)| Directory::entry_bound(n))
+            .sum::<u64>();
+    let anchor_at = SLOT_OFFSETS[1 - view.chain.anchor_slot];
+    let half = g.slot.area_len / 2;
+    let placed = layout(
+        g,
+        &view.chain,
+        g.slot.area_len,
+        &lens,
+        dir_bound,
+        Placement::Scatter,
+        anchor_at,
+    );
+    placed.is_some_and(|l| l.blobs.iter().all(|e| e.len == 0 || e.end() <= half))
 }
 
 /// The blobs that lie in the upper half of the area.

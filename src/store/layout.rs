@@ -129,22 +129,30 @@ pub(super) fn layout(
     }
     // Free space in pieces: the directory first, in the smallest run that
     // holds it (it must be contiguous), then each blob in the lowest run
-    // that takes it.
-    let mut alloc = Allocator::new(area, in_use());
-    let (dir_at, dir_room) = match embedded {
-        true => (
-            anchor_at + SLOT_BYTES as u64,
-            u64::from(EMBEDDED_DIRECTORY_MAX),
-        ),
-        false => (
-            alloc.alloc_best(u32::try_from(dir_blocks).ok()?)?.offset,
-            dir_blocks,
-        ),
+    // that takes it; failing that, the blobs first and the directory after.
+    let scattered = |dir_first: bool| -> Option<(Vec<Extent>, u64)> {
+        let mut alloc = Allocator::new(area, in_use());
+        let dir_len = u32::try_from(dir_blocks).ok()?;
+        let dir_at = match (embedded, dir_first) {
+            (true, _) => Some(anchor_at + SLOT_BYTES as u64),
+            (false, true) => Some(alloc.alloc_best(dir_len)?.offset),
+            (false, false) => None,
+        };
+        let blobs = lens
+            .iter()
+            .map(|&len| alloc.alloc(len))
+            .collect::<Option<Vec<_>>>()?;
+        let dir_at = match dir_at {
+            Some(at) => at,
+            None => alloc.alloc(dir_len)?.offset,
+        };
+        Some((blobs, dir_at))
     };
-    let blobs = lens
-        .iter()
-        .map(|&len| alloc.alloc(len))
-        .collect::<Option<Vec<_>>>()?;
+    let (blobs, dir_at) = scattered(true).or_else(|| scattered(false))?;
+    let dir_room = match embedded {
+        true => u64::from(EMBEDDED_DIRECTORY_MAX),
+        false => dir_blocks,
+    };
     let mut regions: Vec<(u64, u64)> = blobs
         .iter()
         .filter(|e| e.len > 0)

@@ -332,42 +332,46 @@ fn damaged_slots(reports: &[SlotReport], anchor: usize) -> Vec<Skipped> {
         .collect()
 }
 
-/// Headers of this store newer than `chosen` anywhere in the area, except
-/// at the places already listed: when a header that does not decode breaks
-/// a chain, the commits after it are out of reach, but their headers are
-/// still in their blocks. Read only when something did not decode (a rare
-/// path): it reads the whole area.
-fn beyond_damage(
+/// Headers of this store newer than `chosen` anywhere in the allocated
+/// area, except at the places already listed. A header that does not decode
+/// (a flipped bit of its magic is enough) ends a chain exactly as unused
+/// space does, so the commits after it are out of reach; their headers are
+/// still in their blocks. Every open looks: it reads the first 8 bytes of
+/// each 4 KiB block (a header starts a block), and a whole header only
+/// where the magic is.
+fn newer_headers(
     disk: &dyn Disk,
     chosen: &Generation,
     listed: &[Skipped],
+    next_at: [u64; 2],
 ) -> Result<Vec<Skipped>, ImageError> {
-    let end = chosen.slot.area_len.min(disk.size());
     let mut found = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut base = 0;
-    while base < end {
-        let n = (end - base).min(buf.len() as u64) as usize;
-        disk.read_at(base, &mut buf[..n])?;
-        for off in (0..n).step_by(BLOCK as usize) {
-            let at = base + off as u64;
-            let Some(bytes) = buf.get(off..off + SLOT_BYTES) else {
-                continue;
-            };
-            let Ok(s) = Slot::decode_at(bytes, at) else {
-                continue;
-            };
-            let newer = s.store_id == chosen.slot.store_id && s.generation > chosen.slot.generation;
-            if newer && !listed.iter().any(|l| l.header_offset == at) {
-                found.push(Skipped {
-                    generation: Some(s.generation),
-                    header_offset: at,
-                    reason: "a newer commit, out of reach behind a damaged header".into(),
-                    could_be_torn: false,
-                });
+    let mut magic = [0u8; 8];
+    let mut header = [0u8; SLOT_BYTES];
+    let mut at = crate::format::DATA_START;
+    while at
+        .checked_add(SLOT_BYTES as u64)
+        .is_some_and(|end| end <= disk.size())
+    {
+        disk.read_at(at, &mut magic)?;
+        if &magic == crate::format::MAGIC {
+            disk.read_at(at, &mut header)?;
+            if let Ok(s) = Slot::decode_at(&header, at) {
+                let newer =
+                    s.store_id == chosen.slot.store_id && s.generation > chosen.slot.generation;
+                if newer && !listed.iter().any(|l| l.header_offset == at) {
+                    found.push(Skipped {
+                        generation: Some(s.generation),
+                        header_offset: at,
+                        reason: "a newer commit, out of reach behind a damaged header".into(),
+                        could_be_torn: chosen.slot.generation.checked_add(1) == Some(s.generation)
+                            && s.prev_id == chosen.slot.commit_id
+                            && next_at.contains(&at),
+                    });
+                }
             }
         }
-        base += n as u64;
+        at += BLOCK;
     }
     Ok(found)
 }
@@ -474,10 +478,8 @@ pub(crate) fn recover(
                         .chain(orphans(disk, &chosen, SLOT_OFFSETS[1 - index])?)
                         .chain(damaged_slots(&reports, index))
                         .collect();
-                    if skipped.iter().any(|s| s.generation.is_none()) {
-                        let more = beyond_damage(disk, &chosen, &skipped)?;
-                        skipped.extend(more);
-                    }
+                    let more = newer_headers(disk, &chosen, &skipped, next_at)?;
+                    skipped.extend(more);
                     return Ok(Recovery {
                         chosen,
                         chain: Chain {

@@ -68,13 +68,16 @@ impl StoreView {
                 view.mark_slots();
                 return Ok(view);
             }
-            // A raw key for a plaintext newest generation: a plaintext store,
-            // or a forged plaintext generation over an encrypted one; the
-            // key tells which (a passphrase has no KDF settings to go by).
-            Err(not_expected @ StoreError::KeyNotExpected { .. }) => match key {
-                Some(KeySource::Key(raw)) => raw.clone(),
-                _ => return Err(not_expected),
-            },
+            // A key for a plaintext newest generation: a plaintext store, or
+            // a forged plaintext generation over an encrypted one; the key
+            // tells which (a passphrase through the KDF settings an
+            // encrypted directory still in a slot records).
+            Err(not_expected @ StoreError::KeyNotExpected { .. }) => {
+                match view.master_for_plaintext_newest(key)? {
+                    Some(master) => master,
+                    None => return Err(not_expected),
+                }
+            }
             Err(other) => return Err(other),
         };
         let authentic = |slot: &Slot, dir: &Directory, bytes: &[u8]| {
@@ -152,6 +155,27 @@ impl StoreView {
             .ok()?;
         let dir = Directory::decode(&bytes, &slot).ok()?;
         Some((d, dir))
+    }
+
+    /// The master key `key` gives under the KDF settings of an encrypted
+    /// directory in either slot, when the newest generation is plaintext.
+    fn master_for_plaintext_newest(
+        &self,
+        key: Option<&KeySource>,
+    ) -> Result<Option<Key>, StoreError> {
+        let Some(source) = key else {
+            return Ok(None);
+        };
+        let kdf = (0..2)
+            .filter_map(|i| self.slot_directory(i))
+            .find_map(|(_, dir)| dir.encryption.map(|e| e.kdf));
+        match kdf {
+            Some(kdf) => source
+                .master_key(&kdf)
+                .map(Some)
+                .map_err(|e| self.crypto(e)),
+            None => Ok(None),
+        }
     }
 
     /// Derives the master key as the current generation's KDF settings say
