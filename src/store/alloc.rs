@@ -27,33 +27,30 @@ impl Allocator {
 
     /// Takes the first free run of `len` bytes (rounded up to blocks).
     pub(super) fn alloc(&mut self, len: u32) -> Option<Extent> {
-        if len == 0 {
-            return Some(Extent::default());
-        }
-        let size = u64::from(len).div_ceil(BLOCK) * BLOCK;
-        let start = self
-            .free_runs()
-            .into_iter()
-            .find(|&(s, e)| e - s >= size)?
-            .0;
-        self.mark(start, start + size);
-        Some(Extent { offset: start, len })
+        self.take(len, |runs| runs.min_by_key(|&(s, _)| s))
     }
 
     /// Takes the smallest free run that holds `len` bytes (rounded up to
     /// blocks), lowest of equals: for an extent that must be contiguous
     /// (a directory), leaving longer runs to what needs them.
     pub(super) fn alloc_best(&mut self, len: u32) -> Option<Extent> {
+        self.take(len, |runs| runs.min_by_key(|&(s, e)| (e - s, s)))
+    }
+
+    /// Takes `len` bytes (rounded up to blocks) at the start of the free run
+    /// `pick` chooses among those that hold them.
+    fn take(
+        &mut self,
+        len: u32,
+        pick: impl FnOnce(&mut dyn Iterator<Item = (u64, u64)>) -> Option<(u64, u64)>,
+    ) -> Option<Extent> {
         if len == 0 {
             return Some(Extent::default());
         }
         let size = u64::from(len).div_ceil(BLOCK) * BLOCK;
-        let start = self
-            .free_runs()
-            .into_iter()
-            .filter(|&(s, e)| e - s >= size)
-            .min_by_key(|&(s, e)| (e - s, s))?
-            .0;
+        let runs = self.free_runs();
+        let mut fitting = runs.into_iter().filter(|&(s, e)| e - s >= size);
+        let (start, _) = pick(&mut fitting)?;
         self.mark(start, start + size);
         Some(Extent { offset: start, len })
     }
