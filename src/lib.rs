@@ -11,6 +11,8 @@
 //! - [`image`]: the qcow2 file behind the small [`image::Disk`] trait; [`lock`]
 //!   sits beside it on the same file descriptor and speaks QEMU's
 //!   image-locking protocol;
+//! - [`swtpm`]: swtpm's control messages and state blob format (no I/O),
+//!   which the emulator speaks;
 //! - leaves every layer may use: [`kind`] (the error classes) and [`file`]
 //!   (opening an image file, regular files only).
 #![forbid(unsafe_code)]
@@ -24,6 +26,7 @@ pub mod kind;
 pub mod lock;
 pub mod migration;
 pub mod store;
+pub mod swtpm;
 
 pub use crypto::{Key, KeySource};
 pub use kind::ErrorKind;

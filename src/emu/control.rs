@@ -1,0 +1,245 @@
+//! The control channel's commands, answered with swtpm 0.7.1's result
+//! codes and layouts (`docs/emulator.md` lists where this differs).
+//! Bad input gets an error result, never a crash: the message is decoded
+//! by `tpmstate::swtpm::ctrl`, which checks every length.
+
+use crate::channel::Conn;
+use crate::libtpms::{
+    StateType, TpmResult, TPM_BAD_PARAMETER, TPM_FAIL, TPM_IOERROR, TPM_RETRY, TPM_SUCCESS,
+};
+use crate::server::{Exit, Server};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use tpmstate::swtpm::blob;
+use tpmstate::swtpm::ctrl::{self, DecodeError, Request};
+
+/// The largest control message read at once (a SET_STATEBLOB's first
+/// part; the rest of its blob is read after).
+pub const MAX_MESSAGE: usize = 4 + 12 + 3 * 4096;
+/// `TPM_BAD_ORDINAL`: swtpm's answer to an unknown command, and to one
+/// sent in the wrong TPM state (running or stopped).
+const TPM_BAD_ORDINAL: TpmResult = 0x0a;
+/// `TPM_BAD_LOCALITY`.
+const TPM_BAD_LOCALITY: TpmResult = 0x3d;
+/// GET_CONFIG: the state is encrypted with a key given on the command line.
+const CONFIG_FLAG_FILE_KEY: u32 = 1;
+/// The most GET_INFO returns in one answer (swtpm's info buffer).
+const INFO_CHUNK: usize = 3 * 1024;
+
+/// Every command of the reference table, SEND_COMMAND_HEADER (bit 15)
+/// and LOCK_STORAGE (bit 16) included.
+pub const CAPABILITIES: u32 = 0x1_ffff;
+
+/// What a control command answers, and whether the emulator then ends.
+pub struct Outcome {
+    /// The response body.
+    pub response: Vec<u8>,
+    /// Set by SHUTDOWN.
+    pub exit: Option<Exit>,
+}
+
+fn answer(response: Vec<u8>) -> Outcome {
+    Outcome {
+        response,
+        exit: None,
+    }
+}
+
+fn result(res: TpmResult) -> Outcome {
+    answer(ctrl::response(&[res], &[]))
+}
+
+/// Decodes and runs one control message; `fds` came with it (SET_DATAFD).
+pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
+    let req = match ctrl::decode(msg) {
+        Ok(r) => r,
+        Err(e) => {
+            s.log.error(&format!("control channel: {e}"));
+            return result(match e {
+                DecodeError::Unknown(_) => TPM_BAD_ORDINAL,
+                _ => TPM_BAD_PARAMETER,
+            });
+        }
+    };
+    s.log.debug(&format!("control: {req:?}"));
+    let running = s.tpm.running();
+    match req {
+        Request::GetCapability => answer(ctrl::capability_response(CAPABILITIES)),
+        Request::Init { flags } => result(s.tpm.init(flags & ctrl::INIT_DELETE_VOLATILE != 0)),
+        Request::Shutdown => {
+            s.tpm.stop();
+            Outcome {
+                response: ctrl::response(&[TPM_SUCCESS], &[]),
+                exit: Some(Exit::Shutdown),
+            }
+        }
+        Request::Stop => {
+            s.tpm.stop();
+            result(TPM_SUCCESS)
+        }
+        Request::SetLocality { locality } if locality > 4 => result(TPM_BAD_LOCALITY),
+        Request::SetLocality { locality } => {
+            s.locality = locality;
+            result(TPM_SUCCESS)
+        }
+        Request::GetConfig => {
+            let flags = match s.tpm.host().store().is_encrypted() {
+                true => CONFIG_FLAG_FILE_KEY,
+                false => 0,
+            };
+            answer(ctrl::response(&[TPM_SUCCESS, flags], &[]))
+        }
+        Request::LockStorage { .. } => result(TPM_SUCCESS),
+        Request::SetDatafd => set_datafd(s, fds),
+        Request::SetBufferSize { size } => match s.tpm.buffer_size(size) {
+            Ok((size, min, max)) => answer(ctrl::response(&[TPM_SUCCESS, size, min, max], &[])),
+            Err(_) => result(TPM_BAD_ORDINAL),
+        },
+        Request::GetInfo { flags, offset } => get_info(s, flags, offset),
+        Request::SetStateBlob {
+            flags,
+            blob_type,
+            length,
+            data,
+        } => {
+            let data = data.to_vec();
+            set_state_blob(s, flags, blob_type, length, data)
+        }
+        _ if !running => result(TPM_BAD_ORDINAL),
+        Request::GetTpmEstablished => match s.tpm.lib().established() {
+            Ok(bit) => answer(ctrl::response(&[TPM_SUCCESS], &[u8::from(bit), 0, 0, 0])),
+            Err(rc) => result(rc),
+        },
+        Request::ResetTpmEstablished { locality } => {
+            let before = std::mem::replace(&mut s.tpm.host().locality, locality);
+            let rc = s.tpm.lib().reset_established();
+            s.tpm.host().locality = before;
+            result(rc)
+        }
+        Request::HashStart => result(s.tpm.lib().hash_start()),
+        Request::HashData { data } => result(s.tpm.lib().hash_data(data)),
+        Request::HashEnd => result(s.tpm.lib().hash_end()),
+        Request::CancelTpmCmd => result(s.tpm.lib().cancel_command()),
+        Request::StoreVolatile => result(s.tpm.store_volatile()),
+        Request::GetStateBlob {
+            flags,
+            blob_type,
+            offset,
+        } => get_state_blob(s, flags, blob_type, offset),
+    }
+}
+
+fn state_type(t: u32) -> Option<StateType> {
+    match t {
+        1 => Some(StateType::Permanent),
+        2 => Some(StateType::Volatile),
+        3 => Some(StateType::SaveState),
+        _ => None,
+    }
+}
+
+fn set_datafd(s: &mut Server, fds: Vec<OwnedFd>) -> Outcome {
+    if !s.ctrl_is_unix() {
+        return result(TPM_IOERROR);
+    }
+    let Some(fd) = fds.into_iter().next() else {
+        s.log.error("SET_DATAFD without a descriptor attached");
+        return result(TPM_FAIL);
+    };
+    s.set_data_conn(Conn::Unix(UnixStream::from(fd)));
+    result(TPM_SUCCESS)
+}
+
+fn get_info(s: &mut Server, flags: u64, offset: u32) -> Outcome {
+    let Some(text) = s.tpm.lib().get_info((flags & 0xffff_ffff) as u32) else {
+        return result(TPM_FAIL);
+    };
+    let mut bytes = text.into_bytes();
+    bytes.push(0);
+    let start = (offset as usize).min(bytes.len());
+    let chunk = &bytes[start..bytes.len().min(start + INFO_CHUNK)];
+    answer(ctrl::response(
+        &[TPM_SUCCESS, bytes.len() as u32, chunk.len() as u32],
+        chunk,
+    ))
+}
+
+/// GET_STATEBLOB's header, `{res, state_flags, totlength, length}`, then data.
+fn state_response(res: TpmResult, data: &[u8]) -> Outcome {
+    answer(ctrl::response(
+        &[res, 0, data.len() as u32, data.len() as u32],
+        data,
+    ))
+}
+
+fn get_state_blob(s: &mut Server, flags: u32, blob_type: u32, offset: u32) -> Outcome {
+    let Some(st) = state_type(blob_type) else {
+        return state_response(TPM_BAD_PARAMETER, &[]);
+    };
+    if flags & ctrl::STATE_FLAG_DECRYPTED == 0 && s.tpm.host().store().is_encrypted() {
+        // swtpm would hand out its own encryption of the blob; this
+        // emulator hands state out decrypted only, and only when asked so.
+        s.log
+            .error("GET_STATEBLOB without the DECRYPTED flag on an encrypted store: refused");
+        return state_response(TPM_BAD_PARAMETER, &[]);
+    }
+    let data = match s.tpm.get_state_blob(st) {
+        Ok(d) if d.is_empty() => return state_response(TPM_RETRY, &[]),
+        Ok(d) => d,
+        Err(rc) => return state_response(rc, &[]),
+    };
+    let Some(wrapped) = blob::wrap_for_migration(&data) else {
+        return state_response(TPM_FAIL, &[]);
+    };
+    let start = (offset as usize).min(wrapped.len());
+    state_response(TPM_SUCCESS, &wrapped[start..])
+}
+
+fn set_state_blob(
+    s: &mut Server,
+    flags: u32,
+    blob_type: u32,
+    length: u32,
+    mut data: Vec<u8>,
+) -> Outcome {
+    // Read the rest of the blob first, so that a refusal leaves no bytes
+    // behind to be taken for the next command.
+    let missing = length as usize - data.len();
+    if missing > 0 {
+        let start = data.len();
+        data.resize(length as usize, 0);
+        let read = match s.ctrl_conn() {
+            Some(conn) => conn.read_rest(&mut data[start..]),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        if let Err(e) = read {
+            s.log.error(&format!(
+                "SET_STATEBLOB: {length}-byte blob cut short ({e})"
+            ));
+            return result(TPM_IOERROR);
+        }
+    }
+    if s.tpm.running() {
+        s.log
+            .error("SET_STATEBLOB while the TPM runs: send STOP first");
+        return result(TPM_BAD_ORDINAL);
+    }
+    let Some(st) = state_type(blob_type) else {
+        s.log
+            .error(&format!("SET_STATEBLOB: unknown blob type {blob_type}"));
+        return result(TPM_BAD_PARAMETER);
+    };
+    if flags & ctrl::STATE_FLAG_ENCRYPTED != 0 {
+        s.log
+            .error("SET_STATEBLOB: the blob is encrypted; send it decrypted");
+        return result(TPM_BAD_PARAMETER);
+    }
+    let inner = match blob::unwrap(&data) {
+        Ok(inner) => inner,
+        Err(e) => {
+            s.log.error(&format!("SET_STATEBLOB ({}): {e}", st.name()));
+            return result(TPM_BAD_PARAMETER);
+        }
+    };
+    result(s.tpm.set_state_blob(st, inner))
+}

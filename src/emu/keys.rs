@@ -1,0 +1,147 @@
+//! swtpm's `--key` options, mapped onto the store's key. The store always
+//! seals with AES-256-GCM under a 32-byte master key:
+//! - `file=`/`fd=` (an AES-128 or AES-256 key, hex or binary): the master
+//!   key is HKDF-SHA256 of the given key (salt `tpmstate-emu swtpm --key`,
+//!   info the mode), so a 128-bit key works too (with 128-bit strength) and
+//!   the key swtpm used for AES-CBC is never itself used for GCM;
+//! - `pwdfile=`/`pwdfd=`: the passphrase goes through the store's Argon2id
+//!   (stronger than swtpm's PBKDF2 with 1000 rounds); `kdf=` is accepted
+//!   for swtpm's command lines and does not change the store's key.
+
+use crate::args::{KeyOption, Secret};
+use std::io::Read;
+use tpmstate::crypto::Key;
+use tpmstate::KeySource;
+use zeroize::Zeroizing;
+
+/// Reads the key or passphrase an option names.
+pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
+    match opt {
+        KeyOption::Key {
+            from,
+            hex,
+            bits256,
+            remove,
+        } => {
+            let data = read(from, *remove)?;
+            let want = if *bits256 { 32 } else { 16 };
+            let raw = match hex {
+                true => {
+                    let text = std::str::from_utf8(&data).map(str::trim).unwrap_or("");
+                    let text = text.strip_prefix("0x").unwrap_or(text);
+                    Zeroizing::new(hex::decode(text).map_err(|_| {
+                        format!("--key {}: not a hex key (format=hex)", describe(from))
+                    })?)
+                }
+                false => data,
+            };
+            if raw.len() != want {
+                return Err(format!(
+                    "--key {}: a {} key has {want} bytes ({} hex digits), found {}",
+                    describe(from),
+                    if *bits256 {
+                        "mode=aes-256-cbc"
+                    } else {
+                        "mode=aes-cbc"
+                    },
+                    want * 2,
+                    raw.len()
+                ));
+            }
+            let info: &[u8] = if *bits256 { b"aes-256-cbc" } else { b"aes-cbc" };
+            let mut okm = Zeroizing::new([0u8; 32]);
+            hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tpmstate-emu swtpm --key"), &raw)
+                .expand(info, &mut *okm)
+                .map_err(|_| "--key: key derivation failed".to_string())?;
+            Key::from_bytes(&okm)
+                .map(KeySource::Key)
+                .map_err(|e| format!("--key {}: {e}", describe(from)))
+        }
+        KeyOption::Passphrase { from, remove } => {
+            let mut data = read(from, *remove)?;
+            if data.last() == Some(&b'\n') {
+                data.pop();
+            }
+            if data.is_empty() {
+                return Err(format!("--key {}: empty passphrase", describe(from)));
+            }
+            Ok(KeySource::Passphrase(data))
+        }
+    }
+}
+
+fn describe(from: &Secret) -> String {
+    match from {
+        Secret::File(p) => format!("file {}", p.display()),
+        Secret::Fd(fd) => format!("fd {fd}"),
+    }
+}
+
+fn read(from: &Secret, remove: bool) -> Result<Zeroizing<Vec<u8>>, String> {
+    let mut data = Zeroizing::new(Vec::new());
+    match from {
+        Secret::File(path) => {
+            if let Some(w) = tpmstate::crypto::permission_warning(path) {
+                eprintln!("tpmstate-emu: {w}");
+            }
+            let mut f = std::fs::File::open(path)
+                .map_err(|e| format!("--key: cannot read {}: {e}", path.display()))?;
+            f.read_to_end(&mut data)
+                .map_err(|e| format!("--key: reading {}: {e}", path.display()))?;
+            if remove {
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("--key: remove {}: {e}", path.display()))?;
+            }
+        }
+        Secret::Fd(fd) => {
+            let fd = crate::fds::take(*fd).map_err(|e| format!("--key: {e}"))?;
+            std::fs::File::from(fd)
+                .read_to_end(&mut data)
+                .map_err(|e| format!("--key: reading fd {fd}: {e}", fd = describe(from)))?;
+        }
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn key_file(content: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, content).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn a_128_bit_hex_key_becomes_a_store_key_and_a_wrong_length_is_named() {
+        let (_d, p) = key_file(b"00112233445566778899aabbccddeeff\n");
+        let opt = |bits256| KeyOption::Key {
+            from: Secret::File(p.clone()),
+            hex: true,
+            bits256,
+            remove: false,
+        };
+        assert!(matches!(load(&opt(false)), Ok(KeySource::Key(_))));
+        let err = load(&opt(true)).unwrap_err();
+        assert!(
+            err.contains("32 bytes") && err.contains("found 16"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn remove_deletes_the_key_file_once_read() {
+        let (_d, p) = key_file(&[7u8; 32]);
+        let opt = KeyOption::Key {
+            from: Secret::File(p.clone()),
+            hex: false,
+            bits256: true,
+            remove: true,
+        };
+        load(&opt).unwrap();
+        assert!(!p.exists());
+    }
+}

@@ -1,0 +1,231 @@
+//! The TPM's life cycle over libtpms, as swtpm runs it: stopped until INIT
+//! (or at once with `--flags not-need-init`), running until STOP, SHUTDOWN
+//! or the end; state blobs in and out only while stopped.
+
+use crate::libtpms::{Libtpms, StateType, TpmResult, TPM_BAD_PARAMETER, TPM_FAIL, TPM_SUCCESS};
+use crate::log::Log;
+use crate::nvram::StoreHost;
+use std::cell::RefCell;
+use std::rc::Rc;
+use tpmstate::Store;
+
+/// The I/O buffer size swtpm starts with.
+pub const DEFAULT_BUFFER_SIZE: u32 = 4096;
+
+/// A TPM 2 on libtpms with its state in the store.
+pub struct Tpm {
+    lib: Libtpms,
+    host: Rc<RefCell<StoreHost>>,
+    log: Log,
+    running: bool,
+    buffer_size: u32,
+}
+
+impl Tpm {
+    /// Binds libtpms to the store; the TPM is not started yet.
+    pub fn new(mut lib: Libtpms, store: Store, log: Log) -> Result<Tpm, String> {
+        let host = Rc::new(RefCell::new(StoreHost::new(store, log.clone())));
+        lib.register(host.clone())
+            .map_err(|rc| format!("libtpms refused its callbacks or TPM 2 (error 0x{rc:x})"))?;
+        let (size, _, _) = lib.set_buffer_size(DEFAULT_BUFFER_SIZE);
+        Ok(Tpm {
+            lib,
+            host,
+            log,
+            running: false,
+            buffer_size: size,
+        })
+    }
+
+    /// Whether the TPM is running.
+    pub fn running(&self) -> bool {
+        self.running
+    }
+
+    /// The store behind the TPM (never borrow across a libtpms call).
+    pub fn host(&self) -> std::cell::RefMut<'_, StoreHost> {
+        self.host.borrow_mut()
+    }
+
+    /// libtpms's version.
+    pub fn libtpms_version(&self) -> String {
+        self.lib.version()
+    }
+
+    /// Starts the TPM from the stored state (CMD_INIT): a running TPM is
+    /// stopped first. With `delete_volatile` the volatile state is deleted
+    /// once loaded, so that a later start cannot resume from it again.
+    pub fn init(&mut self, delete_volatile: bool) -> TpmResult {
+        if self.running {
+            self.lib.terminate();
+            self.running = false;
+        }
+        if let Err(rc) = self.lib.main_init() {
+            let why = self.host().failed.take();
+            self.log.error(&format!(
+                "libtpms could not start the TPM from {} (error 0x{rc:x}){}",
+                self.host().store().path().display(),
+                why.map(|w| format!(": {w}")).unwrap_or_else(|| {
+                    ": the stored state is not one this libtpms accepts (it entered failure mode); \
+                     the image is left as it was"
+                        .into()
+                })
+            ));
+            self.lib.terminate();
+            return TPM_FAIL;
+        }
+        self.running = true;
+        if delete_volatile {
+            let mut host = self.host();
+            if host.store().contains(StateType::Volatile.name()) {
+                if let Err(e) = host.store().delete(StateType::Volatile.name()) {
+                    self.log.error(&format!(
+                        "deleting the volatile state: {}",
+                        crate::chain(&e)
+                    ));
+                    return TPM_FAIL;
+                }
+            }
+        }
+        TPM_SUCCESS
+    }
+
+    /// Stops the TPM (CMD_STOP, CMD_SHUTDOWN); its state stays stored.
+    pub fn stop(&mut self) {
+        if self.running {
+            self.lib.terminate();
+            self.running = false;
+        }
+    }
+
+    /// Runs one TPM command at `locality`; a stopped TPM answers with
+    /// TPM_RC_FAILURE, as swtpm does.
+    pub fn process(&mut self, command: &[u8], locality: u8) -> Vec<u8> {
+        if !self.running || command.len() > self.buffer_size as usize {
+            return failure_response();
+        }
+        self.host().locality = locality;
+        match self.lib.process(command) {
+            Ok(resp) => resp.to_vec(),
+            Err(rc) => {
+                self.log.error(&format!(
+                    "libtpms could not process a command (error 0x{rc:x})"
+                ));
+                failure_response()
+            }
+        }
+    }
+
+    /// Writes the volatile state to the store (CMD_STORE_VOLATILE).
+    pub fn store_volatile(&mut self) -> TpmResult {
+        if !self.running {
+            return TPM_FAIL;
+        }
+        let data = match self.lib.volatile_all_store() {
+            Ok(d) => d,
+            Err(rc) => return rc,
+        };
+        let mut host = self.host();
+        match host.store().put(StateType::Volatile.name(), &data) {
+            Ok(_) => TPM_SUCCESS,
+            Err(e) => {
+                self.log
+                    .error(&format!("storing the volatile state: {}", crate::chain(&e)));
+                TPM_FAIL
+            }
+        }
+    }
+
+    /// A state blob for GET_STATEBLOB: the stored one, after storing the
+    /// volatile state first when the TPM runs (as swtpm does).
+    pub fn get_state_blob(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
+        if st == StateType::Volatile && self.running {
+            match self.store_volatile() {
+                TPM_SUCCESS => {}
+                rc => return Err(rc),
+            }
+        }
+        let mut host = self.host();
+        match host.store().get(st.name()) {
+            Ok(blob) => Ok(blob.map(|b| b.to_vec()).unwrap_or_default()),
+            Err(e) => {
+                self.log
+                    .error(&format!("reading {}: {}", st.name(), crate::chain(&e)));
+                Err(TPM_FAIL)
+            }
+        }
+    }
+
+    /// Stores a state blob received with SET_STATEBLOB (the TPM must be
+    /// stopped): one commit; an empty blob deletes the stored one.
+    pub fn set_state_blob(&mut self, st: StateType, data: &[u8]) -> TpmResult {
+        if self.running {
+            return TPM_BAD_PARAMETER;
+        }
+        let mut host = self.host();
+        let store = host.store();
+        let result = match (data.is_empty(), store.contains(st.name())) {
+            (true, false) => return TPM_SUCCESS,
+            (true, true) => store.delete(st.name()),
+            (false, _) => store.put(st.name(), data),
+        };
+        match result {
+            Ok(_) => TPM_SUCCESS,
+            Err(e) => {
+                self.log
+                    .error(&format!("storing {}: {}", st.name(), crate::chain(&e)));
+                TPM_FAIL
+            }
+        }
+    }
+
+    /// SET_BUFFERSIZE: sets (when stopped and `wanted` > 0) or queries the
+    /// buffer size; returns (size, min, max).
+    pub fn buffer_size(&mut self, wanted: u32) -> Result<(u32, u32, u32), TpmResult> {
+        if wanted != 0 && self.running {
+            return Err(TPM_BAD_PARAMETER);
+        }
+        let (size, min, max) = self.lib.set_buffer_size(wanted);
+        if wanted != 0 {
+            self.buffer_size = size;
+        }
+        Ok((size, min, max))
+    }
+
+    /// libtpms itself, for the control commands that pass straight through.
+    pub fn lib(&mut self) -> &mut Libtpms {
+        &mut self.lib
+    }
+
+    /// Stops the TPM and gives the store back.
+    pub fn into_store(mut self) -> Option<Store> {
+        self.stop();
+        let Tpm { lib, host, .. } = self;
+        drop(lib);
+        Rc::try_unwrap(host)
+            .ok()
+            .map(|h| h.into_inner().into_store())
+    }
+}
+
+/// The largest command the data channel reads: libtpms's largest buffer.
+pub const MAX_COMMAND: usize = 64 * 1024;
+
+/// A TPM 2 response `{tag ST_NO_SESSIONS, size 10, rc}`.
+fn error_response(rc: u32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(10);
+    r.extend_from_slice(&0x8001u16.to_be_bytes());
+    r.extend_from_slice(&10u32.to_be_bytes());
+    r.extend_from_slice(&rc.to_be_bytes());
+    r
+}
+
+/// TPM_RC_FAILURE: what a stopped TPM answers.
+pub fn failure_response() -> Vec<u8> {
+    error_response(0x101)
+}
+
+/// TPM_RC_LOCALITY: a locality-4 command under `--locality reject-locality-4`.
+pub fn locality_response() -> Vec<u8> {
+    error_response(0x907)
+}
