@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the CLI binary, qemu-img, scratch dirs.
 #![allow(dead_code)]
 
+pub mod emu;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
