@@ -86,9 +86,6 @@ pub enum Startup {
     Clear,
     /// TPM_SU_STATE.
     State,
-    /// Startup(CLEAR) followed by a deactivation is TPM 1.2 only: for a
-    /// TPM 2 swtpm sends nothing, and so does this emulator.
-    Deactivated,
 }
 
 /// A sink for the log (`--log`).
@@ -281,7 +278,7 @@ pub fn parse(args: &[String]) -> Result<Action, UsageError> {
             "--terminate" | "-t" => b.terminate = true,
             "--daemon" | "-d" => b.daemon = true,
             "--runas" | "-r" => b.runas = Some(value(name)?),
-            "--port" | "-p" => b.server(&format!("type=tcp,port={}", value(name)?))?,
+            "--port" | "-p" => b.server(&format!("type=tcp,port={},disconnect", value(name)?))?,
             "--fd" | "-f" => b.server(&format!("fd={}", value(name)?))?,
             "--server" => b.server(&value(name)?)?,
             "--ctrl" => b.ctrl(&value(name)?)?,
@@ -499,18 +496,21 @@ impl Builder {
 
     fn flags(&mut self, text: &str) -> Result<(), UsageError> {
         let p = Params::parse("flags", text);
+        if p.items.iter().any(|(k, _)| k == "startup-deactivated") {
+            return Err(usage(
+                "--flags startup-deactivated: a TPM 2 has no deactivated start-up",
+            ));
+        }
         p.only(&[
             "not-need-init",
             "startup-clear",
             "startup-state",
-            "startup-deactivated",
             "startup-none",
         ])?;
         self.not_need_init = p.flag("not-need-init")?;
         let chosen: Vec<_> = [
             ("startup-clear", Some(Startup::Clear)),
             ("startup-state", Some(Startup::State)),
-            ("startup-deactivated", Some(Startup::Deactivated)),
             ("startup-none", None),
         ]
         .into_iter()
@@ -520,6 +520,8 @@ impl Builder {
             return Err(usage("--flags: give at most one startup-... flag"));
         }
         self.startup = chosen.first().and_then(|(_, s)| *s);
+        // Any start-up type starts the TPM at once (as swtpm).
+        self.not_need_init |= self.startup.is_some();
         Ok(())
     }
 

@@ -77,7 +77,11 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
             s.tpm.stop();
             result(TPM_SUCCESS)
         }
-        Request::SetLocality { locality } if locality > 4 => result(TPM_BAD_LOCALITY),
+        Request::SetLocality { locality }
+            if locality > 4 || (locality == 4 && s.reject_locality_4) =>
+        {
+            result(TPM_BAD_LOCALITY)
+        }
         Request::SetLocality { locality } => {
             s.locality = locality;
             result(TPM_SUCCESS)
@@ -138,13 +142,15 @@ fn state_type(t: u32) -> Option<StateType> {
     }
 }
 
+/// SET_DATAFD: the data channel QEMU passes; refused (TPM_IOERROR) when
+/// there is one already (a `--server` listener counts, as in swtpm).
 fn set_datafd(s: &mut Server, fds: Vec<OwnedFd>) -> Outcome {
-    if !s.ctrl_is_unix() {
+    if s.has_data_channel() {
         return result(TPM_IOERROR);
     }
     let Some(fd) = fds.into_iter().next() else {
         s.log.error("SET_DATAFD without a descriptor attached");
-        return result(TPM_FAIL);
+        return result(TPM_BAD_PARAMETER);
     };
     s.set_data_conn(Conn::Unix(UnixStream::from(fd)));
     result(TPM_SUCCESS)
@@ -155,8 +161,11 @@ fn get_info(s: &mut Server, flags: u64, offset: u32) -> Outcome {
         return result(TPM_FAIL);
     };
     let mut bytes = text.into_bytes();
+    if offset as usize >= bytes.len() {
+        return result(TPM_BAD_PARAMETER);
+    }
     bytes.push(0);
-    let start = (offset as usize).min(bytes.len());
+    let start = offset as usize;
     let chunk = &bytes[start..bytes.len().min(start + INFO_CHUNK)];
     answer(ctrl::response(
         &[TPM_SUCCESS, bytes.len() as u32, chunk.len() as u32],
@@ -229,6 +238,10 @@ fn set_state_blob(
             .error(&format!("SET_STATEBLOB: unknown blob type {blob_type}"));
         return result(TPM_BAD_PARAMETER);
     };
+    if data.is_empty() {
+        // No blob: drop one held for this type (as swtpm).
+        return result(s.tpm.set_state_blob(st, &[]));
+    }
     if flags & ctrl::STATE_FLAG_ENCRYPTED != 0 {
         s.log
             .error("SET_STATEBLOB: the blob is encrypted; send it decrypted");

@@ -116,9 +116,6 @@ struct Fns {
     cancel_command: unsafe extern "C" fn() -> TpmResult,
     get_info: unsafe extern "C" fn(c_int) -> *mut c_char,
     set_buffer_size: unsafe extern "C" fn(u32, *mut u32, *mut u32) -> u32,
-    validate_state: unsafe extern "C" fn(c_int, u32) -> TpmResult,
-    set_state: unsafe extern "C" fn(c_int, *const c_uchar, u32) -> TpmResult,
-    get_state: unsafe extern "C" fn(c_int, *mut *mut c_uchar, *mut u32) -> TpmResult,
     hash_start: unsafe extern "C" fn() -> TpmResult,
     hash_data: unsafe extern "C" fn(*const c_uchar, u32) -> TpmResult,
     hash_end: unsafe extern "C" fn() -> TpmResult,
@@ -175,9 +172,6 @@ impl Libtpms {
             cancel_command: sym!("TPMLIB_CancelCommand"),
             get_info: sym!("TPMLIB_GetInfo"),
             set_buffer_size: sym!("TPMLIB_SetBufferSize"),
-            validate_state: sym!("TPMLIB_ValidateState"),
-            set_state: sym!("TPMLIB_SetState"),
-            get_state: sym!("TPMLIB_GetState"),
             hash_start: sym!("TPM_IO_Hash_Start"),
             hash_data: sym!("TPM_IO_Hash_Data"),
             hash_end: sym!("TPM_IO_Hash_End"),
@@ -298,38 +292,6 @@ impl Libtpms {
         // SAFETY: see above: ours to free.
         unsafe { libc::free(p.cast()) };
         Some(text)
-    }
-
-    /// `TPMLIB_ValidateState` for the blobs in `types` (a bit mask of [`StateType`]).
-    pub fn validate_state(&mut self, types: u32) -> Result<(), TpmResult> {
-        let types = c_int::try_from(types).map_err(|_| TPM_BAD_PARAMETER)?;
-        // SAFETY: plain integers; reads state through the callbacks.
-        check(unsafe { (self.fns.validate_state)(types, 0) })
-    }
-
-    /// `TPMLIB_SetState`: a blob to load at the next `main_init`
-    /// (empty `data` clears one set before).
-    pub fn set_state(&mut self, st: StateType, data: &[u8]) -> Result<(), TpmResult> {
-        let len = u32::try_from(data.len()).map_err(|_| TPM_BAD_PARAMETER)?;
-        let ptr = if data.is_empty() {
-            std::ptr::null()
-        } else {
-            data.as_ptr()
-        };
-        // SAFETY: `ptr` is null with length 0, or `data`'s `len` live
-        // bytes, which libtpms copies.
-        check(unsafe { (self.fns.set_state)(st as c_int, ptr, len) })
-    }
-
-    /// `TPMLIB_GetState`: blob `st` of the running TPM (or from the NVRAM).
-    pub fn get_state(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
-        let mut buf: *mut c_uchar = std::ptr::null_mut();
-        let mut len = 0u32;
-        // SAFETY: both out-pointers point to live locals.
-        let rc = unsafe { (self.fns.get_state)(st as c_int, &mut buf, &mut len) };
-        // SAFETY: on return `buf` is null or holds `len` malloc'ed bytes.
-        let data = unsafe { take_malloced(buf, len) };
-        check(rc).map(|_| data)
     }
 
     /// `TPM_IO_Hash_Start`.

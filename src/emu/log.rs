@@ -16,15 +16,6 @@ pub struct Log {
 }
 
 impl Log {
-    /// Standard error, errors only (until [`Log::open`] replaces it).
-    pub fn stderr() -> Log {
-        Log {
-            sink: None,
-            level: 0,
-            prefix: "".into(),
-        }
-    }
-
     /// Opens the log the options name.
     pub fn open(opts: &LogOptions) -> Result<Log, String> {
         let sink = match &opts.target {

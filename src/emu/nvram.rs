@@ -1,10 +1,21 @@
-//! libtpms's NVRAM in the store: each state blob libtpms writes is one
-//! durable commit of the writer handle the emulator holds for its life.
+//! libtpms's NVRAM in the store: each state blob libtpms writes while it
+//! runs is one durable commit of the writer handle the emulator holds for
+//! its life.
+//!
+//! Starting the TPM (INIT) is one commit too: blobs received with
+//! SET_STATEBLOB are held, libtpms starts from them (or from the store),
+//! whatever it writes while starting joins them, and only if it started
+//! does all of it land, together with the deletion of the volatile state
+//! INIT may ask for. A start libtpms refuses writes nothing.
 
 use crate::libtpms::{Host, TpmResult, TPM_FAIL};
 use crate::log::Log;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tpmstate::Store;
+
+/// Blob changes waiting for a start: `None` deletes.
+type Pending = BTreeMap<String, Option<Vec<u8>>>;
 
 /// The store behind libtpms, and the locality of the command in progress.
 pub struct StoreHost {
@@ -13,7 +24,11 @@ pub struct StoreHost {
     /// Locality of the command being processed (SET_LOCALITY or the
     /// send-command header).
     pub locality: u8,
-    /// Time spent in store commits, and their number (for `bench`).
+    /// Blobs received with SET_STATEBLOB, for the next start.
+    held: Pending,
+    /// While the TPM starts: the changes its start makes, over `held`.
+    starting: Option<Pending>,
+    /// Time spent in store commits (for `bench`).
     pub commit_time: Duration,
     /// Number of commits made.
     pub commits: u64,
@@ -29,20 +44,67 @@ impl StoreHost {
             store,
             log,
             locality: 0,
+            held: Pending::new(),
+            starting: None,
             commit_time: Duration::ZERO,
             commits: 0,
             failed: None,
         }
     }
 
-    /// The store, for reads and writes outside libtpms's callbacks.
+    /// The store, for reads outside libtpms's callbacks.
     pub fn store(&mut self) -> &mut Store {
         &mut self.store
     }
 
-    /// Gives the store back (on shutdown, or to release it).
-    pub fn into_store(self) -> Store {
-        self.store
+    /// Holds a blob received with SET_STATEBLOB for the next start (an
+    /// empty one drops what was held for that name).
+    pub fn hold(&mut self, name: &str, data: &[u8]) {
+        match data.is_empty() {
+            true => self.held.remove(name),
+            false => self.held.insert(name.to_string(), Some(data.to_vec())),
+        };
+    }
+
+    /// Begins a start: libtpms's reads and writes go to the held blobs.
+    pub fn begin_start(&mut self) {
+        self.starting = Some(std::mem::take(&mut self.held));
+    }
+
+    /// The start failed: nothing it wrote, and no held blob, is kept.
+    pub fn abandon_start(&mut self) {
+        self.starting = None;
+    }
+
+    /// The start succeeded: commits what it changed (and the deletion of
+    /// `also_delete`, if stored) in one commit, or none if nothing changed.
+    pub fn finish_start(&mut self, also_delete: Option<&str>) -> Result<(), TpmResult> {
+        let mut changes = self.starting.take().unwrap_or_default();
+        if let Some(name) = also_delete {
+            changes.insert(name.to_string(), None);
+        }
+        changes.retain(|name, data| data.is_some() || self.store.contains(name));
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let mut t = self.store.transaction();
+        let staged = changes.iter().try_for_each(|(name, data)| match data {
+            Some(d) => t.put(name, d),
+            None => t.delete(name),
+        });
+        let result = staged.and_then(|()| t.commit());
+        self.commit_time += start.elapsed();
+        self.commits += 1;
+        result.map(|_| ()).map_err(|e| {
+            let names: Vec<&str> = changes.keys().map(String::as_str).collect();
+            self.fail(format!(
+                "committing the TPM's start ({}) to {}: {}",
+                names.join(", "),
+                self.store.path().display(),
+                crate::chain(&e)
+            ))
+        })
     }
 
     fn fail(&mut self, what: String) -> TpmResult {
@@ -54,6 +116,9 @@ impl StoreHost {
 
 impl Host for StoreHost {
     fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>, TpmResult> {
+        if let Some(change) = self.starting.as_ref().and_then(|s| s.get(name)) {
+            return Ok(change.clone());
+        }
         match self.store.get(name) {
             Ok(blob) => Ok(blob.map(|b| b.to_vec())),
             Err(e) => Err(self.fail(format!(
@@ -65,36 +130,46 @@ impl Host for StoreHost {
     }
 
     fn store(&mut self, name: &str, data: &[u8]) -> Result<(), TpmResult> {
+        if let Some(starting) = self.starting.as_mut() {
+            starting.insert(name.to_string(), Some(data.to_vec()));
+            return Ok(());
+        }
         let start = Instant::now();
         let result = self.store.put(name, data);
         self.commit_time += start.elapsed();
         self.commits += 1;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.fail(format!(
+        result.map(|_| ()).map_err(|e| {
+            self.fail(format!(
                 "storing {name} ({} bytes) in {}: {}",
                 data.len(),
                 self.store.path().display(),
                 crate::chain(&e)
-            ))),
-        }
+            ))
+        })
     }
 
     fn delete(&mut self, name: &str, must_exist: bool) -> Result<(), TpmResult> {
-        if !self.store.contains(name) {
+        let exists = match self.starting.as_ref().and_then(|s| s.get(name)) {
+            Some(change) => change.is_some(),
+            None => self.store.contains(name),
+        };
+        if !exists {
             return match must_exist {
                 true => Err(TPM_FAIL),
                 false => Ok(()),
             };
         }
-        match self.store.delete(name) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.fail(format!(
+        if let Some(starting) = self.starting.as_mut() {
+            starting.insert(name.to_string(), None);
+            return Ok(());
+        }
+        self.store.delete(name).map(|_| ()).map_err(|e| {
+            self.fail(format!(
                 "deleting {name} from {}: {}",
                 self.store.path().display(),
                 crate::chain(&e)
-            ))),
-        }
+            ))
+        })
     }
 
     fn locality(&self) -> u8 {

@@ -44,6 +44,8 @@ pub struct Server {
     disconnect: bool,
     /// `--locality reject-locality-4`.
     pub reject_locality_4: bool,
+    /// `--locality allow-set-locality`.
+    allow_set_locality: bool,
     /// Locality set by SET_LOCALITY.
     pub locality: u8,
 }
@@ -80,6 +82,7 @@ impl Server {
             ctrl_terminate: cfg.ctrl_terminate,
             disconnect: cfg.disconnect,
             reject_locality_4: cfg.reject_locality_4,
+            allow_set_locality: cfg.allow_set_locality,
             locality: 0,
         }
     }
@@ -178,9 +181,7 @@ impl Server {
     /// Reads one TPM command (with or without the send-command header),
     /// runs it and answers.
     fn serve_data(&mut self) -> Option<Exit> {
-        let Some(conn) = self.data.as_mut() else {
-            return None;
-        };
+        let conn = self.data.as_mut()?;
         let mut head = [0u8; 10];
         let closed = match conn.recv(&mut head[..1]) {
             Ok((0, _)) | Err(_) => true,
@@ -200,6 +201,8 @@ impl Server {
             if size > 1 && conn.read_rest(&mut cmd[1..]).is_err() {
                 return self.data_closed();
             }
+            // The header's locality holds for later commands too (as swtpm).
+            self.locality = head[4];
             (head[4], cmd, true)
         } else {
             let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
@@ -213,9 +216,9 @@ impl Server {
             }
             (self.locality, cmd, false)
         };
-        let response = match locality == 4 && self.reject_locality_4 {
-            true => crate::tpm::locality_response(),
-            false => self.tpm.process(&command, locality),
+        let response = match command.get(6..10) {
+            Some(&[0x20, 0x00, 0x10, 0x00]) => self.set_locality_command(&command),
+            _ => self.tpm.process(&command, locality),
         };
         let mut out = Vec::with_capacity(response.len() + 8);
         if framed {
@@ -233,6 +236,24 @@ impl Server {
             self.data = None;
         }
         self.check_failed()
+    }
+
+    /// TPM2_SetLocality (vendor command 0x20001000), which swtpm answers
+    /// itself when started with `--locality allow-set-locality`.
+    fn set_locality_command(&mut self, command: &[u8]) -> Vec<u8> {
+        if !self.allow_set_locality {
+            return crate::tpm::failure_response();
+        }
+        match command.get(10) {
+            None => crate::tpm::error_response(0x9a),
+            Some(&l) if l > 4 || (l == 4 && self.reject_locality_4) => {
+                crate::tpm::locality_response()
+            }
+            Some(&l) => {
+                self.locality = l;
+                crate::tpm::error_response(0)
+            }
+        }
     }
 
     fn drop_data(&mut self, why: &str) -> Option<Exit> {
@@ -282,8 +303,8 @@ impl Server {
         self.ctrl.as_mut()
     }
 
-    /// Whether the control channel is a unix socket (SET_DATAFD needs one).
-    pub fn ctrl_is_unix(&self) -> bool {
-        matches!(self.ctrl, Some(Conn::Unix(_)))
+    /// Whether there is a data channel (a listener or a connection).
+    pub fn has_data_channel(&self) -> bool {
+        self.data.is_some() || self.data_listener.is_some()
     }
 }

@@ -194,7 +194,7 @@ fn send_startup(tpm: &mut Tpm, startup: Option<Startup>, log: &Log) {
     let su: u16 = match startup {
         Some(Startup::Clear) => 0,
         Some(Startup::State) => 1,
-        Some(Startup::Deactivated) | None => return,
+        None => return,
     };
     let mut cmd = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44];
     cmd.extend_from_slice(&su.to_be_bytes());

@@ -47,46 +47,32 @@ impl Tpm {
         self.host.borrow_mut()
     }
 
-    /// libtpms's version.
-    pub fn libtpms_version(&self) -> String {
-        self.lib.version()
-    }
-
-    /// Starts the TPM from the stored state (CMD_INIT): a running TPM is
-    /// stopped first. With `delete_volatile` the volatile state is deleted
-    /// once loaded, so that a later start cannot resume from it again.
+    /// Starts the TPM (CMD_INIT) from the blobs held from SET_STATEBLOB,
+    /// or else the stored state; a running TPM is stopped first. The start
+    /// is one commit (`nvram.rs`); with `delete_volatile` that commit also
+    /// deletes the volatile state, so that a later start cannot resume
+    /// from it again. A start libtpms refuses writes nothing.
     pub fn init(&mut self, delete_volatile: bool) -> TpmResult {
-        if self.running {
-            self.lib.terminate();
-            self.running = false;
-        }
+        self.stop();
+        self.host().begin_start();
         if let Err(rc) = self.lib.main_init() {
-            let why = self.host().failed.take();
-            self.log.error(&format!(
-                "libtpms could not start the TPM from {} (error 0x{rc:x}){}",
-                self.host().store().path().display(),
-                why.map(|w| format!(": {w}")).unwrap_or_else(|| {
-                    ": the stored state is not one this libtpms accepts (it entered failure mode); \
-                     the image is left as it was"
-                        .into()
-                })
-            ));
+            self.host().abandon_start();
             self.lib.terminate();
+            let why = self.host().failed.take();
+            let path = self.host().store().path().display().to_string();
+            self.log.error(&format!(
+                "libtpms could not start the TPM from {path} (error 0x{rc:x}): {}; the image is left as it was",
+                why.unwrap_or_else(|| "it refuses the state (it entered failure mode)".into())
+            ));
             return TPM_FAIL;
         }
-        self.running = true;
-        if delete_volatile {
-            let mut host = self.host();
-            if host.store().contains(StateType::Volatile.name()) {
-                if let Err(e) = host.store().delete(StateType::Volatile.name()) {
-                    self.log.error(&format!(
-                        "deleting the volatile state: {}",
-                        crate::chain(&e)
-                    ));
-                    return TPM_FAIL;
-                }
-            }
+        let volatile = delete_volatile.then_some(StateType::Volatile.name());
+        let committed = self.host().finish_start(volatile);
+        if let Err(rc) = committed {
+            self.lib.terminate();
+            return rc;
         }
+        self.running = true;
         TPM_SUCCESS
     }
 
@@ -136,14 +122,11 @@ impl Tpm {
         }
     }
 
-    /// A state blob for GET_STATEBLOB: the stored one, after storing the
-    /// volatile state first when the TPM runs (as swtpm does).
+    /// A state blob for GET_STATEBLOB (the TPM runs): the stored one, or
+    /// for the volatile state, libtpms's serialization of it now.
     pub fn get_state_blob(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
-        if st == StateType::Volatile && self.running {
-            match self.store_volatile() {
-                TPM_SUCCESS => {}
-                rc => return Err(rc),
-            }
+        if st == StateType::Volatile {
+            return self.lib.volatile_all_store();
         }
         let mut host = self.host();
         match host.store().get(st.name()) {
@@ -156,27 +139,14 @@ impl Tpm {
         }
     }
 
-    /// Stores a state blob received with SET_STATEBLOB (the TPM must be
-    /// stopped): one commit; an empty blob deletes the stored one.
+    /// Holds a blob received with SET_STATEBLOB (the TPM is stopped) for
+    /// the next INIT, which commits it only if libtpms starts from it.
     pub fn set_state_blob(&mut self, st: StateType, data: &[u8]) -> TpmResult {
         if self.running {
             return TPM_BAD_PARAMETER;
         }
-        let mut host = self.host();
-        let store = host.store();
-        let result = match (data.is_empty(), store.contains(st.name())) {
-            (true, false) => return TPM_SUCCESS,
-            (true, true) => store.delete(st.name()),
-            (false, _) => store.put(st.name(), data),
-        };
-        match result {
-            Ok(_) => TPM_SUCCESS,
-            Err(e) => {
-                self.log
-                    .error(&format!("storing {}: {}", st.name(), crate::chain(&e)));
-                TPM_FAIL
-            }
-        }
+        self.host().hold(st.name(), data);
+        TPM_SUCCESS
     }
 
     /// SET_BUFFERSIZE: sets (when stopped and `wanted` > 0) or queries the
@@ -196,23 +166,13 @@ impl Tpm {
     pub fn lib(&mut self) -> &mut Libtpms {
         &mut self.lib
     }
-
-    /// Stops the TPM and gives the store back.
-    pub fn into_store(mut self) -> Option<Store> {
-        self.stop();
-        let Tpm { lib, host, .. } = self;
-        drop(lib);
-        Rc::try_unwrap(host)
-            .ok()
-            .map(|h| h.into_inner().into_store())
-    }
 }
 
 /// The largest command the data channel reads: libtpms's largest buffer.
 pub const MAX_COMMAND: usize = 64 * 1024;
 
 /// A TPM 2 response `{tag ST_NO_SESSIONS, size 10, rc}`.
-fn error_response(rc: u32) -> Vec<u8> {
+pub fn error_response(rc: u32) -> Vec<u8> {
     let mut r = Vec::with_capacity(10);
     r.extend_from_slice(&0x8001u16.to_be_bytes());
     r.extend_from_slice(&10u32.to_be_bytes());
@@ -225,7 +185,7 @@ pub fn failure_response() -> Vec<u8> {
     error_response(0x101)
 }
 
-/// TPM_RC_LOCALITY: a locality-4 command under `--locality reject-locality-4`.
+/// TPM_RC_LOCALITY: a locality this TPM refuses.
 pub fn locality_response() -> Vec<u8> {
     error_response(0x907)
 }

@@ -200,22 +200,31 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
             need: n,
         }),
     };
+    // Commands without a body, and INIT, take exactly theirs (as swtpm).
+    let exact = |n: usize| match body.len() == n {
+        true => Ok(()),
+        false => Err(DecodeError::BadLength {
+            code: c,
+            what: format!("body of {} bytes, {n} expected", body.len()),
+        }),
+    };
     use code::*;
     Ok(match c {
         GET_CAPABILITY => Request::GetCapability,
         INIT => {
             need(4)?;
+            exact(4)?;
             Request::Init {
                 flags: be32(body, 0),
             }
         }
-        SHUTDOWN => Request::Shutdown,
-        GET_TPMESTABLISHED => Request::GetTpmEstablished,
+        SHUTDOWN => exact(0).map(|_| Request::Shutdown)?,
+        GET_TPMESTABLISHED => exact(0).map(|_| Request::GetTpmEstablished)?,
         SET_LOCALITY => {
             need(1)?;
             Request::SetLocality { locality: body[0] }
         }
-        HASH_START => Request::HashStart,
+        HASH_START => exact(0).map(|_| Request::HashStart)?,
         HASH_DATA => {
             need(4)?;
             let len = be32(body, 0);
@@ -230,9 +239,9 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
                 data: &body[4..4 + len as usize],
             }
         }
-        HASH_END => Request::HashEnd,
-        CANCEL_TPM_CMD => Request::CancelTpmCmd,
-        STORE_VOLATILE => Request::StoreVolatile,
+        HASH_END => exact(0).map(|_| Request::HashEnd)?,
+        CANCEL_TPM_CMD => exact(0).map(|_| Request::CancelTpmCmd)?,
+        STORE_VOLATILE => exact(0).map(|_| Request::StoreVolatile)?,
         RESET_TPMESTABLISHED => {
             need(1)?;
             Request::ResetTpmEstablished { locality: body[0] }
@@ -268,8 +277,8 @@ pub fn decode(msg: &[u8]) -> Result<Request<'_>, DecodeError> {
                 data,
             }
         }
-        STOP => Request::Stop,
-        GET_CONFIG => Request::GetConfig,
+        STOP => exact(0).map(|_| Request::Stop)?,
+        GET_CONFIG => exact(0).map(|_| Request::GetConfig)?,
         SET_DATAFD => Request::SetDatafd,
         SET_BUFFERSIZE => {
             need(4)?;
