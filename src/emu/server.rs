@@ -216,6 +216,13 @@ impl Server {
             }
             (self.locality, cmd, false)
         };
+        if let Some(cc) = command.get(6..10) {
+            let cc = u32::from_be_bytes([cc[0], cc[1], cc[2], cc[3]]);
+            self.log.debug(&format!(
+                "TPM command 0x{cc:x} ({} bytes, locality {locality})",
+                command.len()
+            ));
+        }
         let response = match command.get(6..10) {
             Some(&[0x20, 0x00, 0x10, 0x00]) => self.set_locality_command(&command),
             _ => self.tpm.process(&command, locality),
