@@ -419,3 +419,51 @@ fn qemus_set_datafd_over_a_unix_control_socket_carries_the_data_channel() {
     );
     assert!(!sock.exists(), "the control socket is removed");
 }
+
+#[test]
+fn data_channel_frames_split_pipelined_and_header_wrapped_commands() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let emu = Emu::start(&dir.path().join("nv.qcow2"), &[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", emu.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let cmd = get_random(8);
+    // Split: the header in one write, the rest later.
+    s.write_all(&cmd[..4]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(&cmd[4..]).unwrap();
+    assert_eq!(rc(&read_response(&mut s).unwrap()), 0);
+    // Two commands in one write: two answers, in order.
+    s.write_all(&[cmd.clone(), get_random(4)].concat()).unwrap();
+    let first = read_response(&mut s).unwrap();
+    let second = read_response(&mut s).unwrap();
+    assert_eq!(
+        (rc(&first), first.len(), rc(&second), second.len()),
+        (0, 20, 0, 16)
+    );
+    // The send-command header: {8, locality, size} in, {size, response, 0} out.
+    let mut framed = 8u32.to_be_bytes().to_vec();
+    framed.push(0);
+    framed.extend_from_slice(&(cmd.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&cmd);
+    s.write_all(&framed).unwrap();
+    let mut size = [0u8; 4];
+    std::io::Read::read_exact(&mut s, &mut size).unwrap();
+    let resp = read_response(&mut s).unwrap();
+    assert_eq!(u32::from_be_bytes(size) as usize, resp.len());
+    let mut ack = [0xffu8; 4];
+    std::io::Read::read_exact(&mut s, &mut ack).unwrap();
+    assert_eq!((rc(&resp), ack), (0, [0; 4]));
+    // A command claiming more than a TPM takes closes the connection.
+    s.write_all(&[0x80, 0x01, 0x7f, 0xff, 0xff, 0xff, 0, 0, 1, 0x7b])
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap_or(0), 0);
+    assert_eq!(
+        rc(&emu.command(&cmd)),
+        0,
+        "and the emulator serves the next client"
+    );
+}

@@ -13,6 +13,9 @@ use std::os::unix::net::UnixStream;
 
 /// `TPM_SEND_COMMAND`: the optional header before a data-channel command.
 const SEND_COMMAND: u32 = 8;
+/// The first read of a command: the largest one libtpms takes (4096
+/// bytes) behind a send-command header.
+const FIRST_READ: usize = 4096 + 9;
 
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,8 +49,10 @@ pub struct Server {
     pub reject_locality_4: bool,
     /// `--locality allow-set-locality`.
     allow_set_locality: bool,
-    /// Locality set by SET_LOCALITY.
+    /// Locality set by SET_LOCALITY or the last send-command header.
     pub locality: u8,
+    /// Bytes received beyond the command being served.
+    data_pending: Vec<u8>,
 }
 
 /// What the server is built from.
@@ -84,6 +89,7 @@ impl Server {
             reject_locality_4: cfg.reject_locality_4,
             allow_set_locality: cfg.allow_set_locality,
             locality: 0,
+            data_pending: Vec::new(),
         }
     }
 
@@ -107,6 +113,9 @@ impl Server {
     }
 
     fn poll_once(&mut self) -> Result<Option<Exit>, nix::Error> {
+        if !self.data_pending.is_empty() && self.data.is_some() {
+            return Ok(self.serve_data());
+        }
         #[derive(Clone, Copy)]
         enum Src {
             Signal,
@@ -178,44 +187,64 @@ impl Server {
         }
     }
 
-    /// Reads one TPM command (with or without the send-command header),
-    /// runs it and answers.
-    fn serve_data(&mut self) -> Option<Exit> {
-        let conn = self.data.as_mut()?;
-        let mut head = [0u8; 10];
-        let closed = match conn.recv(&mut head[..1]) {
-            Ok((0, _)) | Err(_) => true,
-            Ok(_) => conn.read_rest(&mut head[1..]).is_err(),
-        };
-        if closed {
-            return self.data_closed();
+    /// Reads one TPM command: its bytes and, when it came with the
+    /// send-command header, the header's locality. One read serves a
+    /// whole command in the common case; a command split across reads is
+    /// completed, and bytes beyond it are kept for the next one.
+    fn read_command(&mut self) -> Result<(Vec<u8>, Option<u8>), String> {
+        let conn = self.data.as_mut().ok_or("no data connection")?;
+        let mut buf = std::mem::take(&mut self.data_pending);
+        if buf.is_empty() {
+            buf.resize(FIRST_READ, 0);
+            let n = match conn.recv(&mut buf) {
+                Ok((0, _)) | Err(_) => return Err(String::new()),
+                Ok((n, _)) => n,
+            };
+            buf.truncate(n);
         }
-        let first = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let (locality, command, framed) = if first == SEND_COMMAND {
-            let size = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
-            if size > crate::tpm::MAX_COMMAND {
-                return self.drop_data(&format!("send-command header claims {size} bytes"));
+        let mut fill = |buf: &mut Vec<u8>, to: usize| {
+            let have = buf.len();
+            if have < to {
+                buf.resize(to, 0);
+                conn.read_rest(&mut buf[have..])
+                    .map_err(|_| String::new())?;
             }
-            let mut cmd = vec![0u8; size];
-            cmd[..1].copy_from_slice(&head[9..]);
-            if size > 1 && conn.read_rest(&mut cmd[1..]).is_err() {
-                return self.data_closed();
-            }
-            // The header's locality holds for later commands too (as swtpm).
-            self.locality = head[4];
-            (head[4], cmd, true)
-        } else {
-            let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
-            if !(10..=crate::tpm::MAX_COMMAND).contains(&size) {
-                return self.drop_data(&format!("TPM command header claims {size} bytes"));
-            }
-            let mut cmd = head.to_vec();
-            cmd.resize(size, 0);
-            if size > 10 && conn.read_rest(&mut cmd[10..]).is_err() {
-                return self.data_closed();
-            }
-            (self.locality, cmd, false)
+            Ok::<(), String>(())
         };
+        fill(&mut buf, 10)?;
+        let be32 = |at: usize| {
+            u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize
+        };
+        let (start, locality) = match be32(0) as u32 {
+            SEND_COMMAND => (9, Some(buf[4])),
+            _ => (0, None),
+        };
+        let size = match locality {
+            Some(_) => be32(5),
+            None => be32(2),
+        };
+        if !(10..=crate::tpm::MAX_COMMAND).contains(&size) {
+            return Err(format!("a TPM command of {size} bytes"));
+        }
+        fill(&mut buf, start + size)?;
+        self.data_pending = buf.split_off(start + size);
+        buf.drain(..start);
+        Ok((buf, locality))
+    }
+
+    /// Runs one TPM command from the data channel and answers it.
+    fn serve_data(&mut self) -> Option<Exit> {
+        let (command, header_locality) = match self.read_command() {
+            Ok(c) => c,
+            Err(why) if why.is_empty() => return self.data_closed(),
+            Err(why) => return self.drop_data(&why),
+        };
+        let framed = header_locality.is_some();
+        if let Some(l) = header_locality {
+            // The header's locality holds for later commands too (as swtpm).
+            self.locality = l;
+        }
+        let locality = self.locality;
         if let Some(cc) = command.get(6..10) {
             let cc = u32::from_be_bytes([cc[0], cc[1], cc[2], cc[3]]);
             self.log.debug(&format!(
@@ -241,6 +270,7 @@ impl Server {
         }
         if self.disconnect {
             self.data = None;
+            self.data_pending.clear();
         }
         self.check_failed()
     }
@@ -271,6 +301,7 @@ impl Server {
 
     fn data_closed(&mut self) -> Option<Exit> {
         self.data = None;
+        self.data_pending.clear();
         self.terminate.then_some(Exit::Terminated)
     }
 
