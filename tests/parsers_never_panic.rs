@@ -79,3 +79,27 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, .. ProptestConfig::default() })]
+
+    #[test]
+    fn swtpm_control_messages_decode_to_errors_not_panics(code in 0u32..0x16, body in prop::collection::vec(any::<u8>(), 0..64)) {
+        let mut msg = code.to_be_bytes().to_vec();
+        msg.extend_from_slice(&body);
+        if let Ok(tpmstate::swtpm::ctrl::Request::SetStateBlob { length, data, .. }) = tpmstate::swtpm::ctrl::decode(&msg) {
+            prop_assert!(data.len() <= length as usize);
+        }
+    }
+
+    #[test]
+    fn swtpm_blobs_unwrap_to_errors_or_their_data(data in prop::collection::vec(any::<u8>(), 0..80), wrap in any::<bool>()) {
+        use tpmstate::swtpm::blob;
+        let input = if wrap { blob::wrap_for_migration(&data).unwrap() } else { data.clone() };
+        match blob::unwrap(&input) {
+            Ok(inner) if wrap => prop_assert_eq!(inner, &data[..]),
+            Ok(inner) => prop_assert!(inner.len() < input.len()),
+            Err(_) => prop_assert!(!wrap),
+        }
+    }
+}

@@ -14,13 +14,10 @@ use std::time::{Duration, Instant};
 /// tpm2-tools (`scripts/setup.sh` installs them). Without them a test
 /// says so and passes on a developer's machine; in CI (`CI` set) it fails.
 pub fn emulator_prerequisites() -> bool {
-    let libtpms = [
-        "/usr/lib/x86_64-linux-gnu/libtpms.so.0",
-        "/usr/lib/aarch64-linux-gnu/libtpms.so.0",
-        "/usr/lib/libtpms.so.0",
-    ]
-    .iter()
-    .any(|p| Path::new(p).exists());
+    let libtpms = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libtpms.so.0"));
     let tools = Command::new("tpm2_startup")
         .arg("--version")
         .output()
