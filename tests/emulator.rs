@@ -215,9 +215,52 @@ fn sigint_shutdown_and_a_closed_connection_under_terminate_end_it_cleanly() {
     )
     .unwrap();
     assert!(emu.wait().success());
-    // --terminate: the data connection's end.
+    // --terminate: the control connection's end (here: the start-up probe's).
     let emu = Emu::start(&image, &["--terminate"]);
-    assert_eq!(rc(&emu.command(&get_random(4))), 0);
     assert!(emu.wait().success());
+    // --terminate: the data connection's end, with no control channel.
+    let port = port_pair();
+    let mut child = std::process::Command::new(emu_bin())
+        .args([
+            "socket",
+            "--tpm2",
+            "--terminate",
+            "--flags",
+            "startup-clear",
+        ])
+        .args(["--server", &format!("type=tcp,port={port}"), "--tpmstate"])
+        .arg(format!("backend-uri=qcow2://{}", image.display()))
+        .spawn()
+        .unwrap();
+    let mut tries = 0;
+    let mut data = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if tries < 500 => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => panic!("no data channel: {e}"),
+        }
+        tries += 1;
+    };
+    std::io::Write::write_all(&mut data, &get_random(4)).unwrap();
+    assert_eq!(rc(&read_response(&mut data).unwrap()), 0);
+    drop(data);
+    assert!(child.wait().unwrap().success());
+    // --ctrl ...,terminate.
+    let port = port_pair();
+    let mut cmd = std::process::Command::new(emu_bin());
+    cmd.args([
+        "socket",
+        "--tpm2",
+        "--server",
+        &format!("type=tcp,port={port}"),
+    ])
+    .args(["--ctrl", &format!("type=tcp,port={},terminate", port + 1)])
+    .args(["--tpmstate"])
+    .arg(format!("backend-uri=qcow2://{}", image.display()));
+    let emu = Emu::spawn(cmd, port, dir.path().join("log")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        emu.wait().success(),
+        "ended when the probe's control connection closed"
+    );
     assert_qemu_check_clean(&image);
 }

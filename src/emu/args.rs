@@ -123,7 +123,8 @@ pub struct Config {
     pub disconnect: bool,
     /// The control channel.
     pub ctrl: Option<Endpoint>,
-    /// `--terminate`: end when the data connection closes.
+    /// `--terminate`: end when the data or the control connection closes
+    /// (QEMU's going away closes both).
     pub terminate: bool,
     /// `--ctrl ...,terminate`: end when the control connection closes.
     pub ctrl_terminate: bool,

@@ -322,7 +322,7 @@ impl Server {
         let (n, fds) = match conn.recv(&mut buf) {
             Ok((0, _)) | Err(_) => {
                 self.ctrl = None;
-                return self.ctrl_terminate.then_some(Exit::Terminated);
+                return (self.ctrl_terminate || self.terminate).then_some(Exit::Terminated);
             }
             Ok(r) => r,
         };
