@@ -1,74 +1,91 @@
 #!/usr/bin/env bash
-# The real flow, end to end: an NVRAM image made by qemu-img, an encrypted
-# store in it, TPM state blobs committed, a kill -9 in the middle of a stream
-# of commits, a live migration hand-over (the source releases, the target
-# claims and validates under an exclusive lock), a failed claim that changes
-# nothing, and qemu-img check after each step. Works wherever cargo puts its
-# build (CARGO_TARGET_DIR).
+# The real flow, end to end: a blank NVRAM image made by qemu-img, the
+# swtpm-compatible emulator tpmstate-emu keeping an encrypted TPM's state
+# in it, TPM commands through tpm2-tools, QEMU's tools locked out while it
+# runs, a kill -9 in the middle of a stream of NV writes and a restart that
+# serves the last acknowledged one, then a migration claim and a failed one
+# that changes nothing, with qemu-img check after each step. Works wherever
+# cargo puts its build (CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -q
+cargo build --release -q --bins
 target=$(cargo metadata --format-version 1 --no-deps |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 T="$target/release/tpmstate"
-[ -x "$T" ] || { echo "demo: no tpmstate binary at $T" >&2; exit 1; }
+E="$target/release/tpmstate-emu"
+[ -x "$T" ] && [ -x "$E" ] || { echo "demo: no binaries in $target/release" >&2; exit 1; }
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  [ -s "$work/emu.pid" ] && kill -9 "$(cat "$work/emu.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 cd "$work"
 step() { printf '\n== %s\n' "$*"; }
+# Two free loopback ports N, N+1 (the swtpm TCTI's layout).
+port=0
+while :; do
+  port=$((20000 + RANDOM % 20000))
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null || break
+done
+export TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=$port"
+start_emulator() {
+  rm -f emu.pid
+  "$E" socket --tpm2 --daemon --server "type=tcp,port=$port" --ctrl "type=tcp,port=$((port + 1))" \
+    --tpmstate "backend-uri=qcow2://$work/nvram.qcow2" --key file=vtpm.key,mode=aes-256-cbc \
+    --flags not-need-init,startup-clear --pid file=emu.pid --log file=emu.log
+  for _ in $(seq 100); do [ -s emu.pid ] && return; sleep 0.05; done
+  echo "demo: the emulator did not start:" >&2; cat emu.log >&2; exit 1
+}
+counter() { tpm2_nvread 0x1500017 -C o -s 8 | od -An -tx1 | tr -d ' \n' | { read -r hex; echo $((16#$hex)); }; }
 
-step "qemu-img creates the NVRAM image; tpmstate formats an encrypted store in it"
+step "qemu-img makes a blank NVRAM image; tpmstate-emu formats an encrypted store in it on first use"
 qemu-img create -q -f qcow2 nvram.qcow2 4M
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > vtpm.key && chmod 600 vtpm.key
-"$T" format nvram.qcow2 --key-file vtpm.key
-qemu-img check -q nvram.qcow2 && echo "qemu-img check: clean"
+start_emulator
+echo "tpmstate-emu runs as pid $(cat emu.pid) (swtpm's command line; the key is swtpm's --key option)"
 
-step "the emulator commits its state blobs (each commit atomic, one fdatasync)"
-head -c 65536 /dev/urandom > permall
-head -c 4096 /dev/urandom > volatilestate
-"$T" put nvram.qcow2 permall permall --key-file vtpm.key
-"$T" put nvram.qcow2 volatilestate volatilestate --key-file vtpm.key
-"$T" info nvram.qcow2
-"$T" get nvram.qcow2 permall --key-file vtpm.key | cmp - permall && echo "permall reads back identical"
+step "TPM commands through tpm2-tools: random bytes, NV data, an NV counter, a persistent key"
+tpm2_getrandom --hex 16; echo
+tpm2_nvdefine 0x1500016 -C o -s 32 -a "ownerread|ownerwrite" >/dev/null
+printf 'owner secret kept by tpmstate' > secret
+tpm2_nvwrite 0x1500016 -C o -i secret
+tpm2_nvdefine 0x1500017 -C o -s 8 -a "ownerread|ownerwrite|nt=counter|no_da" >/dev/null
+for _ in 1 2 3; do tpm2_nvincrement 0x1500017 -C o; done
+tpm2_createprimary -C o -c primary.ctx -Q
+tpm2_evictcontrol -C o -c primary.ctx 0x81000001 >/dev/null
+echo "NV counter: $(counter); persistent key 0x81000001: $(tpm2_readpublic -c 0x81000001 | sed -n 's/^name: //p')"
 
-step "a crash: kill -9 in the middle of a stream of commits; the store opens at the last acknowledged one"
-(
-  n=0
-  while :; do
-    n=$((n + 1))
-    printf '%d' "$n" > counter
-    # The committer's pid is on file before it starts writing.
-    ( echo "$BASHPID" > committer.pid; exec "$T" put nvram.qcow2 counter counter --key-file vtpm.key 2>/dev/null ) &
-    wait $! || exit 0
-    # Atomically: a kill between truncating and writing must not lose it.
-    echo "$n" > acked.tmp && mv acked.tmp acked
-  done
-) &
+step "while the emulator runs, QEMU's tools are locked out; tpmstate reads beside it (-U)"
+qemu-img info nvram.qcow2 2>&1 | head -2 || true
+"$T" info -U nvram.qcow2 | sed -n '1,9p'
+"$T" locks nvram.qcow2
+
+step "a crash: kill -9 in the middle of a stream of NV writes, then a restart"
+( n=0; while tpm2_nvincrement 0x1500017 -C o 2>/dev/null; do n=$((n + 1)); echo "$n" > acked.tmp && mv acked.tmp acked; done ) &
 loop=$!
 sleep 1.5
-kill -9 "$loop"
-{ wait "$loop"; } 2>/dev/null || true
-sleep 0.1
-kill -9 "$(cat committer.pid)" 2>/dev/null || true
-# Nothing may hold the image any more (a committer started just before the
-# kill has finished or been killed by now).
-"$T" lock nvram.qcow2 --timeout-ms 5000 -- true
-acked=$(cat acked)
-# A commit the kill tore is refused by default; a restart accepts exactly that.
-on_disk=$("$T" get nvram.qcow2 counter --key-file vtpm.key --accept-torn-commit)
-echo "last commit acknowledged before the kill: counter=$acked; the store now holds counter=$on_disk"
-# The commit being written when the kill came either landed whole or not at all.
-[ "$on_disk" = "$acked" ] || [ "$on_disk" = "$((acked + 1))" ]
+kill -9 "$(cat emu.pid)"
+wait "$loop" || true
+acked=$(( 3 + $(cat acked 2>/dev/null || echo 0) ))
 qemu-img check -q nvram.qcow2 && echo "qemu-img check: clean"
-"$T" put nvram.qcow2 volatilestate volatilestate --key-file vtpm.key --accept-torn-commit
-echo "(the emulator's next commit after a restart settles any commit the kill tore)"
+start_emulator
+now=$(counter)
+echo "acknowledged before the kill: counter=$acked; after the restart the TPM holds counter=$now"
+# The write in flight when the kill came either landed whole or not at all.
+[ "$now" = "$acked" ] || [ "$now" = "$((acked + 1))" ]
+tpm2_nvread 0x1500016 -C o -s 29 | cmp - secret && echo "NV data: intact"
+tpm2_readpublic -c 0x81000001 >/dev/null && echo "persistent key 0x81000001: intact"
 
-step "while a writer holds the image, QEMU's tools are kept out (QEMU's lock protocol)"
-"$T" lock nvram.qcow2 --mode writer -- sh -c 'qemu-img info nvram.qcow2 2>&1 | head -1; true'
+step "a clean stop (SIGTERM): the state is committed and the lock released"
+pid=$(cat emu.pid); kill -TERM "$pid"
+while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+qemu-img check nvram.qcow2 | head -1
+"$T" check nvram.qcow2 --key-file vtpm.key
 
-step "migration: the target claims under an exclusive lock and validates + decrypts everything"
-"$T" validate-incoming nvram.qcow2 --key-file vtpm.key --require permall,volatilestate
+step "migration: a target claims under an exclusive lock and validates + decrypts everything"
+"$T" validate-incoming nvram.qcow2 --key-file vtpm.key --require permall
 
 step "a target with the wrong key fails cleanly: exit code 5, image untouched, no lock left"
 head -c 32 /dev/urandom > wrong.key && chmod 600 wrong.key
@@ -78,6 +95,5 @@ echo "exit code: $code"
 [ "$before" = "$(sha256sum nvram.qcow2)" ] && echo "image unchanged"
 "$T" locks nvram.qcow2
 
-step "final checks"
-"$T" check nvram.qcow2 --key-file vtpm.key
+step "final check"
 qemu-img check nvram.qcow2

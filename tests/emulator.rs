@@ -264,3 +264,34 @@ fn sigint_shutdown_and_a_closed_connection_under_terminate_end_it_cleanly() {
     );
     assert_qemu_check_clean(&image);
 }
+
+#[test]
+fn a_256_bit_swtpm_key_file_opens_the_image_with_the_tpmstate_cli_too() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    let key = dir.path().join("vtpm.key");
+    std::fs::write(&key, "0x".to_string() + &"3c".repeat(31) + "a5\n").unwrap();
+    let emu = Emu::start(
+        &image,
+        &["--key", &format!("file={},mode=aes-256-cbc", key.display())],
+    );
+    assert!(emu.stop().success());
+    // The CLI takes 64 hex digits without the 0x.
+    let plain = dir.path().join("plain.key");
+    std::fs::write(&plain, "3c".repeat(31) + "a5").unwrap();
+    let (code, _, err) = cli(&["check", path_str(&image), "--key-file", path_str(&plain)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(&[
+        "get",
+        path_str(&image),
+        "permall",
+        "--key-file",
+        path_str(&plain),
+        "-o",
+        path_str(&dir.path().join("out")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -1,9 +1,12 @@
 //! swtpm's `--key` options, mapped onto the store's key. The store always
 //! seals with AES-256-GCM under a 32-byte master key:
-//! - `file=`/`fd=` (an AES-128 or AES-256 key, hex or binary): the master
-//!   key is HKDF-SHA256 of the given key (salt `tpmstate-emu swtpm --key`,
-//!   info the mode), so a 128-bit key works too (with 128-bit strength) and
-//!   the key swtpm used for AES-CBC is never itself used for GCM;
+//! - `file=`/`fd=` with `mode=aes-256-cbc`: the 32-byte key is the master
+//!   key itself, so `tpmstate --key-file` opens the image with the same
+//!   file (hex or raw bytes). The store never uses its master key for a
+//!   cipher, only as HKDF input for per-blob keys;
+//! - with `mode=aes-cbc` (128 bits): the master key is HKDF-SHA256 of the
+//!   16-byte key (salt `tpmstate-emu swtpm --key`, info `aes-cbc`), with
+//!   128-bit strength;
 //! - `pwdfile=`/`pwdfd=`: the passphrase goes through the store's Argon2id
 //!   (stronger than swtpm's PBKDF2 with 1000 rounds); `kdf=` is accepted
 //!   for swtpm's command lines and does not change the store's key.
@@ -48,11 +51,13 @@ pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
                     raw.len()
                 ));
             }
-            let info: &[u8] = if *bits256 { b"aes-256-cbc" } else { b"aes-cbc" };
             let mut okm = Zeroizing::new([0u8; 32]);
-            hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tpmstate-emu swtpm --key"), &raw)
-                .expand(info, &mut *okm)
-                .map_err(|_| "--key: key derivation failed".to_string())?;
+            match raw.len() {
+                32 => okm.copy_from_slice(&raw),
+                _ => hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tpmstate-emu swtpm --key"), &raw)
+                    .expand(b"aes-cbc", &mut *okm)
+                    .map_err(|_| "--key: key derivation failed".to_string())?,
+            }
             Key::from_bytes(&okm)
                 .map(KeySource::Key)
                 .map_err(|e| format!("--key {}: {e}", describe(from)))
