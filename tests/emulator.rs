@@ -194,6 +194,16 @@ fn a_state_libtpms_refuses_is_named_and_the_image_is_left_as_it_was() {
         "{err}"
     );
     assert_eq!(sha(&image), before, "the image is left as it was");
+    let log: String = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        log.contains("refuses the state") && log.contains("permall (2000 bytes, from the image)"),
+        "the log names the refused blob: {log}"
+    );
 }
 
 #[test]

@@ -28,6 +28,9 @@ pub struct StoreHost {
     held: Pending,
     /// While the TPM starts: the changes its start makes, over `held`.
     starting: Option<Pending>,
+    /// What the start read, and from where: for the message when libtpms
+    /// refuses the state.
+    pub loaded: Vec<String>,
     /// Time spent in store commits (for `bench`).
     pub commit_time: Duration,
     /// Number of commits made.
@@ -46,6 +49,7 @@ impl StoreHost {
             locality: 0,
             held: Pending::new(),
             starting: None,
+            loaded: Vec::new(),
             commit_time: Duration::ZERO,
             commits: 0,
             failed: None,
@@ -69,6 +73,7 @@ impl StoreHost {
     /// Begins a start: libtpms's reads and writes go to the held blobs.
     pub fn begin_start(&mut self) {
         self.starting = Some(std::mem::take(&mut self.held));
+        self.loaded.clear();
     }
 
     /// The start failed: nothing it wrote, and no held blob, is kept.
@@ -117,10 +122,19 @@ impl StoreHost {
 impl Host for StoreHost {
     fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>, TpmResult> {
         if let Some(change) = self.starting.as_ref().and_then(|s| s.get(name)) {
+            let size = change.as_ref().map_or(0, Vec::len);
+            self.loaded
+                .push(format!("{name} ({size} bytes, from SET_STATEBLOB)"));
             return Ok(change.clone());
         }
         match self.store.get(name) {
-            Ok(blob) => Ok(blob.map(|b| b.to_vec())),
+            Ok(blob) => {
+                if let Some(b) = &blob {
+                    self.loaded
+                        .push(format!("{name} ({} bytes, from the image)", b.len()));
+                }
+                Ok(blob.map(|b| b.to_vec()))
+            }
             Err(e) => Err(self.fail(format!(
                 "reading {name} from {}: {}",
                 self.store.path().display(),

@@ -60,8 +60,13 @@ impl Tpm {
             self.lib.terminate();
             let why = self.host().failed.take();
             let path = self.host().store().path().display().to_string();
+            let loaded = match self.host().loaded.join(", ") {
+                l if l.is_empty() => "no state".to_string(),
+                l => l,
+            };
             self.log.error(&format!(
-                "libtpms could not start the TPM from {path} (error 0x{rc:x}): {}; the image is left as it was",
+                "libtpms could not start the TPM from {path} (error 0x{rc:x}): {}; it read {loaded}; \
+                 the image is left as it was",
                 why.unwrap_or_else(|| "it refuses the state (it entered failure mode)".into())
             ));
             return TPM_FAIL;
