@@ -467,3 +467,128 @@ fn data_channel_frames_split_pipelined_and_header_wrapped_commands() {
         "and the emulator serves the next client"
     );
 }
+
+#[test]
+fn a_start_that_fails_after_libtpms_wrote_commits_nothing() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    // No not-need-init: nothing is started, so the image holds no TPM yet.
+    let dir = scratch();
+    let image = dir.path().join("nv.qcow2");
+    let port = port_pair();
+    let mut cmd = Command::new(emu_bin());
+    cmd.args([
+        "socket",
+        "--tpm2",
+        "--server",
+        &format!("type=tcp,port={port}"),
+    ])
+    .args([
+        "--ctrl",
+        &format!("type=tcp,port={}", port + 1),
+        "--tpmstate",
+    ])
+    .arg(format!("backend-uri=qcow2://{}", image.display()));
+    let emu = Emu::spawn(cmd, port, dir.path().join("log")).unwrap_or_else(|e| panic!("{e}"));
+    let before = generation(&image);
+    let send = |msg: &[u8]| be32(&emu.ctrl(msg, 4), 0);
+    assert_eq!(send(&ctrl_msg(0x0e, &[])), 0);
+    // libtpms manufactures a permall while starting, then refuses the volatile state.
+    let junk = tpmstate::swtpm::blob::wrap_for_migration(&[0x77; 3000]).unwrap();
+    assert_eq!(send(&set_state_blob_msg(2, junk.len() as u32, &junk)), 0);
+    assert_eq!(send(&ctrl_msg(0x02, &0u32.to_be_bytes())), 9, "TPM_FAIL");
+    assert_eq!(
+        generation(&image),
+        before,
+        "the permall libtpms wrote while starting is not committed"
+    );
+    let (_, info, _) = cli(&["info", "-U", path_str(&image)]);
+    assert!(
+        info.contains("no blobs") || !info.contains("permall"),
+        "{info}"
+    );
+}
+
+#[test]
+fn a_slow_or_stuck_client_holds_the_others_for_at_most_its_deadline() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let emu = Emu::start(&dir.path().join("nv.qcow2"), &[]);
+    // A control client starts a 100 000-byte SET_STATEBLOB and drips.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", emu.port + 1)).unwrap();
+    slow.write_all(&set_state_blob_msg(1, 100_000, &[2]))
+        .unwrap();
+    let dripper = std::thread::spawn(move || {
+        for _ in 0..6 {
+            std::thread::sleep(Duration::from_millis(400));
+            if slow.write_all(&[1]).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    assert_eq!(rc(&emu.command(&get_random(8))), 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the data channel waited {:?}",
+        t.elapsed()
+    );
+    dripper.join().unwrap();
+    // A data client that sends and never reads is dropped; control still answers.
+    let mut greedy = std::net::TcpStream::connect(("127.0.0.1", emu.port)).unwrap();
+    greedy
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let cmd = get_random(32);
+    let flood = std::thread::spawn(move || {
+        for _ in 0..200_000 {
+            if greedy.write_all(&cmd).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let t = std::time::Instant::now();
+    assert_eq!(emu.ctrl(&ctrl_msg(0x01, &[]), 8).len(), 8);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "control waited {:?}",
+        t.elapsed()
+    );
+    flood.join().unwrap();
+    assert!(emu.stop().success());
+}
+
+#[test]
+fn a_server_fd_is_a_connection_whose_end_ends_the_emulator() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    // Inherited by the child: clear close-on-exec on its end.
+    nix::fcntl::fcntl(
+        theirs.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let mut child = Command::new(emu_bin())
+        .args(["socket", "--tpm2", "--flags", "startup-clear", "--server"])
+        .arg(format!("type=unixio,fd={}", theirs.as_raw_fd()))
+        .arg("--tpmstate")
+        .arg(format!(
+            "backend-uri=qcow2://{}",
+            dir.path().join("nv.qcow2").display()
+        ))
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    (&ours).write_all(&get_random(8)).unwrap();
+    assert_eq!(rc(&read_response(&mut &ours).unwrap()), 0);
+    drop(ours);
+    assert!(child.wait().unwrap().success());
+}

@@ -77,6 +77,40 @@ fn qemu_with_seabios_drives_the_emulator_and_a_fresh_one_serves_the_image_after(
     let image = dir.path().join("nvram.qcow2");
     let ctrl = dir.path().join("tpm.sock");
     let log = dir.path().join("emu.log");
+    // The TPM holds an NV marker before QEMU uses it.
+    let setup = Emu::start(&image, &[]);
+    setup.tpm2_ok(
+        "tpm2_nvdefine",
+        &[
+            "0x1500018",
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "ownerread|ownerwrite",
+        ],
+    );
+    let marker = dir.path().join("marker");
+    std::fs::write(&marker, b"qemu-run").unwrap();
+    setup.tpm2_ok(
+        "tpm2_nvwrite",
+        &["0x1500018", "-C", "o", "-i", path_str(&marker)],
+    );
+    assert!(setup.stop().success());
+    let generation = || {
+        let (_, out, _) = cli(&["info", "-U", path_str(&image)]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("generation"))
+            .unwrap_or("")
+            .to_string();
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|g| g.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before_qemu = generation();
     let mut emu = Command::new(emu_bin())
         .args(["socket", "--tpm2", "--terminate"])
         .arg("--ctrl")
@@ -130,9 +164,19 @@ fn qemu_with_seabios_drives_the_emulator_and_a_fresh_one_serves_the_image_after(
     };
     assert!(status.success(), "{status}");
     assert_qemu_check_clean(&image);
-    // A fresh emulator on the image: the TPM SeaBIOS started is there.
+    assert!(
+        generation() > before_qemu,
+        "QEMU's session committed the TPM's state"
+    );
+    // A fresh emulator on the image: the same TPM, marker and all.
     let emu = Emu::start(&image, &[]);
-    assert_eq!(rc(&emu.command(&get_random(8))), 0);
+    let out = emu.tpm2("tpm2_nvread", &["0x1500018", "-C", "o", "-s", "8"]);
+    assert_eq!(
+        &out.stdout[..],
+        b"qemu-run",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(emu.stop().success());
     assert_qemu_check_clean(&image);
 }

@@ -272,6 +272,12 @@ pub fn parse(args: &[String]) -> Result<Action, UsageError> {
                 .ok_or_else(|| usage(format!("{name} needs a value")))
         };
         match name {
+            "--help" | "-h" | "--version" | "--print-capabilities" | "--print-capabilites" | "--tpm2"
+            | "--terminate" | "-t" | "--daemon" | "-d"
+                if inline.is_some() =>
+            {
+                return Err(usage(format!("{name} takes no value ({arg})")))
+            }
             "--help" | "-h" => return Ok(Action::Help),
             "--version" => return Ok(Action::Version),
             "--print-capabilities" | "--print-capabilites" => b.capabilities = true,
@@ -385,7 +391,12 @@ impl Builder {
             "disconnect",
         ])?;
         self.disconnect = p.flag("disconnect")?;
-        self.server = Some(Self::endpoint(&p, Some("tcp"))?);
+        // swtpm reads commands from an `fd=` directly: a connected socket,
+        // whose end ends the emulator.
+        self.server = Some(match Self::endpoint(&p, Some("tcp"))? {
+            Endpoint::ListenFd(fd) => Endpoint::ClientFd(fd),
+            other => other,
+        });
         Ok(())
     }
 
@@ -579,11 +590,6 @@ impl Builder {
                 "give --server and/or --ctrl (a channel to talk to the TPM)",
             ));
         }
-        if matches!(self.server, Some(Endpoint::ClientFd(_))) {
-            return Err(usage(
-                "--server takes fd= (a listening socket), not clientfd=",
-            ));
-        }
         Ok(Action::Run(Box::new(Config {
             image,
             image_mode: mode.unwrap_or(0o640),
@@ -729,6 +735,8 @@ mod tests {
                 .contains("--tpm2")
         );
         assert!(err(&format!("{base} --key file=k,pwdfile=p")).contains("exactly one"));
+        assert!(err(&format!("{base} --terminate=false")).contains("takes no value"));
+        assert!(err(&format!("{base} --tpm2=x")).contains("takes no value"));
         assert!(
             err("socket --tpm2 --ctrl type=tcp,port=1 --tpmstate backend-uri=qcow2://a%2")
                 .contains("%-escape")

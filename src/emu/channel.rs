@@ -5,14 +5,18 @@
 use crate::args::Endpoint;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long a client may take to send the rest of a message it started.
-pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send the rest of a message it started:
+/// the emulator serves one message at a time, so a slow sender must not
+/// hold the others (or a SIGTERM) for longer.
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a client may leave an answer unread before it is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A listening socket.
 pub enum Listener {
@@ -77,16 +81,23 @@ pub fn open(endpoint: &Endpoint, what: &str) -> Result<Opened, String> {
                 .map_err(|e| format!("{what}: {e}"))
         }
         Endpoint::ClientFd(fd) => {
-            let fd = crate::fds::take(*fd).map_err(|e| format!("{what}: {e}"))?;
-            Ok(Opened::Connected(Conn::Unix(UnixStream::from(fd))))
+            let owned = crate::fds::take(*fd).map_err(|e| format!("{what}: {e}"))?;
+            let conn = Conn::Unix(UnixStream::from(owned)).with_write_timeout();
+            conn.map(Opened::Connected)
+                .map_err(|e| format!("{what}: fd {fd} is not a socket ({e})"))
         }
     }
 }
 
 fn listener_from_fd(fd: OwnedFd) -> Result<Listener, String> {
-    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    use nix::sys::socket::{
+        getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
+    };
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd())
         .map_err(|e| format!("fd {} is not a socket ({e})", fd.as_raw_fd()))?;
+    if !getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
+        return Err(format!("fd {} is not a listening socket", fd.as_raw_fd()));
+    }
     match addr.family() {
         Some(AddressFamily::Unix) => Ok(Listener::Unix(UnixListener::from(fd), None)),
         Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => {
@@ -107,9 +118,9 @@ impl Listener {
                 let (s, _) = l.accept()?;
                 // TPM commands are small request/response pairs.
                 s.set_nodelay(true)?;
-                Ok(Conn::Tcp(s))
+                Conn::Tcp(s).with_write_timeout()
             }
-            Listener::Unix(l, _) => Ok(Conn::Unix(l.accept()?.0)),
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0).with_write_timeout(),
         }
     }
 }
@@ -147,20 +158,58 @@ impl Conn {
     pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
         match self {
             Conn::Tcp(s) => s.read(buf).map(|n| (n, Vec::new())),
-            Conn::Unix(s) => recv_with_fds(s.as_raw_fd(), buf),
+            Conn::Unix(s) => crate::fds::recv_with_fds(s.as_raw_fd(), buf),
         }
     }
 
-    /// Reads exactly `buf.len()` more bytes of a message already started,
-    /// waiting at most [`MESSAGE_TIMEOUT`] for each part.
-    pub fn read_rest(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
-        let result = match self {
-            Conn::Tcp(s) => s.read_exact(buf),
-            Conn::Unix(s) => s.read_exact(buf),
-        };
+    /// Reads exactly `buf.len()` more bytes of a message begun at
+    /// `started`, all of them within [`MESSAGE_DEADLINE`] of it.
+    pub fn read_rest(&mut self, buf: &mut [u8], started: Instant) -> io::Result<()> {
+        let deadline = started + MESSAGE_DEADLINE;
+        let mut at = 0;
+        let mut result = Ok(());
+        while at < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                result = Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "message not complete in time",
+                ));
+                break;
+            }
+            if let Err(e) = self.set_read_timeout(Some(left)) {
+                result = Err(e);
+                break;
+            }
+            let n = match self {
+                Conn::Tcp(s) => s.read(&mut buf[at..]),
+                Conn::Unix(s) => s.read(&mut buf[at..]),
+            };
+            match n {
+                Ok(0) => {
+                    result = Err(io::ErrorKind::UnexpectedEof.into());
+                    break;
+                }
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
         self.set_read_timeout(None)?;
         result
+    }
+
+    /// A connection whose answers may wait at most [`WRITE_TIMEOUT`] for
+    /// the peer to read them.
+    pub fn with_write_timeout(self) -> io::Result<Conn> {
+        match &self {
+            Conn::Tcp(s) => s.set_write_timeout(Some(WRITE_TIMEOUT))?,
+            Conn::Unix(s) => s.set_write_timeout(Some(WRITE_TIMEOUT))?,
+        }
+        Ok(self)
     }
 
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -177,19 +226,4 @@ impl Conn {
             Conn::Unix(s) => s.write_all(data),
         }
     }
-}
-
-fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            fds.extend(received.into_iter().map(crate::fds::take_received));
-        }
-    }
-    Ok((msg.bytes, fds))
 }

@@ -152,8 +152,18 @@ fn set_datafd(s: &mut Server, fds: Vec<OwnedFd>) -> Outcome {
         s.log.error("SET_DATAFD without a descriptor attached");
         return result(TPM_BAD_PARAMETER);
     };
-    s.set_data_conn(Conn::Unix(UnixStream::from(fd)));
-    result(TPM_SUCCESS)
+    match Conn::Unix(UnixStream::from(fd)).with_write_timeout() {
+        Ok(conn) => {
+            s.set_data_conn(conn);
+            result(TPM_SUCCESS)
+        }
+        Err(e) => {
+            s.log.error(&format!(
+                "SET_DATAFD: the descriptor is not a usable socket ({e})"
+            ));
+            result(TPM_BAD_PARAMETER)
+        }
+    }
 }
 
 fn get_info(s: &mut Server, flags: u64, offset: u32) -> Outcome {
@@ -217,8 +227,9 @@ fn set_state_blob(
     if missing > 0 {
         let start = data.len();
         data.resize(length as usize, 0);
+        let started = s.ctrl_started();
         let read = match s.ctrl_conn() {
-            Some(conn) => conn.read_rest(&mut data[start..]),
+            Some(conn) => conn.read_rest(&mut data[start..], started),
             None => Err(std::io::ErrorKind::NotConnected.into()),
         };
         if let Err(e) = read {

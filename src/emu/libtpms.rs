@@ -79,6 +79,9 @@ pub enum LoadError {
         #[source]
         source: libloading::Error,
     },
+    /// libtpms is one per process and this process has it loaded already.
+    #[error("libtpms is loaded already: it is one per process")]
+    AlreadyLoaded,
     /// A symbol the emulator needs is missing: a libtpms too old.
     #[error("{SONAME} lacks {symbol} ({source}): the emulator needs libtpms 0.9 or newer")]
     Symbol {
@@ -142,6 +145,12 @@ pub struct Libtpms {
 impl Libtpms {
     /// Loads `libtpms.so.0` and resolves every entry point the emulator uses.
     pub fn load() -> Result<Libtpms, LoadError> {
+        // libtpms's state is process-wide: a second handle, on any thread,
+        // would share it behind the first one's back.
+        static LOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if LOADED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(LoadError::AlreadyLoaded);
+        }
         // SAFETY: loading libtpms runs only its ELF constructors, which set
         // up no state beyond the library's own globals.
         let lib =

@@ -32,6 +32,8 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    // Before anything opens a file: which descriptors the parent handed over.
+    fds::record_inherited();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let config = match args::parse(&argv) {
         Ok(args::Action::Run(c)) => c,

@@ -4,9 +4,11 @@
 //!
 //! Starting the TPM (INIT) is one commit too: blobs received with
 //! SET_STATEBLOB are held, libtpms starts from them (or from the store),
-//! whatever it writes while starting joins them, and only if it started
-//! does all of it land, together with the deletion of the volatile state
-//! INIT may ask for. A start libtpms refuses writes nothing.
+//! and only if it started does the held `permall` land, with whatever
+//! libtpms wrote while starting and the deletion of the volatile state INIT
+//! may ask for. A start libtpms refuses writes nothing. A held volatile
+//! state is read by the start and not stored, as swtpm hands it to libtpms
+//! without storing it.
 
 use crate::libtpms::{Host, TpmResult, TPM_FAIL};
 use crate::log::Log;
@@ -17,6 +19,14 @@ use tpmstate::Store;
 /// Blob changes waiting for a start: `None` deletes.
 type Pending = BTreeMap<String, Option<Vec<u8>>>;
 
+/// A start in progress.
+struct Start {
+    /// The blobs held from SET_STATEBLOB, which it reads first.
+    held: Pending,
+    /// What libtpms wrote or deleted while starting.
+    written: Pending,
+}
+
 /// The store behind libtpms, and the locality of the command in progress.
 pub struct StoreHost {
     store: Store,
@@ -26,8 +36,8 @@ pub struct StoreHost {
     pub locality: u8,
     /// Blobs received with SET_STATEBLOB, for the next start.
     held: Pending,
-    /// While the TPM starts: the changes its start makes, over `held`.
-    starting: Option<Pending>,
+    /// While the TPM starts: what it starts from and what it writes.
+    starting: Option<Start>,
     /// What the start read, and from where: for the message when libtpms
     /// refuses the state.
     pub loaded: Vec<String>,
@@ -72,7 +82,10 @@ impl StoreHost {
 
     /// Begins a start: libtpms's reads and writes go to the held blobs.
     pub fn begin_start(&mut self) {
-        self.starting = Some(std::mem::take(&mut self.held));
+        self.starting = Some(Start {
+            held: std::mem::take(&mut self.held),
+            written: Pending::new(),
+        });
         self.loaded.clear();
     }
 
@@ -84,7 +97,19 @@ impl StoreHost {
     /// The start succeeded: commits what it changed (and the deletion of
     /// `also_delete`, if stored) in one commit, or none if nothing changed.
     pub fn finish_start(&mut self, also_delete: Option<&str>) -> Result<(), TpmResult> {
-        let mut changes = self.starting.take().unwrap_or_default();
+        let Some(Start {
+            held,
+            written: mut changes,
+        }) = self.starting.take()
+        else {
+            return Ok(());
+        };
+        if let Some(permall) = held
+            .get("permall")
+            .filter(|_| !changes.contains_key("permall"))
+        {
+            changes.insert("permall".into(), permall.clone());
+        }
         if let Some(name) = also_delete {
             changes.insert(name.to_string(), None);
         }
@@ -121,11 +146,17 @@ impl StoreHost {
 
 impl Host for StoreHost {
     fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>, TpmResult> {
-        if let Some(change) = self.starting.as_ref().and_then(|s| s.get(name)) {
-            let size = change.as_ref().map_or(0, Vec::len);
-            self.loaded
-                .push(format!("{name} ({size} bytes, from SET_STATEBLOB)"));
-            return Ok(change.clone());
+        if let Some(start) = &self.starting {
+            let found = match (start.written.get(name), start.held.get(name)) {
+                (Some(w), _) => Some((w, "written while starting")),
+                (None, Some(h)) => Some((h, "from SET_STATEBLOB")),
+                (None, None) => None,
+            };
+            if let Some((blob, origin)) = found {
+                let size = blob.as_ref().map_or(0, Vec::len);
+                self.loaded.push(format!("{name} ({size} bytes, {origin})"));
+                return Ok(blob.clone());
+            }
         }
         match self.store.get(name) {
             Ok(blob) => {
@@ -144,8 +175,8 @@ impl Host for StoreHost {
     }
 
     fn store(&mut self, name: &str, data: &[u8]) -> Result<(), TpmResult> {
-        if let Some(starting) = self.starting.as_mut() {
-            starting.insert(name.to_string(), Some(data.to_vec()));
+        if let Some(start) = self.starting.as_mut() {
+            start.written.insert(name.to_string(), Some(data.to_vec()));
             return Ok(());
         }
         let start = Instant::now();
@@ -163,7 +194,11 @@ impl Host for StoreHost {
     }
 
     fn delete(&mut self, name: &str, must_exist: bool) -> Result<(), TpmResult> {
-        let exists = match self.starting.as_ref().and_then(|s| s.get(name)) {
+        let pending = self
+            .starting
+            .as_ref()
+            .and_then(|s| s.written.get(name).or(s.held.get(name)));
+        let exists = match pending {
             Some(change) => change.is_some(),
             None => self.store.contains(name),
         };
@@ -173,8 +208,8 @@ impl Host for StoreHost {
                 false => Ok(()),
             };
         }
-        if let Some(starting) = self.starting.as_mut() {
-            starting.insert(name.to_string(), None);
+        if let Some(start) = self.starting.as_mut() {
+            start.written.insert(name.to_string(), None);
             return Ok(());
         }
         self.store.delete(name).map(|_| ()).map_err(|e| {

@@ -10,6 +10,8 @@ use crate::tpm::Tpm;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
+use tpmstate::swtpm::ctrl;
 
 /// `TPM_SEND_COMMAND`: the optional header before a data-channel command.
 const SEND_COMMAND: u32 = 8;
@@ -53,6 +55,11 @@ pub struct Server {
     pub locality: u8,
     /// Bytes received beyond the command being served.
     data_pending: Vec<u8>,
+    /// When the control message being served began to arrive.
+    ctrl_started: Instant,
+    /// The data channel is a connection handed over (`--server fd=`): its
+    /// end is the emulator's, as in swtpm.
+    data_fd_ends: bool,
 }
 
 /// What the server is built from.
@@ -73,6 +80,7 @@ impl Server {
             Some(Opened::Listening(l)) => (Some(l), None),
             Some(Opened::Connected(c)) => (None, Some(c)),
         };
+        let data_fd_ends = matches!(ch.data, Some(Opened::Connected(_)));
         let (data_listener, data) = split(ch.data);
         let (ctrl_listener, ctrl) = split(ch.ctrl);
         Server {
@@ -90,6 +98,8 @@ impl Server {
             allow_set_locality: cfg.allow_set_locality,
             locality: 0,
             data_pending: Vec::new(),
+            data_fd_ends,
+            ctrl_started: Instant::now(),
         }
     }
 
@@ -182,6 +192,8 @@ impl Server {
             Ok(c) => Some(c),
             Err(e) => {
                 self.log.error(&format!("accepting a client: {e}"));
+                // Out of descriptors, say: do not spin on the listener.
+                std::thread::sleep(std::time::Duration::from_millis(50));
                 None
             }
         }
@@ -194,6 +206,7 @@ impl Server {
     fn read_command(&mut self) -> Result<(Vec<u8>, Option<u8>), String> {
         let conn = self.data.as_mut().ok_or("no data connection")?;
         let mut buf = std::mem::take(&mut self.data_pending);
+        let started = Instant::now();
         if buf.is_empty() {
             buf.resize(FIRST_READ, 0);
             let n = match conn.recv(&mut buf) {
@@ -206,7 +219,7 @@ impl Server {
             let have = buf.len();
             if have < to {
                 buf.resize(to, 0);
-                conn.read_rest(&mut buf[have..])
+                conn.read_rest(&mut buf[have..], started)
                     .map_err(|_| String::new())?;
             }
             Ok::<(), String>(())
@@ -302,7 +315,7 @@ impl Server {
     fn data_closed(&mut self) -> Option<Exit> {
         self.data = None;
         self.data_pending.clear();
-        self.terminate.then_some(Exit::Terminated)
+        (self.terminate || self.data_fd_ends).then_some(Exit::Terminated)
     }
 
     /// A failed store write leaves the TPM's memory ahead of its image:
@@ -317,16 +330,32 @@ impl Server {
 
     /// Reads one control message and answers it.
     fn serve_ctrl(&mut self) -> Option<Exit> {
+        self.ctrl_started = Instant::now();
         let conn = self.ctrl.as_mut()?;
         let mut buf = vec![0u8; control::MAX_MESSAGE];
         let (n, fds) = match conn.recv(&mut buf) {
-            Ok((0, _)) | Err(_) => {
-                self.ctrl = None;
-                return (self.ctrl_terminate || self.terminate).then_some(Exit::Terminated);
-            }
+            Ok((0, _)) | Err(_) => return self.ctrl_closed(),
             Ok(r) => r,
         };
         buf.truncate(n);
+        // The command's fixed body may come in more than one piece.
+        loop {
+            let need = ctrl::needed(&buf).min(control::MAX_MESSAGE);
+            let have = buf.len();
+            if have >= need {
+                break;
+            }
+            buf.resize(need, 0);
+            if conn.read_rest(&mut buf[have..], self.ctrl_started).is_err() {
+                // Its remaining bytes, if they come, could not be told from
+                // the next command's: answer, and close the connection.
+                self.log.error(&format!(
+                    "control channel: a message of {have} bytes, {need} needed, did not complete in time"
+                ));
+                let _ = conn.send(&ctrl::response(&[crate::libtpms::TPM_BAD_PARAMETER], &[]));
+                return self.ctrl_closed();
+            }
+        }
         let outcome = control::handle(self, &buf, fds);
         let conn = self.ctrl.as_mut()?;
         let sent = conn.send(&outcome.response);
@@ -334,6 +363,16 @@ impl Server {
             self.ctrl = None;
         }
         outcome.exit.or_else(|| self.check_failed())
+    }
+
+    fn ctrl_closed(&mut self) -> Option<Exit> {
+        self.ctrl = None;
+        (self.ctrl_terminate || self.terminate).then_some(Exit::Terminated)
+    }
+
+    /// When the control message being served began to arrive.
+    pub fn ctrl_started(&self) -> Instant {
+        self.ctrl_started
     }
 
     /// The control connection, for a command that reads more of its body.

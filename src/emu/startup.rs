@@ -87,13 +87,8 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         signal_hook::low_level::pipe::register(sig, w)
             .map_err(|e| format!("signal handler: {e}"))?;
     }
-    if let Some(user) = &cfg.runas {
-        drop_privileges(user)?;
-    }
-    if cfg.daemon {
-        nix::unistd::daemon(true, false).map_err(|e| format!("--daemon: {e}"))?;
-    }
-    write_pid(cfg)?;
+    // The TPM starts before the process daemonizes, so that a state
+    // libtpms refuses is reported to the caller, not lost with its stderr.
     let mut tpm = Tpm::new(lib, store, log.clone())?;
     if cfg.not_need_init {
         if tpm.init(false) != 0 {
@@ -104,6 +99,13 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         }
         send_startup(&mut tpm, cfg.startup, &log);
     }
+    if let Some(user) = &cfg.runas {
+        drop_privileges(user)?;
+    }
+    if cfg.daemon {
+        nix::unistd::daemon(true, false).map_err(|e| format!("--daemon: {e}"))?;
+    }
+    write_pid(cfg)?;
     let channels = Channels {
         data,
         ctrl,

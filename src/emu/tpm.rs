@@ -173,6 +173,13 @@ impl Tpm {
     }
 }
 
+impl Drop for Tpm {
+    /// Stops libtpms (TPMLIB_Terminate) however the emulator ends.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The largest command the data channel reads: libtpms's largest buffer.
 pub const MAX_COMMAND: usize = 64 * 1024;
 

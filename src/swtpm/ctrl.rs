@@ -180,6 +180,31 @@ impl DecodeError {
     }
 }
 
+/// How many bytes of `msg` (a control message's start) must have arrived
+/// before it can be decoded: its code, and the fixed part of its body (for
+/// HASH_DATA its data too, for SET_STATEBLOB its 12-byte header; the blob
+/// itself is read after). Bodies of commands that take none, or a
+/// variable one, are not waited for (as swtpm).
+pub fn needed(msg: &[u8]) -> usize {
+    let Some(head) = msg.get(..4) else {
+        return 4;
+    };
+    match be32(head, 0) {
+        code::INIT => 8,
+        code::SET_LOCALITY | code::RESET_TPMESTABLISHED => 5,
+        code::GET_STATEBLOB | code::SET_STATEBLOB => 16,
+        code::HASH_DATA => match msg.get(4..8) {
+            None => 8,
+            // A length over the limit is refused from the first 8 bytes.
+            Some(len) => match be32(len, 0) {
+                n if n > MAX_HASH_DATA => 8,
+                n => 8 + n as usize,
+            },
+        },
+        _ => 4,
+    }
+}
+
 fn be32(b: &[u8], at: usize) -> u32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&b[at..at + 4]);
@@ -370,6 +395,19 @@ mod tests {
                 data: &[1, 2]
             })
         );
+    }
+
+    #[test]
+    fn needed_waits_for_fixed_bodies_only() {
+        assert_eq!(needed(&[0, 0]), 4);
+        assert_eq!(needed(&response(&[code::INIT], &[])), 8);
+        assert_eq!(needed(&response(&[code::SET_STATEBLOB, 0], &[])), 16);
+        assert_eq!(needed(&response(&[code::HASH_DATA, 10], &[])), 18);
+        assert_eq!(
+            needed(&response(&[code::HASH_DATA, MAX_HASH_DATA + 1], &[])),
+            8
+        );
+        assert_eq!(needed(&response(&[code::GET_INFO], &[])), 4);
     }
 
     #[test]
