@@ -52,3 +52,16 @@ impl ErrorKind {
         }
     }
 }
+
+/// An error's message followed by its causes', joined by `: `, each once
+/// (the modules keep causes in `source()`, never in the message).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

@@ -342,14 +342,8 @@ fn a_tpm_moves_from_swtpm_to_tpmstate_emu() {
         return;
     }
     let dir = scratch();
-    let state = dir.path().join("swtpm");
-    std::fs::create_dir(&state).unwrap();
     let port = port_pair();
-    let mut cmd = Command::new("swtpm");
-    cmd.args(tcp_args(port))
-        .arg("--tpmstate")
-        .arg(format!("dir={}", state.display()));
-    let swtpm = Emu::spawn(cmd, port, dir.path().join("swtpm.log")).expect("swtpm starts");
+    let swtpm = start_swtpm(&dir.path().join("swtpm"), port, tcp_args(port));
     define_counter(&swtpm, COUNTER);
     for _ in 0..7 {
         assert_eq!(rc(&swtpm.command(&nv_increment(COUNTER))), 0);

@@ -173,31 +173,11 @@ fn control_answers_match_swtpm_0_7_1_but_for_the_listed_differences() {
         return;
     }
     let dir = scratch();
-    let state = dir.path().join("swtpm");
-    std::fs::create_dir(&state).unwrap();
     let port = port_pair();
-    let mut cmd = Command::new("swtpm");
-    cmd.args([
-        "socket",
-        "--tpm2",
-        "--server",
-        &format!("type=tcp,port={port}"),
-    ])
-    .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
-    .arg("--tpmstate")
-    .arg(format!("dir={}", state.display()));
-    let swtpm = Emu::spawn(cmd, port, dir.path().join("swtpm.log")).expect("swtpm starts");
+    let swtpm = start_swtpm(&dir.path().join("swtpm"), port, channel_args(port));
     let port = port_pair();
     let mut cmd = Command::new(emu_bin());
-    cmd.args([
-        "socket",
-        "--tpm2",
-        "--server",
-        &format!("type=tcp,port={port}"),
-    ])
-    .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
-    .arg("--tpmstate")
-    .arg(format!(
+    cmd.args(channel_args(port)).arg("--tpmstate").arg(format!(
         "backend-uri=qcow2://{}",
         dir.path().join("nv.qcow2").display()
     ));

@@ -64,19 +64,7 @@ pub fn io(path: &Path, source: std::io::Error) -> Failure {
     }
 }
 
-/// An error and its causes, joined by ": ". Every error of the library
-/// keeps its cause as its `source()` and leaves it out of its own message,
-/// so each part is printed once.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
+pub use tpmstate::kind::chain;
 
 fn locking(l: LockingArg) -> Locking {
     match l {

@@ -19,17 +19,7 @@ mod tpm;
 
 use std::process::ExitCode;
 
-/// An error and its causes, on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
+use tpmstate::kind::chain;
 
 fn main() -> ExitCode {
     // Before anything opens a file: which descriptors the parent handed over.

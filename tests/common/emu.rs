@@ -58,8 +58,8 @@ pub fn emu_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tpmstate-emu")
 }
 
-/// The standard arguments for an emulator on TCP ports `port`, `port + 1`.
-pub fn tcp_args(port: u16) -> Vec<String> {
+/// An emulator's data and control channels on TCP ports `port`, `port + 1`.
+pub fn channel_args(port: u16) -> Vec<String> {
     vec![
         "socket".into(),
         "--tpm2".into(),
@@ -67,9 +67,25 @@ pub fn tcp_args(port: u16) -> Vec<String> {
         format!("type=tcp,port={port}"),
         "--ctrl".into(),
         format!("type=tcp,port={}", port + 1),
-        "--flags".into(),
-        "not-need-init,startup-clear".into(),
     ]
+}
+
+/// The standard arguments: the channels, and a TPM started at once.
+pub fn tcp_args(port: u16) -> Vec<String> {
+    let mut args = channel_args(port);
+    args.extend(["--flags".into(), "not-need-init,startup-clear".into()]);
+    args
+}
+
+/// Starts Debian's swtpm with `args` (from [`channel_args`] or
+/// [`tcp_args`] on `port`) and its state in directory `state` (made here).
+pub fn start_swtpm(state: &Path, port: u16, args: Vec<String>) -> Emu {
+    std::fs::create_dir_all(state).unwrap();
+    let mut cmd = Command::new("swtpm");
+    cmd.args(args)
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()));
+    Emu::spawn(cmd, port, state.join("swtpm.log")).expect("swtpm starts")
 }
 
 impl Emu {

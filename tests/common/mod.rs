@@ -132,12 +132,5 @@ pub fn create_encrypted_with_permall(image: &Path, key: &Path, blob: &Path) {
 
 /// An error's message followed by its causes', as the CLI prints it.
 pub fn full_message(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
+    tpmstate::kind::chain(e)
 }
