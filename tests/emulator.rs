@@ -122,6 +122,14 @@ fn a_running_emulator_locks_out_qemu_tools_and_a_second_emulator() {
     let (code, _, err) = qemu_img(&["info", path_str(&image)]);
     assert_ne!(code, 0);
     assert!(err.contains("lock"), "{err}");
+    let (code, _, err) = decode(
+        std::process::Command::new("qemu-io")
+            .args(["-c", "read 0 4k", path_str(&image)])
+            .output()
+            .unwrap(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("lock"), "qemu-io is refused too: {err}");
     let second = Emu::try_start(&image, &[])
         .err()
         .expect("a second emulator is refused");

@@ -251,3 +251,49 @@ fn runas_drops_privileges_once_the_image_and_sockets_are_open() {
     assert_eq!(rc(&emu.command(&get_random(8))), 0, "it serves as nobody");
     assert!(emu.stop().success());
 }
+
+#[test]
+fn without_libtpms_the_emulator_says_what_to_install() {
+    // Hide libtpms in a private mount namespace (needs root and unshare).
+    let lib = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find(|l| l.contains("libtpms.so.0 "))
+                .and_then(|l| l.split("=> ").nth(1))
+                .map(|p| p.trim().to_string())
+        });
+    let (Some(lib), true) = (lib, nix::unistd::geteuid().is_root()) else {
+        eprintln!("skipped: needs libtpms installed and root, to hide it");
+        return;
+    };
+    let dir = scratch();
+    let script = format!(
+        "mount --bind /dev/null {lib} && exec {} socket --tpm2 --ctrl type=tcp,port=1 --tpmstate backend-uri=qcow2://{}/x.qcow2",
+        emu_bin(),
+        dir.path().display()
+    );
+    let (code, _, err) = decode(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("apt-get install libtpms0"), "{err}");
+    // The CLI needs no libtpms.
+    let script = format!(
+        "mount --bind /dev/null {lib} && exec {} --version",
+        env!("CARGO_BIN_EXE_tpmstate")
+    );
+    let (code, _, err) = decode(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{err}");
+}
