@@ -8,7 +8,8 @@
 #   qemu-utils is named in the same command, at QEMU's version.
 set -euo pipefail
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
-have_lib() { ldconfig -p 2>/dev/null | grep -q "$1"; }
+# ldconfig lives in /sbin, which a user's PATH may lack.
+have_lib() { PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q "$1"; }
 need=()
 command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 && command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
 have_lib libtpms.so.0 || need+=(libtpms0)

@@ -255,17 +255,7 @@ fn runas_drops_privileges_once_the_image_and_sockets_are_open() {
 #[test]
 fn without_libtpms_the_emulator_says_what_to_install() {
     // Hide libtpms in a private mount namespace (needs root and unshare).
-    let lib = Command::new("ldconfig")
-        .arg("-p")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .find(|l| l.contains("libtpms.so.0 "))
-                .and_then(|l| l.split("=> ").nth(1))
-                .map(|p| p.trim().to_string())
-        });
+    let lib = library_path("libtpms.so.0");
     let (Some(lib), true) = (lib, nix::unistd::geteuid().is_root()) else {
         eprintln!("skipped: needs libtpms installed and root, to hide it");
         return;

@@ -257,20 +257,18 @@ fn hostile_state_blobs_are_refused_and_nothing_is_written() {
         "no refused blob reached the image"
     );
     // A well-formed blob whose state libtpms refuses is held, and the INIT
-    // that would start from it fails and writes nothing; the next INIT
-    // starts from the image again.
+    // that would start from it fails and writes nothing; a retried INIT
+    // fails too (it must not quietly start the image's older TPM), until
+    // an empty SET_STATEBLOB drops the held blob.
     let junk = tpmstate::swtpm::blob::wrap_for_migration(&[0x5a; 1500]).unwrap();
     assert_eq!(send(&set_state_blob_msg(1, junk.len() as u32, &junk)), 0);
     assert_eq!(send(&ctrl_msg(0x02, &0u32.to_be_bytes())), 9, "TPM_FAIL");
     assert_eq!(generation(&image), before, "a refused start wrote nothing");
     assert_eq!(
         send(&ctrl_msg(0x02, &0u32.to_be_bytes())),
-        0,
-        "the held blob is gone"
+        9,
+        "the held blob is still held"
     );
-    assert_eq!(send(&ctrl_msg(0x0e, &[])), 0);
-    // No blob (length 0) drops a held one.
-    assert_eq!(send(&set_state_blob_msg(1, junk.len() as u32, &junk)), 0);
     assert_eq!(send(&set_state_blob_msg(1, 0, &[])), 0);
     assert_eq!(
         send(&ctrl_msg(0x02, &0u32.to_be_bytes())),
@@ -278,6 +276,26 @@ fn hostile_state_blobs_are_refused_and_nothing_is_written() {
         "starts from the image"
     );
     assert_eq!(send(&ctrl_msg(0x0e, &[])), 0);
+    // A blob whose rest comes too late is refused, and the connection
+    // closed, so its tail cannot run as commands (00000003 is SHUTDOWN).
+    let mut late = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    late.write_all(&set_state_blob_msg(1, 14, &good[..10]))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = late.write_all(&[0, 0, 0, 3]);
+    let mut answers = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut late, &mut answers);
+    assert_eq!(
+        answers,
+        [0, 0, 0, 0x1f],
+        "one answer, then the connection closes"
+    );
+    assert_eq!(
+        be32(&emu.ctrl(&ctrl_msg(0x01, &[]), 8), 4),
+        0x1ffff,
+        "and the emulator still runs"
+    );
     // The good blob is taken, and the TPM runs from it.
     assert_eq!(send(&set_state_blob_msg(1, good.len() as u32, &good)), 0);
     assert_eq!(send(&ctrl_msg(0x02, &1u32.to_be_bytes())), 0);

@@ -36,12 +36,16 @@ pub struct Outcome {
     pub response: Vec<u8>,
     /// Set by SHUTDOWN.
     pub exit: Option<Exit>,
+    /// Close the connection after answering: the rest of the message may
+    /// still come and could not be told from the next command.
+    pub close: bool,
 }
 
 fn answer(response: Vec<u8>) -> Outcome {
     Outcome {
         response,
         exit: None,
+        close: false,
     }
 }
 
@@ -71,6 +75,7 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
             Outcome {
                 response: ctrl::response(&[TPM_SUCCESS], &[]),
                 exit: Some(Exit::Shutdown),
+                close: false,
             }
         }
         Request::Stop => {
@@ -234,9 +239,12 @@ fn set_state_blob(
         };
         if let Err(e) = read {
             s.log.error(&format!(
-                "SET_STATEBLOB: {length}-byte blob cut short ({e})"
+                "SET_STATEBLOB: {length}-byte blob cut short ({e}); closing the connection"
             ));
-            return result(TPM_IOERROR);
+            return Outcome {
+                close: true,
+                ..result(TPM_IOERROR)
+            };
         }
     }
     if s.tpm.running() {

@@ -31,8 +31,15 @@ impl Log {
                 Some(Rc::new(file))
             }
             Some(LogTarget::Fd(fd)) => {
-                let fd = crate::fds::take(*fd).map_err(|e| format!("--log: {e}"))?;
-                Some(Rc::new(File::from(fd)))
+                use std::os::fd::AsFd;
+                // Standard output and error are not handed over: log to a copy.
+                let owned = match fd {
+                    1 => std::io::stdout().as_fd().try_clone_to_owned(),
+                    2 => std::io::stderr().as_fd().try_clone_to_owned(),
+                    _ => Ok(crate::fds::take(*fd).map_err(|e| format!("--log: {e}"))?),
+                };
+                let owned = owned.map_err(|e| format!("--log fd={fd}: {e}"))?;
+                Some(Rc::new(File::from(owned)))
             }
         };
         Ok(Log {

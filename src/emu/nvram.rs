@@ -89,9 +89,13 @@ impl StoreHost {
         self.loaded.clear();
     }
 
-    /// The start failed: nothing it wrote, and no held blob, is kept.
+    /// The start failed: nothing it wrote is kept; the held blobs are.
     pub fn abandon_start(&mut self) {
-        self.starting = None;
+        // The held blobs stay held: a retried INIT must not quietly start
+        // the image's older TPM instead.
+        if let Some(start) = self.starting.take() {
+            self.held = start.held;
+        }
     }
 
     /// The start succeeded: commits what it changed (and the deletion of

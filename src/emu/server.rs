@@ -281,11 +281,19 @@ impl Server {
         if conn.send(&out).is_err() {
             return self.data_closed();
         }
-        if self.disconnect {
-            self.data = None;
-            self.data_pending.clear();
+        if let Some(exit) = self.check_failed() {
+            return Some(exit);
         }
-        self.check_failed()
+        match self.disconnect {
+            // A handed-over connection's end is the emulator's.
+            true if self.data_fd_ends => self.data_closed(),
+            true => {
+                self.data = None;
+                self.data_pending.clear();
+                None
+            }
+            false => None,
+        }
     }
 
     /// TPM2_SetLocality (vendor command 0x20001000), which swtpm answers
@@ -359,8 +367,10 @@ impl Server {
         let outcome = control::handle(self, &buf, fds);
         let conn = self.ctrl.as_mut()?;
         let sent = conn.send(&outcome.response);
-        if sent.is_err() {
-            self.ctrl = None;
+        if sent.is_err() || outcome.close {
+            if let Some(exit) = self.ctrl_closed() {
+                return Some(outcome.exit.unwrap_or(exit));
+            }
         }
         outcome.exit.or_else(|| self.check_failed())
     }

@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 /// tpm2-tools (`scripts/setup.sh` installs them). Without them a test
 /// says so and passes on a developer's machine; in CI (`CI` set) it fails.
 pub fn emulator_prerequisites() -> bool {
-    let libtpms = Command::new("ldconfig")
-        .arg("-p")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libtpms.so.0"));
+    let libtpms = library_path("libtpms.so.0").is_some();
     let tools = Command::new("tpm2_startup")
         .arg("--version")
         .output()
@@ -31,6 +28,20 @@ pub fn emulator_prerequisites() -> bool {
     }
     eprintln!("skipped: {msg}");
     false
+}
+
+/// Where the dynamic linker finds `soname` (`ldconfig -p`; ldconfig is in
+/// /sbin, which a user's PATH may lack).
+pub fn library_path(soname: &str) -> Option<String> {
+    let out = ["ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"]
+        .iter()
+        .find_map(|c| Command::new(c).arg("-p").output().ok())?;
+    let needle = format!("{soname} ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.trim_start().starts_with(&needle))
+        .and_then(|l| l.split("=> ").nth(1))
+        .map(|p| p.trim().to_string())
 }
 
 /// A pair of free loopback ports N, N+1 (the swtpm TCTI's layout).
