@@ -30,15 +30,11 @@ fn capabilities_version_and_help_answer_and_exit_0() {
         "cmdarg-pwd-fd",
         "tpmstate-opt-lock",
         "tpm-send-command-header",
+        "cmdarg-migration",
     ] {
         assert!(features.contains(&f), "{f} in {features:?}");
     }
-    for f in [
-        "tpm-1.2",
-        "cmdarg-migration",
-        "nvram-backend-dir",
-        "cmdarg-seccomp",
-    ] {
+    for f in ["tpm-1.2", "nvram-backend-dir", "cmdarg-seccomp"] {
         assert!(!features.contains(&f), "{f} is not claimed: {features:?}");
     }
     let (code, out, _) = emu_out(&["--version"]);
@@ -99,10 +95,10 @@ fn unknown_and_unsupported_options_exit_1_naming_them() {
                 "type=tcp,port=1",
                 "--tpmstate",
                 &uri,
-                "--migration",
-                "incoming",
+                "--migration-key",
+                "file=k",
             ],
-            "--migration",
+            "--migration-key",
         ),
         (
             vec![

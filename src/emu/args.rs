@@ -148,6 +148,12 @@ pub struct Config {
     pub reject_locality_4: bool,
     /// `--locality allow-set-locality` (TPM2_SetLocality is TPM 1.2: recorded only).
     pub allow_set_locality: bool,
+    /// `--migration incoming`: claim the image at the first SET_STATEBLOB
+    /// or TPM command, not at start.
+    pub incoming: bool,
+    /// `--migration release-lock-outgoing`: hand the image over once QEMU
+    /// fetched the savestate blob.
+    pub release_lock_outgoing: bool,
 }
 
 /// A command-line error, in words for the user.
@@ -272,8 +278,16 @@ pub fn parse(args: &[String]) -> Result<Action, UsageError> {
                 .ok_or_else(|| usage(format!("{name} needs a value")))
         };
         match name {
-            "--help" | "-h" | "--version" | "--print-capabilities" | "--print-capabilites" | "--tpm2"
-            | "--terminate" | "-t" | "--daemon" | "-d"
+            "--help"
+            | "-h"
+            | "--version"
+            | "--print-capabilities"
+            | "--print-capabilites"
+            | "--tpm2"
+            | "--terminate"
+            | "-t"
+            | "--daemon"
+            | "-d"
                 if inline.is_some() =>
             {
                 return Err(usage(format!("{name} takes no value ({arg})")))
@@ -295,10 +309,11 @@ pub fn parse(args: &[String]) -> Result<Action, UsageError> {
             "--pid" => b.pid(&value(name)?)?,
             "--log" => b.log(&value(name)?)?,
             "--locality" => b.locality(&value(name)?)?,
-            "--migration" | "--migration-key" => {
+            "--migration" => b.migration(&value(name)?)?,
+            "--migration-key" => {
                 return Err(usage(format!(
-                    "{name} is not supported yet (live migration through tpmstate-emu is the next step; \
-                     QEMU's own migration of the TPM state works without it)"
+                    "{name} is not supported yet: the state blobs on the control channel go \
+                     unencrypted, as QEMU asks for them"
                 )))
             }
             "--seccomp" | "--print-states" => {
@@ -330,6 +345,8 @@ struct Builder {
     log: LogOptions,
     reject_locality_4: bool,
     allow_set_locality: bool,
+    incoming: bool,
+    release_lock_outgoing: bool,
 }
 
 impl Builder {
@@ -567,6 +584,14 @@ impl Builder {
         Ok(())
     }
 
+    fn migration(&mut self, text: &str) -> Result<(), UsageError> {
+        let p = Params::parse("migration", text);
+        p.only(&["incoming", "release-lock-outgoing"])?;
+        self.incoming = p.flag("incoming")?;
+        self.release_lock_outgoing = p.flag("release-lock-outgoing")?;
+        Ok(())
+    }
+
     fn locality(&mut self, text: &str) -> Result<(), UsageError> {
         let p = Params::parse("locality", text);
         p.only(&["reject-locality-4", "allow-set-locality"])?;
@@ -608,6 +633,8 @@ impl Builder {
             runas: self.runas,
             reject_locality_4: self.reject_locality_4,
             allow_set_locality: self.allow_set_locality,
+            incoming: self.incoming,
+            release_lock_outgoing: self.release_lock_outgoing,
         })))
     }
 }
@@ -729,7 +756,8 @@ mod tests {
             err("socket --tpm2 --ctrl type=tcp,port=1 --tpmstate backend-uri=file:///x")
                 .contains("qcow2://")
         );
-        assert!(err(&format!("{base} --migration incoming")).contains("--migration"));
+        assert!(err(&format!("{base} --migration-key file=k")).contains("--migration-key"));
+        assert!(err(&format!("{base} --migration outgoing")).contains("outgoing"));
         assert!(
             err("socket --ctrl type=tcp,port=1 --tpmstate backend-uri=qcow2://x")
                 .contains("--tpm2")

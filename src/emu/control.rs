@@ -4,12 +4,14 @@
 //! by `tpmstate::swtpm::ctrl`, which checks every length.
 
 use crate::channel::Conn;
+use crate::image::HANDOVER_WAIT;
 use crate::libtpms::{
     StateType, TpmResult, TPM_BAD_PARAMETER, TPM_FAIL, TPM_IOERROR, TPM_RETRY, TPM_SUCCESS,
 };
 use crate::server::{Exit, Server};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 use tpmstate::swtpm::blob;
 use tpmstate::swtpm::ctrl::{self, DecodeError, Request};
 
@@ -66,6 +68,24 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
         }
     };
     s.log.debug(&format!("control: {req:?}"));
+    // Commands that may write take a handed-over image back first (or
+    // claim a migration target's); if that fails they change nothing.
+    let writes = matches!(
+        req,
+        Request::Init { .. }
+            | Request::StoreVolatile
+            | Request::HashStart
+            | Request::HashData { .. }
+            | Request::HashEnd
+            | Request::ResetTpmEstablished { .. }
+    );
+    if writes
+        && s.tpm
+            .make_writable("a state-changing control command", HANDOVER_WAIT)
+            != TPM_SUCCESS
+    {
+        return result(TPM_FAIL);
+    }
     let running = s.tpm.running();
     match req {
         Request::GetCapability => answer(ctrl::capability_response(CAPABILITIES)),
@@ -92,13 +112,17 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
             result(TPM_SUCCESS)
         }
         Request::GetConfig => {
-            let flags = match s.tpm.host().store().is_encrypted() {
+            let flags = match s.tpm.host().image().has_key() {
                 true => CONFIG_FLAG_FILE_KEY,
                 false => 0,
             };
             answer(ctrl::response(&[TPM_SUCCESS, flags], &[]))
         }
-        Request::LockStorage { .. } => result(TPM_SUCCESS),
+        // Newer QEMU's way to take the image back after a failed migration.
+        Request::LockStorage { retries } => {
+            let wait = Duration::from_millis(10 * u64::from(retries));
+            result(s.tpm.make_writable("LOCK_STORAGE", wait))
+        }
         Request::SetDatafd => set_datafd(s, fds),
         Request::SetBufferSize { size } => match s.tpm.buffer_size(size) {
             Ok((size, min, max)) => answer(ctrl::response(&[TPM_SUCCESS, size, min, max], &[])),
@@ -196,11 +220,30 @@ fn state_response(res: TpmResult, data: &[u8]) -> Outcome {
     ))
 }
 
+/// GET_STATEBLOB; with `--migration release-lock-outgoing`, fetching the
+/// savestate blob (the last one QEMU's migration source asks for) hands
+/// the image over.
 fn get_state_blob(s: &mut Server, flags: u32, blob_type: u32, offset: u32) -> Outcome {
+    let outcome = read_state_blob(s, flags, blob_type, offset);
+    if blob_type == 3 && s.release_lock_outgoing {
+        // A failed hand-over keeps the lock: the target cannot claim, and
+        // the migration fails with the source still in charge.
+        let _ = s.tpm.host().image().release();
+    }
+    outcome
+}
+
+fn read_state_blob(s: &mut Server, flags: u32, blob_type: u32, offset: u32) -> Outcome {
     let Some(st) = state_type(blob_type) else {
         return state_response(TPM_BAD_PARAMETER, &[]);
     };
-    if flags & ctrl::STATE_FLAG_DECRYPTED == 0 && s.tpm.host().store().is_encrypted() {
+    let encrypted = s
+        .tpm
+        .host()
+        .image()
+        .view()
+        .is_some_and(|v| v.is_encrypted());
+    if flags & ctrl::STATE_FLAG_DECRYPTED == 0 && encrypted {
         // swtpm would hand out its own encryption of the blob; this
         // emulator hands state out decrypted only, and only when asked so.
         s.log
@@ -273,5 +316,10 @@ fn set_state_blob(
             return result(TPM_BAD_PARAMETER);
         }
     };
+    // A migration target claims its image here: a target that cannot
+    // (lock not released, wrong key, damage) fails QEMU's incoming load.
+    if s.tpm.make_writable("SET_STATEBLOB", HANDOVER_WAIT) != TPM_SUCCESS {
+        return result(TPM_IOERROR);
+    }
     result(s.tpm.set_state_blob(st, inner))
 }

@@ -9,6 +9,7 @@ mod args;
 mod channel;
 mod control;
 mod fds;
+mod image;
 mod keys;
 mod libtpms;
 mod log;

@@ -10,11 +10,11 @@
 //! state is read by the start and not stored, as swtpm hands it to libtpms
 //! without storing it.
 
+use crate::image::ImageHandle;
 use crate::libtpms::{Host, TpmResult, TPM_FAIL};
 use crate::log::Log;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tpmstate::Store;
 
 /// Blob changes waiting for a start: `None` deletes.
 type Pending = BTreeMap<String, Option<Vec<u8>>>;
@@ -29,7 +29,7 @@ struct Start {
 
 /// The store behind libtpms, and the locality of the command in progress.
 pub struct StoreHost {
-    store: Store,
+    image: ImageHandle,
     log: Log,
     /// Locality of the command being processed (SET_LOCALITY or the
     /// send-command header).
@@ -51,10 +51,10 @@ pub struct StoreHost {
 }
 
 impl StoreHost {
-    /// Serves libtpms's NVRAM from `store`.
-    pub fn new(store: Store, log: Log) -> StoreHost {
+    /// Serves libtpms's NVRAM from `image`.
+    pub fn new(image: ImageHandle, log: Log) -> StoreHost {
         StoreHost {
-            store,
+            image,
             log,
             locality: 0,
             held: Pending::new(),
@@ -66,9 +66,10 @@ impl StoreHost {
         }
     }
 
-    /// The store, for reads outside libtpms's callbacks.
-    pub fn store(&mut self) -> &mut Store {
-        &mut self.store
+    /// The image, for reads outside libtpms's callbacks, and to claim,
+    /// reclaim or release it.
+    pub fn image(&mut self) -> &mut ImageHandle {
+        &mut self.image
     }
 
     /// Holds a blob received with SET_STATEBLOB for the next start (an
@@ -117,12 +118,18 @@ impl StoreHost {
         if let Some(name) = also_delete {
             changes.insert(name.to_string(), None);
         }
-        changes.retain(|name, data| data.is_some() || self.store.contains(name));
+        let path = self.image.path().display().to_string();
+        let Some(store) = self.image.store() else {
+            return Err(self.fail(format!(
+                "{path}: the image is not held: the TPM's start cannot be stored"
+            )));
+        };
+        changes.retain(|name, data| data.is_some() || store.contains(name));
         if changes.is_empty() {
             return Ok(());
         }
         let start = Instant::now();
-        let mut t = self.store.transaction();
+        let mut t = store.transaction();
         let staged = changes.iter().try_for_each(|(name, data)| match data {
             Some(d) => t.put(name, d),
             None => t.delete(name),
@@ -133,9 +140,8 @@ impl StoreHost {
         result.map(|_| ()).map_err(|e| {
             let names: Vec<&str> = changes.keys().map(String::as_str).collect();
             self.fail(format!(
-                "committing the TPM's start ({}) to {}: {}",
+                "committing the TPM's start ({}) to {path}: {}",
                 names.join(", "),
-                self.store.path().display(),
                 crate::chain(&e)
             ))
         })
@@ -162,7 +168,14 @@ impl Host for StoreHost {
                 return Ok(blob.clone());
             }
         }
-        match self.store.get(name) {
+        let path = self.image.path().display().to_string();
+        let Some(view) = self.image.view() else {
+            self.log.error(&format!(
+                "{path}: reading {name}: the image is not claimed yet"
+            ));
+            return Err(TPM_FAIL);
+        };
+        match view.get(name) {
             Ok(blob) => {
                 if let Some(b) = &blob {
                     self.loaded
@@ -170,11 +183,7 @@ impl Host for StoreHost {
                 }
                 Ok(blob.map(|b| b.to_vec()))
             }
-            Err(e) => Err(self.fail(format!(
-                "reading {name} from {}: {}",
-                self.store.path().display(),
-                crate::chain(&e)
-            ))),
+            Err(e) => Err(self.fail(format!("reading {name} from {path}: {}", crate::chain(&e)))),
         }
     }
 
@@ -183,15 +192,23 @@ impl Host for StoreHost {
             start.written.insert(name.to_string(), Some(data.to_vec()));
             return Ok(());
         }
+        let path = self.image.path().display().to_string();
+        let Some(store) = self.image.store() else {
+            // Handed over to a migration target: by construction nothing
+            // writes the image until it is taken back.
+            self.log.error(&format!(
+                "{path}: not storing {name}: the image is handed over"
+            ));
+            return Err(TPM_FAIL);
+        };
         let start = Instant::now();
-        let result = self.store.put(name, data);
+        let result = store.put(name, data);
         self.commit_time += start.elapsed();
         self.commits += 1;
         result.map(|_| ()).map_err(|e| {
             self.fail(format!(
-                "storing {name} ({} bytes) in {}: {}",
+                "storing {name} ({} bytes) in {path}: {}",
                 data.len(),
-                self.store.path().display(),
                 crate::chain(&e)
             ))
         })
@@ -204,7 +221,7 @@ impl Host for StoreHost {
             .and_then(|s| s.written.get(name).or(s.held.get(name)));
         let exists = match pending {
             Some(change) => change.is_some(),
-            None => self.store.contains(name),
+            None => self.image.view().is_some_and(|v| v.contains(name)),
         };
         if !exists {
             return match must_exist {
@@ -216,13 +233,17 @@ impl Host for StoreHost {
             start.written.insert(name.to_string(), None);
             return Ok(());
         }
-        self.store.delete(name).map(|_| ()).map_err(|e| {
-            self.fail(format!(
-                "deleting {name} from {}: {}",
-                self.store.path().display(),
-                crate::chain(&e)
-            ))
-        })
+        let path = self.image.path().display().to_string();
+        let Some(store) = self.image.store() else {
+            self.log.error(&format!(
+                "{path}: not deleting {name}: the image is handed over"
+            ));
+            return Err(TPM_FAIL);
+        };
+        store
+            .delete(name)
+            .map(|_| ())
+            .map_err(|e| self.fail(format!("deleting {name} from {path}: {}", crate::chain(&e))))
     }
 
     fn locality(&self) -> u8 {

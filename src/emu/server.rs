@@ -5,6 +5,7 @@
 
 use crate::channel::{Conn, Listener, Opened};
 use crate::control;
+use crate::image::HANDOVER_WAIT;
 use crate::log::Log;
 use crate::tpm::Tpm;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -51,6 +52,8 @@ pub struct Server {
     pub reject_locality_4: bool,
     /// `--locality allow-set-locality`.
     allow_set_locality: bool,
+    /// `--migration release-lock-outgoing`.
+    pub release_lock_outgoing: bool,
     /// Locality set by SET_LOCALITY or the last send-command header.
     pub locality: u8,
     /// Bytes received beyond the command being served.
@@ -96,6 +99,7 @@ impl Server {
             disconnect: cfg.disconnect,
             reject_locality_4: cfg.reject_locality_4,
             allow_set_locality: cfg.allow_set_locality,
+            release_lock_outgoing: cfg.release_lock_outgoing,
             locality: 0,
             data_pending: Vec::new(),
             data_fd_ends,
@@ -267,6 +271,15 @@ impl Server {
         }
         let response = match command.get(6..10) {
             Some(&[0x20, 0x00, 0x10, 0x00]) => self.set_locality_command(&command),
+            // A handed-over image is taken back (a migration target's
+            // claimed) before a command that reaches the TPM and may write.
+            // A stopped TPM answers without touching state: QEMU's probe at
+            // start claims nothing.
+            _ if self.tpm.running()
+                && self.tpm.make_writable("a TPM command", HANDOVER_WAIT) != 0 =>
+            {
+                crate::tpm::failure_response()
+            }
             _ => self.tpm.process(&command, locality),
         };
         let mut out = Vec::with_capacity(response.len() + 8);

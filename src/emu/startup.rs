@@ -4,6 +4,7 @@
 //! the end the TPM stops and the lock is released.
 
 use crate::args::{Config, Startup};
+use crate::image::{ImageHandle, HANDOVER_WAIT};
 use crate::libtpms::Libtpms;
 use crate::log::Log;
 use crate::server::{Channels, Exit, Server};
@@ -48,6 +49,7 @@ pub fn capabilities_json() -> String {
         "cmdarg-key-fd",
         "cmdarg-pwd-fd",
         "tpmstate-opt-lock",
+        "cmdarg-migration",
     ];
     serde_json::json!({
         "type": "swtpm",
@@ -62,11 +64,14 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     let log = Log::open(&cfg.log)?;
     let lib = Libtpms::load().map_err(|e| crate::chain(&e))?;
     let key = cfg.key.as_ref().map(crate::keys::load).transpose()?;
-    let store = open_image(cfg, key)?;
+    let image = open_image(cfg, key, &log)?;
     log.info(&format!(
-        "{}: generation {}, libtpms {}",
+        "{}: {}, libtpms {}",
         cfg.image.display(),
-        store.generation(),
+        match image.view() {
+            Some(v) => format!("generation {}", v.generation()),
+            None => "to be claimed when the incoming migration's state arrives".into(),
+        },
         lib.version()
     ));
     let data = cfg
@@ -89,9 +94,9 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     }
     // The TPM starts before the process daemonizes, so that a state
     // libtpms refuses is reported to the caller, not lost with its stderr.
-    let mut tpm = Tpm::new(lib, store, log.clone())?;
+    let mut tpm = Tpm::new(lib, image, log.clone())?;
     if cfg.not_need_init {
-        if tpm.init(false) != 0 {
+        if tpm.make_writable("the start", HANDOVER_WAIT) != 0 || tpm.init(false) != 0 {
             return Err(format!(
                 "the TPM in {} did not start (see the log)",
                 cfg.image.display()
@@ -139,7 +144,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
 /// Opens the image under the writer lock for the emulator's life; a
 /// missing image is created, a blank one formatted. A restart after a
 /// crash serves the last complete commit (a torn newer one is the crash's).
-fn open_image(cfg: &Config, key: Option<KeySource>) -> Result<Store, String> {
+fn open_image(cfg: &Config, key: Option<KeySource>, log: &Log) -> Result<ImageHandle, String> {
     let path = &cfg.image;
     let fmt = || FormatOptions {
         key: key.clone(),
@@ -149,6 +154,16 @@ fn open_image(cfg: &Config, key: Option<KeySource>) -> Result<Store, String> {
         Store::create(path, Default::default(), fmt()).map_err(|e| crate::chain(&e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.image_mode))
             .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    }
+    if cfg.incoming {
+        // Nothing is locked or read until the migration's state arrives.
+        // A blank image of the target's own is formatted now; one that
+        // holds a store, or that the source holds, is left alone.
+        match Store::format(path, fmt()) {
+            Ok(()) | Err(StoreError::WouldDestroy { .. }) | Err(StoreError::Lock(_)) => {}
+            Err(e) => return Err(crate::chain(&e)),
+        }
+        return Ok(ImageHandle::incoming(path, key, log.clone()));
     }
     let opts = OpenOptions {
         key: key.clone(),
@@ -172,7 +187,7 @@ fn open_image(cfg: &Config, key: Option<KeySource>) -> Result<Store, String> {
             path.display()
         ));
     }
-    Ok(store)
+    Ok(ImageHandle::writer(store, key, log.clone()))
 }
 
 fn drop_privileges(user: &str) -> Result<(), String> {

@@ -2,12 +2,12 @@
 //! (or at once with `--flags not-need-init`), running until STOP, SHUTDOWN
 //! or the end; state blobs in and out only while stopped.
 
+use crate::image::ImageHandle;
 use crate::libtpms::{Libtpms, StateType, TpmResult, TPM_BAD_PARAMETER, TPM_FAIL, TPM_SUCCESS};
 use crate::log::Log;
 use crate::nvram::StoreHost;
 use std::cell::RefCell;
 use std::rc::Rc;
-use tpmstate::Store;
 
 /// The I/O buffer size swtpm starts with.
 pub const DEFAULT_BUFFER_SIZE: u32 = 4096;
@@ -23,8 +23,8 @@ pub struct Tpm {
 
 impl Tpm {
     /// Binds libtpms to the store; the TPM is not started yet.
-    pub fn new(mut lib: Libtpms, store: Store, log: Log) -> Result<Tpm, String> {
-        let host = Rc::new(RefCell::new(StoreHost::new(store, log.clone())));
+    pub fn new(mut lib: Libtpms, image: ImageHandle, log: Log) -> Result<Tpm, String> {
+        let host = Rc::new(RefCell::new(StoreHost::new(image, log.clone())));
         lib.register(host.clone())
             .map_err(|rc| format!("libtpms refused its callbacks or TPM 2 (error 0x{rc:x})"))?;
         let (size, _, _) = lib.set_buffer_size(DEFAULT_BUFFER_SIZE);
@@ -59,7 +59,7 @@ impl Tpm {
             self.host().abandon_start();
             self.lib.terminate();
             let why = self.host().failed.take();
-            let path = self.host().store().path().display().to_string();
+            let path = self.host().image().path().display().to_string();
             let loaded = match self.host().loaded.join(", ") {
                 l if l.is_empty() => "no state".to_string(),
                 l => l,
@@ -79,6 +79,17 @@ impl Tpm {
         }
         self.running = true;
         TPM_SUCCESS
+    }
+
+    /// Makes the image writable before something that may write (a TPM
+    /// command, INIT, SET_STATEBLOB, ...): takes a handed-over image back,
+    /// or claims a migration target's; TPM_FAIL if that fails (the log
+    /// says why).
+    pub fn make_writable(&mut self, why: &str, wait: std::time::Duration) -> TpmResult {
+        match self.host().image().make_writable(why, wait) {
+            Ok(()) => TPM_SUCCESS,
+            Err(_) => TPM_FAIL,
+        }
     }
 
     /// Stops the TPM (CMD_STOP, CMD_SHUTDOWN); its state stays stored.
@@ -117,13 +128,9 @@ impl Tpm {
             Err(rc) => return rc,
         };
         let mut host = self.host();
-        match host.store().put(StateType::Volatile.name(), &data) {
-            Ok(_) => TPM_SUCCESS,
-            Err(e) => {
-                self.log
-                    .error(&format!("storing the volatile state: {}", crate::chain(&e)));
-                TPM_FAIL
-            }
+        match crate::libtpms::Host::store(&mut *host, StateType::Volatile.name(), &data) {
+            Ok(()) => TPM_SUCCESS,
+            Err(rc) => rc,
         }
     }
 
@@ -134,7 +141,10 @@ impl Tpm {
             return self.lib.volatile_all_store();
         }
         let mut host = self.host();
-        match host.store().get(st.name()) {
+        let Some(view) = host.image().view() else {
+            return Err(TPM_FAIL);
+        };
+        match view.get(st.name()) {
             Ok(blob) => Ok(blob.map(|b| b.to_vec()).unwrap_or_default()),
             Err(e) => {
                 self.log

@@ -1,0 +1,215 @@
+//! The image as the emulator holds it, through the library's handle types:
+//! a writer `Store` (reads and writes), a `Released` handle after a
+//! migration source handed the image over (reads only: nothing can write
+//! until a reclaim succeeds), or, on a migration target, nothing yet until
+//! the first SET_STATEBLOB or TPM command claims it (exclusive lock, the
+//! whole store validated and decrypted with this emulator's key, then
+//! writer).
+
+use crate::log::Log;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tpmstate::migration::{self, ClaimOptions, Incoming};
+use tpmstate::store::ReclaimError;
+use tpmstate::{KeySource, Locking, Released, Store, StoreView};
+
+/// How long a claim or a reclaim waits for the other side (QEMU allows 3 s).
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+enum State {
+    Writer(Store),
+    Released(Released),
+    /// A migration target's image, neither locked nor read yet.
+    Incoming,
+    /// Only while a transition runs.
+    Vacant,
+}
+
+/// The emulator's image handle and what it needs to claim or reclaim it.
+pub struct ImageHandle {
+    state: State,
+    path: PathBuf,
+    key: Option<KeySource>,
+    log: Log,
+}
+
+impl ImageHandle {
+    /// An image held as a writer.
+    pub fn writer(store: Store, key: Option<KeySource>, log: Log) -> ImageHandle {
+        let path = store.path().to_path_buf();
+        ImageHandle {
+            state: State::Writer(store),
+            path,
+            key,
+            log,
+        }
+    }
+
+    /// A migration target's image, claimed later (`--migration incoming`).
+    pub fn incoming(path: &Path, key: Option<KeySource>, log: Log) -> ImageHandle {
+        ImageHandle {
+            state: State::Incoming,
+            path: path.to_path_buf(),
+            key,
+            log,
+        }
+    }
+
+    /// Whether the emulator has a key for the store (`--key`).
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store to read, if the image is held (writer or released).
+    pub fn view(&self) -> Option<&StoreView> {
+        match &self.state {
+            State::Writer(s) => Some(s),
+            State::Released(r) => Some(r),
+            State::Incoming | State::Vacant => None,
+        }
+    }
+
+    /// The writer, if the image is held as one now; never claims or
+    /// reclaims (libtpms's callbacks use this: a write while the image is
+    /// handed over is refused, whatever libtpms does).
+    pub fn store(&mut self) -> Option<&mut Store> {
+        match &mut self.state {
+            State::Writer(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Makes the image writable before something that may write: a
+    /// released image is reclaimed (waiting up to `wait`), a migration
+    /// target's image claimed. On failure the image stays as it was and the
+    /// log says why, in one line.
+    pub fn make_writable(&mut self, why: &str, wait: Duration) -> Result<(), String> {
+        let state = std::mem::replace(&mut self.state, State::Vacant);
+        let (state, result) = match state {
+            State::Writer(s) => (State::Writer(s), Ok(())),
+            State::Released(r) => self.reclaim(r, why, wait),
+            State::Incoming => match self.claim(wait) {
+                Ok(store) => (State::Writer(store), Ok(())),
+                Err(e) => (State::Incoming, Err(e)),
+            },
+            State::Vacant => (State::Vacant, Err("the image is not held".to_string())),
+        };
+        self.state = state;
+        if let Err(e) = &result {
+            self.log.error(e);
+        }
+        result
+    }
+
+    fn reclaim(&self, r: Released, why: &str, wait: Duration) -> (State, Result<(), String>) {
+        match r.reclaim(wait) {
+            Ok(store) => {
+                self.log
+                    .info(&format!("{}: taken back ({why})", self.path.display()));
+                (State::Writer(store), Ok(()))
+            }
+            Err(ReclaimError::StillReleased(r, e)) => (
+                State::Released(*r),
+                Err(format!(
+                    "{}: cannot take the image back ({why}): {}",
+                    self.path.display(),
+                    tpmstate::kind::chain(&e)
+                )),
+            ),
+            Err(ReclaimError::Damaged(mut store, e)) => {
+                // This handle holds the only sound copy: put it all back.
+                let repaired = repair(&mut store);
+                let msg = format!(
+                    "{}: taken back ({why}), but it was damaged while handed over ({}); {}",
+                    self.path.display(),
+                    tpmstate::kind::chain(&e),
+                    match repaired {
+                        Ok(()) => "every blob was written again".to_string(),
+                        Err(r) => format!("repairing it failed: {r}"),
+                    }
+                );
+                self.log.error(&msg);
+                (State::Writer(*store), Ok(()))
+            }
+        }
+    }
+
+    fn claim(&self, wait: Duration) -> Result<Store, String> {
+        let claimed = Incoming::open_deferred(&self.path, Locking::Auto).and_then(|incoming| {
+            incoming.claim(ClaimOptions {
+                key: self.key.clone(),
+                timeout: Some(wait),
+                ..Default::default()
+            })
+        });
+        match claimed {
+            Ok(store) => {
+                self.log.info(&format!(
+                    "{}: claimed for the incoming migration (generation {}, every blob validated)",
+                    self.path.display(),
+                    store.generation()
+                ));
+                Ok(store)
+            }
+            Err(e) => Err(format!(
+                "{}: refusing the incoming migration: {}",
+                self.path.display(),
+                tpmstate::kind::chain(&e)
+            )),
+        }
+    }
+
+    /// Hands the image over to a migration target: commits so that the
+    /// target can check it strictly, then releases the lock. From here on
+    /// only [`ImageHandle::make_writable`] can write again.
+    pub fn release(&mut self) -> Result<(), String> {
+        let state = std::mem::replace(&mut self.state, State::Vacant);
+        let (state, result) = match state {
+            State::Writer(store) => match migration::release_outgoing(store) {
+                Ok(r) => (State::Released(r), Ok(())),
+                Err(e) => {
+                    let msg = format!(
+                        "{}: cannot hand the image over: {}",
+                        self.path.display(),
+                        tpmstate::kind::chain(&e.error)
+                    );
+                    (State::Writer(*e.store), Err(msg))
+                }
+            },
+            other => (other, Ok(())),
+        };
+        self.state = state;
+        match &result {
+            Ok(()) => self.log.info(&format!(
+                "{}: handed over (lock released)",
+                self.path.display()
+            )),
+            Err(e) => self.log.error(e),
+        }
+        result
+    }
+}
+
+/// Puts every blob of `store` again, in one commit.
+fn repair(store: &mut Store) -> Result<(), String> {
+    let names: Vec<String> = store.names().map(str::to_string).collect();
+    let mut blobs = Vec::new();
+    for name in names {
+        let data = store
+            .get_required(&name)
+            .map_err(|e| tpmstate::kind::chain(&e))?;
+        blobs.push((name, data));
+    }
+    let mut t = store.transaction();
+    for (name, data) in &blobs {
+        t.put(name, data).map_err(|e| tpmstate::kind::chain(&e))?;
+    }
+    t.commit()
+        .map(|_| ())
+        .map_err(|e| tpmstate::kind::chain(&e))
+}
