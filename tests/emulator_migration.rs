@@ -102,17 +102,40 @@ struct Side {
 }
 
 impl Side {
+    /// tpmstate-emu on `image` (with `emu_args`) and its QEMU.
     fn start(dir: &Path, name: &str, image: &Path, emu_args: &[&str], incoming: bool) -> Side {
+        let mut args = vec![
+            "--tpmstate".to_string(),
+            format!("backend-uri=qcow2://{}", image.display()),
+        ];
+        args.extend(emu_args.iter().map(|a| a.to_string()));
+        Side::launch(dir, name, emu_bin(), args, incoming)
+    }
+
+    /// Debian's swtpm 0.7.1 on state directory `state` and its QEMU.
+    fn start_swtpm(dir: &Path, name: &str, state: &Path, incoming: bool) -> Side {
+        std::fs::create_dir_all(state).unwrap();
+        let args = vec!["--tpmstate".to_string(), format!("dir={}", state.display())];
+        Side::launch(dir, name, "swtpm", args, incoming)
+    }
+
+    /// `program` (tpmstate-emu or swtpm, with `state_args`) on a unix
+    /// control socket, and a QEMU driving it.
+    fn launch(
+        dir: &Path,
+        name: &str,
+        program: &str,
+        state_args: Vec<String>,
+        incoming: bool,
+    ) -> Side {
         let ctrl = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let emu = Command::new(emu_bin())
+        let emu = Command::new(program)
             .args(["socket", "--tpm2", "--terminate", "--ctrl"])
             .arg(format!("type=unixio,path={}", ctrl.display()))
-            .arg("--tpmstate")
-            .arg(format!("backend-uri=qcow2://{}", image.display()))
             .arg("--log")
             .arg(format!("file={},level=5", log.display()))
-            .args(emu_args)
+            .args(state_args)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -140,6 +163,7 @@ impl Side {
         let qemu = qemu
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.qemu.err"))).unwrap())
             .spawn()
             .unwrap();
         let mut qmp = Qmp::connect(&qmp_path);
@@ -242,6 +266,19 @@ fn lock_holders(image: &Path) -> String {
     cli(&["locks", path_str(image)]).1
 }
 
+/// Migrates `a`'s VM to `b` (started with -incoming defer); the outcome
+/// as the source's QMP reports it.
+fn run_migration(a: &mut Side, b: &mut Side) -> String {
+    let port = port_pair();
+    b.qmp.run(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    a.qmp
+        .run("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    a.qmp.migration_outcome()
+}
+
 /// Starts both sides and migrates; the source's QMP reports the outcome.
 fn migrate(
     dir: &Path,
@@ -256,15 +293,8 @@ fn migrate(
     let a = Side::start(dir, "a", image, &a_args, false);
     a.wait_log("TPM command 0x182"); // SeaBIOS ran and extended PCRs
     let mut b = Side::start(dir, "b", image, &b_args, true);
-    let port = port_pair();
-    b.qmp.run(
-        "migrate-incoming",
-        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-    );
     let mut a = a;
-    a.qmp
-        .run("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    let outcome = a.qmp.migration_outcome();
+    let outcome = run_migration(&mut a, &mut b);
     (a, b, outcome)
 }
 
@@ -313,25 +343,31 @@ fn a_vm_migrates_on_a_shared_image_and_the_source_never_writes_it_again() {
     assert_eq!(nv_data(&image, &[]), NV_DATA);
 }
 
-#[test]
-fn a_target_with_another_key_fails_the_migration_and_the_source_takes_the_image_back() {
-    if !prerequisites() {
-        return;
-    }
-    let dir = scratch();
-    let image = dir.path().join("nvram.qcow2");
-    let k1 = dir.path().join("k1");
-    let k2 = dir.path().join("k2");
-    std::fs::write(&k1, "11".repeat(32)).unwrap();
-    std::fs::write(&k2, "22".repeat(32)).unwrap();
-    for k in [&k1, &k2] {
+/// Two 256-bit key files in `dir`, mode 0600, and the `--key` options naming them.
+fn two_keys(dir: &Path) -> (String, String) {
+    let mut opts = Vec::new();
+    for (name, byte) in [("k1", "11"), ("k2", "22")] {
+        let k = dir.join(name);
+        std::fs::write(&k, byte.repeat(32)).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        opts.push(format!("file={},mode=aes-256-cbc", k.display()));
     }
-    let key1 = format!("file={},mode=aes-256-cbc", k1.display());
-    let key2 = format!("file={},mode=aes-256-cbc", k2.display());
-    provision(&image, &["--key", &key1]);
-    let (mut a, b, outcome) = migrate(dir.path(), &image, &["--key", &key1], &["--key", &key2]);
+    (opts[0].clone(), opts[1].clone())
+}
+
+/// A migration the target must refuse (its log saying `why`): it fails,
+/// the source resumes and takes the image back, nothing else writes it,
+/// and the NV data is intact.
+fn refused_migration(
+    dir: &Path,
+    image: &Path,
+    source_key: &[&str],
+    target_key: &[&str],
+    why: &str,
+) {
+    provision(image, source_key);
+    let (mut a, b, outcome) = migrate(dir, image, source_key, target_key);
     assert_eq!(
         outcome,
         "failed",
@@ -340,8 +376,7 @@ fn a_target_with_another_key_fails_the_migration_and_the_source_takes_the_image_
         b.log_text()
     );
     assert!(
-        b.log_text().contains("refusing the incoming migration")
-            && b.log_text().contains("wrong key"),
+        b.log_text().contains("refusing the incoming migration") && b.log_text().contains(why),
         "the target says why: {}",
         b.log_text()
     );
@@ -357,14 +392,14 @@ fn a_target_with_another_key_fails_the_migration_and_the_source_takes_the_image_
     a.wait_log("taken back (LOCK_STORAGE)");
     let a_pid = a.emu.id().to_string();
     assert!(
-        lock_holders(&image).contains(&a_pid),
+        lock_holders(image).contains(&a_pid),
         "{}",
-        lock_holders(&image)
+        lock_holders(image)
     );
-    let after_failure = sha(&image);
+    let after_failure = sha(image);
     drop(b);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sha(&image), after_failure, "nothing wrote the image since");
+    assert_eq!(sha(image), after_failure, "nothing wrote the image since");
     // The source serves its VM: a reset makes SeaBIOS talk to the TPM.
     let commands = a.log_text().matches("TPM command 0x182").count();
     a.qmp.run("system_reset", json!({}));
@@ -379,8 +414,53 @@ fn a_target_with_another_key_fails_the_migration_and_the_source_takes_the_image_
     }
     assert!(!a.log_text().contains("error"), "{}", a.log_text());
     a.quit();
-    assert_qemu_check_clean(&image);
-    assert_eq!(nv_data(&image, &["--key", &key1]), NV_DATA);
+    assert_qemu_check_clean(image);
+    assert_eq!(nv_data(image, source_key), NV_DATA);
+}
+
+#[test]
+fn a_target_with_another_key_fails_the_migration_and_the_source_takes_the_image_back() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let (k1, k2) = two_keys(dir.path());
+    let image = dir.path().join("nvram.qcow2");
+    refused_migration(
+        dir.path(),
+        &image,
+        &["--key", &k1],
+        &["--key", &k2],
+        "wrong key",
+    );
+}
+
+#[test]
+fn a_target_without_the_key_of_an_encrypted_store_fails_the_migration() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let (k1, _) = two_keys(dir.path());
+    let image = dir.path().join("nvram.qcow2");
+    refused_migration(
+        dir.path(),
+        &image,
+        &["--key", &k1],
+        &[],
+        "the store is encrypted",
+    );
+}
+
+#[test]
+fn a_target_with_a_key_for_a_plaintext_store_fails_the_migration() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let (k1, _) = two_keys(dir.path());
+    let image = dir.path().join("nvram.qcow2");
+    refused_migration(dir.path(), &image, &[], &["--key", &k1], "not encrypted");
 }
 
 /// The control channel on TCP `port + 1`: one message, its 4-byte result.
@@ -484,4 +564,98 @@ fn a_target_that_cannot_lock_in_3_s_refuses_set_stateblob_and_writes_nothing() {
     assert!(!lock_holders(&image).contains(&target.pid().to_string()));
     drop(target);
     drop(source);
+}
+
+/// NV_DATA written into a new swtpm state directory `state`.
+fn provision_swtpm(state: &Path) {
+    let port = port_pair();
+    let swtpm = start_swtpm(state, port, tcp_args(port));
+    swtpm.tpm2_ok(
+        "tpm2_nvdefine",
+        &[
+            NV_INDEX,
+            "-C",
+            "o",
+            "-s",
+            "20",
+            "-a",
+            "ownerread|ownerwrite",
+        ],
+    );
+    let data = state.join("nvdata");
+    std::fs::write(&data, NV_DATA).unwrap();
+    swtpm.tpm2_ok(
+        "tpm2_nvwrite",
+        &[NV_INDEX, "-C", "o", "-i", path_str(&data)],
+    );
+    assert!(swtpm.stop().success());
+}
+
+/// The NV data a swtpm on `state` reads.
+fn swtpm_nv_data(state: &Path) -> Vec<u8> {
+    let port = port_pair();
+    let swtpm = start_swtpm(state, port, tcp_args(port));
+    let out = swtpm.tpm2("tpm2_nvread", &[NV_INDEX, "-C", "o", "-s", "20"]);
+    assert!(swtpm.stop().success());
+    out.stdout
+}
+
+/// Waits until the VM runs, and a moment for SeaBIOS's TPM commands.
+fn let_firmware_run(side: &mut Side) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while side.qmp.status() != "running" {
+        assert!(Instant::now() < deadline, "the VM does not run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+}
+
+#[test]
+fn a_vm_migrates_from_swtpm_0_7_1_to_tpmstate_emu_each_with_its_own_storage() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let state = dir.path().join("swtpm-a");
+    provision_swtpm(&state);
+    let mut a = Side::start_swtpm(dir.path(), "a", &state, false);
+    let_firmware_run(&mut a);
+    let image = dir.path().join("b.qcow2");
+    let mut b = Side::start(dir.path(), "b", &image, &["--migration", "incoming"], true);
+    let outcome = run_migration(&mut a, &mut b);
+    assert_eq!(
+        outcome,
+        "completed",
+        "source:\n{}\ntarget:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    a.quit();
+    b.quit();
+    assert_eq!(nv_data(&image, &[]), NV_DATA);
+}
+
+#[test]
+fn a_vm_migrates_from_tpmstate_emu_to_swtpm_0_7_1_each_with_its_own_storage() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("a.qcow2");
+    provision(&image, &[]);
+    let mut a = Side::start(dir.path(), "a", &image, &[], false);
+    a.wait_log("TPM command 0x182");
+    let state = dir.path().join("swtpm-b");
+    let mut b = Side::start_swtpm(dir.path(), "b", &state, true);
+    let outcome = run_migration(&mut a, &mut b);
+    assert_eq!(
+        outcome,
+        "completed",
+        "source:\n{}\ntarget:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    a.quit();
+    b.quit();
+    assert_eq!(swtpm_nv_data(&state), NV_DATA);
 }
