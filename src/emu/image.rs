@@ -140,6 +140,7 @@ impl ImageHandle {
     }
 
     fn claim(&self, wait: Duration) -> Result<Store, String> {
+        let started = std::time::Instant::now();
         let claimed = Incoming::open_deferred(&self.path, Locking::Auto).and_then(|incoming| {
             incoming.claim(ClaimOptions {
                 key: self.key.clone(),
@@ -150,9 +151,10 @@ impl ImageHandle {
         match claimed {
             Ok(store) => {
                 self.log.info(&format!(
-                    "{}: claimed for the incoming migration (generation {}, every blob validated)",
+                    "{}: claimed for the incoming migration (generation {}, every blob validated) in {:.2} ms",
                     self.path.display(),
-                    store.generation()
+                    store.generation(),
+                    started.elapsed().as_secs_f64() * 1000.0
                 ));
                 Ok(store)
             }

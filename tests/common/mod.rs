@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod emu;
+pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
