@@ -3,9 +3,10 @@
 # swtpm-compatible emulator tpmstate-emu keeping an encrypted TPM's state
 # in it, TPM commands through tpm2-tools, QEMU's tools locked out while it
 # runs, a kill -9 in the middle of a stream of NV writes and a restart that
-# serves the last acknowledged one, then a migration claim and a failed one
-# that changes nothing, with qemu-img check after each step. Works wherever
-# cargo puts its build (CARGO_TARGET_DIR).
+# serves the last acknowledged one, then a live migration of a running VM
+# between two QEMUs on the shared image and one that a target with the
+# wrong key fails while the source keeps running, with qemu-img check after
+# each step. Works wherever cargo puts its build (CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -84,16 +85,67 @@ while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
 qemu-img check nvram.qcow2 | head -1
 "$T" check nvram.qcow2 --key-file vtpm.key
 
-step "migration: a target claims under an exclusive lock and validates + decrypts everything"
-"$T" validate-incoming nvram.qcow2 --key-file vtpm.key --require permall
+# Live migration: two QEMUs (SeaBIOS, no disk) and two emulators on the one
+# image; QMP over loopback TCP, spoken with bash's /dev/tcp.
+free_port() { local p; while :; do p=$((20000 + RANDOM % 20000)); (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }; done; }
+qmp_open() { # fd port
+  for _ in $(seq 100); do eval "exec $1<>/dev/tcp/127.0.0.1/$2" 2>/dev/null && break; sleep 0.1; done
+  local line; read -r -u "$1" line; qmp "$1" '{"execute":"qmp_capabilities"}' >/dev/null
+}
+qmp() { # fd json: prints the answer's line, skipping events
+  local line; echo "$2" >&"$1"
+  while read -r -u "$1" line; do case "$line" in *'"return"'*|*'"error"'*) echo "$line"; return;; esac; done
+}
+migration_status() { qmp "$1" '{"execute":"query-migrate"}' | sed -n 's/.*"status": *"\([a-z-]*\)".*/\1/p'; }
+start_side() { # name qmp-port emulator-args... ; QEMU with -incoming defer when the name is b
+  local name=$1 port=$2; shift 2
+  "$E" socket --tpm2 --terminate --ctrl "type=unixio,path=$work/$name.sock" \
+    --tpmstate "backend-uri=qcow2://$work/nvram.qcow2" --log "file=$name.log,level=1" "$@" >/dev/null 2>&1 5>&- 6>&- &
+  for _ in $(seq 100); do [ -S "$name.sock" ] && break; sleep 0.05; done
+  local incoming=(); [ "$name" = b ] && incoming=(-incoming defer)
+  qemu-system-x86_64 -machine q35,accel=tcg -nodefaults -m 128 -display none -serial none -monitor none \
+    -qmp "tcp:127.0.0.1:$port,server=on,wait=off" -chardev "socket,id=chrtpm,path=$work/$name.sock" \
+    -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0 "${incoming[@]}" >/dev/null 2>"$name.qemu.err" 5>&- 6>&- &
+}
+migrate() { # target-key-option: migrates VM a to b; sets $status to QEMU's outcome
+  local qa qb mp
+  qa=$(free_port); start_side a "$qa" --migration release-lock-outgoing --key file=vtpm.key,mode=aes-256-cbc
+  qmp_open 5 "$qa"; sleep 2   # SeaBIOS starts the TPM and extends PCRs
+  qb=$(free_port); start_side b "$qb" --migration incoming --key "$1"
+  qmp_open 6 "$qb"
+  for fd in 5 6; do qmp $fd '{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}' >/dev/null; done
+  mp=$(free_port)
+  qmp 6 "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:$mp\"}}" >/dev/null
+  qmp 5 "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:$mp\"}}" >/dev/null
+  for _ in $(seq 300); do status=$(migration_status 5); case $status in completed|failed) break;; esac; sleep 0.1; done
+}
+quit_side() { qmp "$1" '{"execute":"quit"}' >/dev/null 2>&1 || true; eval "exec $1>&-"; }
 
-step "a target with the wrong key fails cleanly: exit code 5, image untouched, no lock left"
-head -c 32 /dev/urandom > wrong.key && chmod 600 wrong.key
-before=$(sha256sum nvram.qcow2)
-set +e; "$T" validate-incoming nvram.qcow2 --key-file wrong.key; code=$?; set -e
-echo "exit code: $code"
-[ "$before" = "$(sha256sum nvram.qcow2)" ] && echo "image unchanged"
+step "live migration: a running VM moves to a second QEMU; the target claims the shared image"
+migrate file=vtpm.key,mode=aes-256-cbc
+echo "migration: $status"
+sed -n 's/^tpmstate-emu: //p' a.log | grep -E "handed over|taken back" || true
+sed -n 's/^tpmstate-emu: //p' b.log | grep -E "claimed for" || true
 "$T" locks nvram.qcow2
+before=$(sha256sum nvram.qcow2)
+quit_side 5; sleep 0.5
+[ "$before" = "$(sha256sum nvram.qcow2)" ] && echo "the source quit and never wrote the image again"
+quit_side 6; wait
+
+step "a target with the wrong key: the migration fails and the source VM keeps running"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > wrong.key && chmod 600 wrong.key
+migrate file=wrong.key,mode=aes-256-cbc
+echo "migration: $status"
+sed -n 's/^tpmstate-emu: error: //p' b.log | tail -1
+echo "source VM: $(qmp 5 '{"execute":"query-status"}' | sed -n 's/.*"status": *"\([a-z-]*\)".*/\1/p')"
+sleep 0.5
+sed -n 's/^tpmstate-emu: //p' a.log | grep -E "taken back" || true
+"$T" locks nvram.qcow2
+quit_side 5; quit_side 6; wait
+start_emulator
+tpm2_nvread 0x1500016 -C o -s 29 | cmp - secret && echo "NV data after both migrations: intact"
+pid=$(cat emu.pid); kill -TERM "$pid"
+while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
 
 step "final check"
 qemu-img check nvram.qcow2
