@@ -149,7 +149,7 @@ fn refused_migration(
     why: &str,
 ) {
     provision(image, source_key);
-    let (mut a, b, outcome) = migrate(dir, image, source_key, target_key);
+    let (a, b, outcome) = migrate(dir, image, source_key, target_key);
     assert_eq!(
         outcome,
         "failed",
@@ -162,6 +162,14 @@ fn refused_migration(
         "the target says why: {}",
         b.log_text()
     );
+    source_recovers(a, b, image, source_key, true);
+}
+
+/// After a failed migration: the source VM runs again, takes the image back
+/// on QEMU's LOCK_STORAGE, nothing else writes it (when `untouched`: the
+/// target wrote nothing), the VM's firmware is served after a reset, and
+/// the NV data is intact.
+fn source_recovers(mut a: Side, b: Side, image: &Path, source_key: &[&str], untouched: bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.qmp.status() != "running" {
         assert!(Instant::now() < deadline, "the source VM did not resume");
@@ -181,7 +189,9 @@ fn refused_migration(
     let after_failure = sha(image);
     drop(b);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sha(image), after_failure, "nothing wrote the image since");
+    if untouched {
+        assert_eq!(sha(image), after_failure, "nothing wrote the image since");
+    }
     // The source serves its VM: a reset makes SeaBIOS talk to the TPM.
     let commands = a.log_text().matches("TPM command 0x182").count();
     a.qmp.run("system_reset", json!({}));
@@ -194,7 +204,9 @@ fn refused_migration(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!a.log_text().contains("error"), "{}", a.log_text());
+    if untouched {
+        assert!(!a.log_text().contains("error"), "{}", a.log_text());
+    }
     a.quit();
     assert_qemu_check_clean(image);
     assert_eq!(nv_data(image, source_key), NV_DATA);
@@ -523,4 +535,89 @@ fn for_contrast_swtpm_0_7_1_on_a_shared_directory() {
         &report,
     )
     .unwrap();
+}
+
+#[test]
+fn a_target_killed_before_switchover_fails_the_migration_and_the_source_takes_the_image_back() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    provision(&image, &[]);
+    let mut a = Side::start(
+        dir.path(),
+        "a",
+        &image,
+        &["--migration", "release-lock-outgoing"],
+        false,
+    );
+    a.wait_log("TPM command 0x182");
+    let mut b = Side::start(dir.path(), "b", &image, &["--migration", "incoming"], true);
+    let caps = json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]});
+    a.qmp.run("migrate-set-capabilities", caps);
+    let port = port_pair();
+    b.qmp.run(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    a.qmp
+        .run("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.qmp.run("query-migrate", json!({}))["status"] != "pre-switchover" {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never paused before switchover"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = b.emu.kill();
+    let _ = b.emu.wait();
+    a.qmp
+        .run("migrate-continue", json!({"state": "pre-switchover"}));
+    assert_eq!(a.qmp.migration_outcome(), "failed", "{}", a.log_text());
+    source_recovers(a, b, &image, &[], true);
+}
+
+#[test]
+fn an_image_damaged_before_the_target_claims_fails_the_migration_and_the_source_repairs_it() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    provision(&image, &[]);
+    let mut a = Side::start(
+        dir.path(),
+        "a",
+        &image,
+        &["--migration", "release-lock-outgoing"],
+        false,
+    );
+    a.wait_log("TPM command 0x182");
+    let mut b = Side::start(dir.path(), "b", &image, &["--migration", "incoming"], true);
+    // The target waits (stopped) while the image is damaged between the
+    // source's hand-over and the target's claim.
+    let b_pid = nix::unistd::Pid::from_raw(b.emu.id() as i32);
+    nix::sys::signal::kill(b_pid, nix::sys::signal::SIGSTOP).unwrap();
+    let port = port_pair();
+    b.qmp.run(
+        "migrate-incoming",
+        json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+    );
+    a.qmp
+        .run("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    a.wait_log("handed over");
+    for slot in tpmstate::format::SLOT_OFFSETS {
+        flip(&image, host_offset(&image, slot + 100), 0x40);
+    }
+    nix::sys::signal::kill(b_pid, nix::sys::signal::SIGCONT).unwrap();
+    assert_eq!(a.qmp.migration_outcome(), "failed", "{}", a.log_text());
+    b.wait_log("refusing the incoming migration");
+    source_recovers(a, b, &image, &[], false);
+    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(
+        log.contains("damaged while handed over") && log.contains("every blob was written again"),
+        "{log}"
+    );
 }
