@@ -66,9 +66,9 @@ fn tpmstate_shared(dir: &Path) -> Sample {
 }
 
 fn swtpm_own_storage(dir: &Path) -> Sample {
-    let mut a = Side::start_swtpm(dir, "a", &dir.join("a-state"), false);
+    let mut a = Side::start_swtpm(dir, "a", &dir.join("a-state"), &[], false);
     let_firmware_run(&mut a);
-    let mut b = Side::start_swtpm(dir, "b", &dir.join("b-state"), true);
+    let mut b = Side::start_swtpm(dir, "b", &dir.join("b-state"), &[], true);
     let s = measure(&mut a, &mut b);
     a.quit();
     b.quit();

@@ -96,7 +96,7 @@ fn unknown_and_unsupported_options_exit_1_naming_them() {
                 "--tpmstate",
                 &uri,
                 "--migration-key",
-                "file=k",
+                "file=k,kdf=md5",
             ],
             "--migration-key",
         ),

@@ -12,6 +12,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Ok(ctrl::Request::HashData { data: part }) => assert!(part.len() <= ctrl::MAX_HASH_DATA as usize),
         _ => {}
     }
+    // Migration-encrypted blobs: the HMAC gate and the TLVs behind it.
+    let key = tpmstate::swtpm::migration_key::MigrationKey::new(&[7u8; 16]).expect("16 bytes");
+    let _ = blob::unwrap_with(data, Some(&key));
     if let Ok(inner) = blob::unwrap(data) {
         assert!(inner.len() + blob::HEADER_LEN + 6 <= data.len());
         let again = blob::wrap_for_migration(inner).expect("fits");

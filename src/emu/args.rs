@@ -67,6 +67,10 @@ pub enum KeyOption {
         from: Secret,
         /// `remove`: delete the file once read.
         remove: bool,
+        /// `mode=aes-256-cbc`: for a migration key, derive 256 bits.
+        bits256: bool,
+        /// `kdf=sha512` (default `pbkdf2`): for a migration key, how.
+        sha512: bool,
     },
 }
 
@@ -130,6 +134,8 @@ pub struct Config {
     pub ctrl_terminate: bool,
     /// The store's key.
     pub key: Option<KeyOption>,
+    /// `--migration-key`: encrypts state blobs on the control channel.
+    pub migration_key: Option<KeyOption>,
     /// `--flags not-need-init`.
     pub not_need_init: bool,
     /// `--flags startup-...`.
@@ -304,18 +310,15 @@ pub fn parse(args: &[String]) -> Result<Action, UsageError> {
             "--server" => b.server(&value(name)?)?,
             "--ctrl" => b.ctrl(&value(name)?)?,
             "--tpmstate" => b.tpmstate(&value(name)?)?,
-            "--key" => b.key(&value(name)?)?,
+            "--key" => b.key = Some(Builder::key_option("key", &value(name)?)?),
+            "--migration-key" => {
+                b.migration_key = Some(Builder::key_option("migration-key", &value(name)?)?)
+            }
             "--flags" => b.flags(&value(name)?)?,
             "--pid" => b.pid(&value(name)?)?,
             "--log" => b.log(&value(name)?)?,
             "--locality" => b.locality(&value(name)?)?,
             "--migration" => b.migration(&value(name)?)?,
-            "--migration-key" => {
-                return Err(usage(format!(
-                    "{name} is not supported yet: the state blobs on the control channel go \
-                     unencrypted, as QEMU asks for them"
-                )))
-            }
             "--seccomp" | "--print-states" => {
                 return Err(usage(format!("{name} is not supported by tpmstate-emu")))
             }
@@ -338,6 +341,7 @@ struct Builder {
     ctrl: Option<Endpoint>,
     image: Option<(PathBuf, Option<u32>)>,
     key: Option<KeyOption>,
+    migration_key: Option<KeyOption>,
     not_need_init: bool,
     startup: Option<Startup>,
     pid_file: Option<PathBuf>,
@@ -455,8 +459,9 @@ impl Builder {
         Ok(())
     }
 
-    fn key(&mut self, text: &str) -> Result<(), UsageError> {
-        let p = Params::parse("key", text);
+    /// `--key` and `--migration-key` take the same parameters.
+    fn key_option(option: &'static str, text: &str) -> Result<KeyOption, UsageError> {
+        let p = Params::parse(option, text);
         p.only(&[
             "file", "fd", "pwdfile", "pwdfd", "format", "mode", "remove", "kdf",
         ])?;
@@ -465,7 +470,7 @@ impl Builder {
             Some("aes-256-cbc") => true,
             Some(m) => {
                 return Err(usage(format!(
-                    "--key: unsupported mode={m} (aes-cbc or aes-256-cbc)"
+                    "--{option}: unsupported mode={m} (aes-cbc or aes-256-cbc)"
                 )))
             }
         };
@@ -479,21 +484,23 @@ impl Builder {
             .filter(|s| s.is_some())
             .count();
         if sources != 1 {
-            return Err(usage(
-                "--key: give exactly one of file=, fd=, pwdfile=, pwdfd=",
-            ));
+            return Err(usage(format!(
+                "--{option}: give exactly one of file=, fd=, pwdfile=, pwdfd="
+            )));
         }
-        self.key = Some(match file.or(fd) {
+        Ok(match file.or(fd) {
             Some(from) => {
                 if p.value("kdf")?.is_some() {
-                    return Err(usage("--key: kdf= applies to pwdfile= and pwdfd= only"));
+                    return Err(usage(format!(
+                        "--{option}: kdf= applies to pwdfile= and pwdfd= only"
+                    )));
                 }
                 let hex = match p.value("format")? {
                     None | Some("hex") => true,
                     Some("binary") => false,
                     Some(f) => {
                         return Err(usage(format!(
-                            "--key: unsupported format={f} (hex or binary)"
+                            "--{option}: unsupported format={f} (hex or binary)"
                         )))
                     }
                 };
@@ -506,21 +513,30 @@ impl Builder {
             }
             None => {
                 if p.value("format")?.is_some() {
-                    return Err(usage("--key: format= applies to file= and fd= only"));
+                    return Err(usage(format!(
+                        "--{option}: format= applies to file= and fd= only"
+                    )));
                 }
-                match p.value("kdf")? {
-                    None | Some("pbkdf2") | Some("sha512") => {}
+                let sha512 = match p.value("kdf")? {
+                    None | Some("pbkdf2") => false,
+                    Some("sha512") => true,
                     Some(k) => {
                         return Err(usage(format!(
-                            "--key: unsupported kdf={k} (pbkdf2 or sha512)"
+                            "--{option}: unsupported kdf={k} (pbkdf2 or sha512)"
                         )))
                     }
+                };
+                let from = pwdfile
+                    .or(pwdfd)
+                    .ok_or_else(|| usage(format!("--{option}: no source")))?;
+                KeyOption::Passphrase {
+                    from,
+                    remove,
+                    bits256,
+                    sha512,
                 }
-                let from = pwdfile.or(pwdfd).ok_or_else(|| usage("--key: no source"))?;
-                KeyOption::Passphrase { from, remove }
             }
-        });
-        Ok(())
+        })
     }
 
     fn flags(&mut self, text: &str) -> Result<(), UsageError> {
@@ -624,6 +640,7 @@ impl Builder {
             terminate: self.terminate,
             ctrl_terminate: self.ctrl_terminate,
             key: self.key,
+            migration_key: self.migration_key,
             not_need_init: self.not_need_init,
             startup: self.startup,
             pid_file: self.pid_file,
@@ -721,7 +738,9 @@ mod tests {
             c.key,
             Some(KeyOption::Passphrase {
                 from: Secret::Fd(5),
-                remove: false
+                remove: false,
+                bits256: true,
+                sha512: false
             })
         );
         assert_eq!(c.log.level, 20);
@@ -756,7 +775,7 @@ mod tests {
             err("socket --tpm2 --ctrl type=tcp,port=1 --tpmstate backend-uri=file:///x")
                 .contains("qcow2://")
         );
-        assert!(err(&format!("{base} --migration-key file=k")).contains("--migration-key"));
+        assert!(err(&format!("{base} --migration-key file=k,kdf=md5")).contains("--migration-key"));
         assert!(err(&format!("{base} --migration outgoing")).contains("outgoing"));
         assert!(
             err("socket --ctrl type=tcp,port=1 --tpmstate backend-uri=qcow2://x")

@@ -25,6 +25,8 @@ const TPM_BAD_ORDINAL: TpmResult = 0x0a;
 const TPM_BAD_LOCALITY: TpmResult = 0x3d;
 /// GET_CONFIG: the state is encrypted with a key given on the command line.
 const CONFIG_FLAG_FILE_KEY: u32 = 1;
+/// GET_CONFIG: blobs on the channel are encrypted with a migration key.
+const CONFIG_FLAG_MIGRATION_KEY: u32 = 2;
 /// The most GET_INFO returns in one answer (swtpm's info buffer).
 const INFO_CHUNK: usize = 3 * 1024;
 
@@ -67,7 +69,7 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
             });
         }
     };
-    s.log.debug(&format!("control: {req:?}"));
+    s.log.debug(&format!("control: {}", describe(&req)));
     // Commands that may write take a handed-over image back first (or
     // claim a migration target's); if that fails they change nothing.
     let writes = matches!(
@@ -112,10 +114,13 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
             result(TPM_SUCCESS)
         }
         Request::GetConfig => {
-            let flags = match s.tpm.host().image().has_key() {
-                true => CONFIG_FLAG_FILE_KEY,
-                false => 0,
-            };
+            let mut flags = 0;
+            if s.tpm.host().image().has_key() {
+                flags |= CONFIG_FLAG_FILE_KEY;
+            }
+            if s.migration_key.is_some() {
+                flags |= CONFIG_FLAG_MIGRATION_KEY;
+            }
             answer(ctrl::response(&[TPM_SUCCESS, flags], &[]))
         }
         // Newer QEMU's way to take the image back after a failed migration.
@@ -159,6 +164,23 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
             blob_type,
             offset,
         } => get_state_blob(s, flags, blob_type, offset),
+    }
+}
+
+/// A request for the log: blob and hash data are state, possibly
+/// decrypted, and never logged; only their lengths are.
+fn describe(req: &Request) -> String {
+    match req {
+        Request::SetStateBlob {
+            flags,
+            blob_type,
+            length,
+            ..
+        } => {
+            format!("SetStateBlob {{ flags: {flags}, blob_type: {blob_type}, length: {length} }}")
+        }
+        Request::HashData { data } => format!("HashData {{ {} bytes }}", data.len()),
+        other => format!("{other:?}"),
     }
 }
 
@@ -243,7 +265,7 @@ fn read_state_blob(s: &mut Server, flags: u32, blob_type: u32, offset: u32) -> O
         .image()
         .view()
         .is_some_and(|v| v.is_encrypted());
-    if flags & ctrl::STATE_FLAG_DECRYPTED == 0 && encrypted {
+    if flags & ctrl::STATE_FLAG_DECRYPTED == 0 && encrypted && s.migration_key.is_none() {
         // swtpm would hand out its own encryption of the blob; this
         // emulator hands state out decrypted only, and only when asked so.
         s.log
@@ -255,7 +277,13 @@ fn read_state_blob(s: &mut Server, flags: u32, blob_type: u32, offset: u32) -> O
         Ok(d) => d,
         Err(rc) => return state_response(rc, &[]),
     };
-    let Some(wrapped) = blob::wrap_for_migration(&data) else {
+    // With a migration key the blob is encrypted with it, whatever the
+    // DECRYPTED flag says (as swtpm does).
+    let wrapped = match &s.migration_key {
+        Some(key) => key.seal(&data),
+        None => blob::wrap_for_migration(&data),
+    };
+    let Some(wrapped) = wrapped else {
         return state_response(TPM_FAIL, &[]);
     };
     let start = (offset as usize).min(wrapped.len());
@@ -309,7 +337,7 @@ fn set_state_blob(
             .error("SET_STATEBLOB: the blob is encrypted; send it decrypted");
         return result(TPM_BAD_PARAMETER);
     }
-    let inner = match blob::unwrap(&data) {
+    let inner = match blob::unwrap_with(&data, s.migration_key.as_ref()) {
         Ok(inner) => inner,
         Err(e) => {
             s.log.error(&format!("SET_STATEBLOB ({}): {e}", st.name()));
@@ -321,5 +349,5 @@ fn set_state_blob(
     if s.tpm.make_writable("SET_STATEBLOB", HANDOVER_WAIT) != TPM_SUCCESS {
         return result(TPM_IOERROR);
     }
-    result(s.tpm.set_state_blob(st, inner))
+    result(s.tpm.set_state_blob(st, &inner))
 }

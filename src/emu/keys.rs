@@ -14,43 +14,15 @@
 use crate::args::{KeyOption, Secret};
 use std::io::Read;
 use tpmstate::crypto::Key;
+use tpmstate::swtpm::migration_key::{Kdf, MigrationKey};
 use tpmstate::KeySource;
 use zeroize::Zeroizing;
 
-/// Reads the key or passphrase an option names.
+/// Reads the key or passphrase `--key` names, as the store's key.
 pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
     match opt {
-        KeyOption::Key {
-            from,
-            hex,
-            bits256,
-            remove,
-        } => {
-            let data = read(from, *remove)?;
-            let want = if *bits256 { 32 } else { 16 };
-            let raw = match hex {
-                true => {
-                    let text = std::str::from_utf8(&data).map(str::trim).unwrap_or("");
-                    let text = text.strip_prefix("0x").unwrap_or(text);
-                    Zeroizing::new(hex::decode(text).map_err(|_| {
-                        format!("--key {}: not a hex key (format=hex)", describe(from))
-                    })?)
-                }
-                false => data,
-            };
-            if raw.len() != want {
-                return Err(format!(
-                    "--key {}: a {} key has {want} bytes ({} hex digits), found {}",
-                    describe(from),
-                    if *bits256 {
-                        "mode=aes-256-cbc"
-                    } else {
-                        "mode=aes-cbc"
-                    },
-                    want * 2,
-                    raw.len()
-                ));
-            }
+        KeyOption::Key { from, .. } => {
+            let raw = raw_key(opt, "--key")?;
             let mut okm = Zeroizing::new([0u8; 32]);
             match raw.len() {
                 32 => okm.copy_from_slice(&raw),
@@ -62,7 +34,7 @@ pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
                 .map(KeySource::Key)
                 .map_err(|e| format!("--key {}: {e}", describe(from)))
         }
-        KeyOption::Passphrase { from, remove } => {
+        KeyOption::Passphrase { from, remove, .. } => {
             let mut data = read(from, *remove)?;
             if data.last() == Some(&b'\n') {
                 data.pop();
@@ -73,6 +45,73 @@ pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
             Ok(KeySource::Passphrase(data))
         }
     }
+}
+
+/// Reads the key `--migration-key` names: swtpm's own key, or its
+/// derivation from a passphrase (the whole file, as swtpm reads it).
+pub fn load_migration_key(opt: &KeyOption) -> Result<MigrationKey, String> {
+    match opt {
+        KeyOption::Key { from, .. } => {
+            let raw = raw_key(opt, "--migration-key")?;
+            MigrationKey::new(&raw).map_err(|e| format!("--migration-key {}: {e}", describe(from)))
+        }
+        KeyOption::Passphrase {
+            from,
+            remove,
+            bits256,
+            sha512,
+        } => {
+            let data = read(from, *remove)?;
+            if data.is_empty() {
+                return Err(format!(
+                    "--migration-key {}: empty passphrase",
+                    describe(from)
+                ));
+            }
+            let kdf = if *sha512 { Kdf::Sha512 } else { Kdf::Pbkdf2 };
+            Ok(MigrationKey::from_passphrase(&data, kdf, *bits256))
+        }
+    }
+}
+
+/// The 16 or 32 key bytes of a `file=`/`fd=` key, hex or binary.
+fn raw_key(opt: &KeyOption, option: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    let KeyOption::Key {
+        from,
+        hex,
+        bits256,
+        remove,
+    } = opt
+    else {
+        return Err(format!("{option}: not a key"));
+    };
+    let data = read(from, *remove)?;
+    let want = if *bits256 { 32 } else { 16 };
+    let raw =
+        match hex {
+            true => {
+                let text = std::str::from_utf8(&data).map(str::trim).unwrap_or("");
+                let text = text.strip_prefix("0x").unwrap_or(text);
+                Zeroizing::new(hex::decode(text).map_err(|_| {
+                    format!("{option} {}: not a hex key (format=hex)", describe(from))
+                })?)
+            }
+            false => data,
+        };
+    if raw.len() != want {
+        return Err(format!(
+            "{option} {}: a {} key has {want} bytes ({} hex digits), found {}",
+            describe(from),
+            if *bits256 {
+                "mode=aes-256-cbc"
+            } else {
+                "mode=aes-cbc"
+            },
+            want * 2,
+            raw.len()
+        ));
+    }
+    Ok(raw)
 }
 
 fn describe(from: &Secret) -> String {

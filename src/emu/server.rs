@@ -13,6 +13,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 use tpmstate::swtpm::ctrl;
+use tpmstate::swtpm::migration_key::MigrationKey;
 
 /// `TPM_SEND_COMMAND`: the optional header before a data-channel command.
 const SEND_COMMAND: u32 = 8;
@@ -54,6 +55,8 @@ pub struct Server {
     allow_set_locality: bool,
     /// `--migration release-lock-outgoing`.
     pub release_lock_outgoing: bool,
+    /// `--migration-key`: state blobs on the control channel are encrypted.
+    pub migration_key: Option<MigrationKey>,
     /// Locality set by SET_LOCALITY or the last send-command header.
     pub locality: u8,
     /// Bytes received beyond the command being served.
@@ -73,6 +76,8 @@ pub struct Channels {
     pub ctrl: Option<Opened>,
     /// The read end of the signal pipe.
     pub signals: UnixStream,
+    /// The migration key, loaded.
+    pub migration_key: Option<MigrationKey>,
 }
 
 impl Server {
@@ -84,6 +89,7 @@ impl Server {
             Some(Opened::Connected(c)) => (None, Some(c)),
         };
         let data_fd_ends = matches!(ch.data, Some(Opened::Connected(_)));
+        let migration_key = ch.migration_key;
         let (data_listener, data) = split(ch.data);
         let (ctrl_listener, ctrl) = split(ch.ctrl);
         Server {
@@ -100,6 +106,7 @@ impl Server {
             reject_locality_4: cfg.reject_locality_4,
             allow_set_locality: cfg.allow_set_locality,
             release_lock_outgoing: cfg.release_lock_outgoing,
+            migration_key,
             locality: 0,
             data_pending: Vec::new(),
             data_fd_ends,

@@ -64,6 +64,11 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     let log = Log::open(&cfg.log)?;
     let lib = Libtpms::load().map_err(|e| crate::chain(&e))?;
     let key = cfg.key.as_ref().map(crate::keys::load).transpose()?;
+    let migration_key = cfg
+        .migration_key
+        .as_ref()
+        .map(crate::keys::load_migration_key)
+        .transpose()?;
     let image = open_image(cfg, key, &log)?;
     log.info(&format!(
         "{}: {}, libtpms {}",
@@ -115,6 +120,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         data,
         ctrl,
         signals,
+        migration_key,
     };
     let mut server = Server::new(tpm, log.clone(), channels, cfg);
     let exit = server.run();

@@ -5,6 +5,9 @@
 //! all big-endian. A blob for migration is `TLV4{TLV1{libtpms blob}}` with
 //! flag 0x04; a state file is `TLV1{libtpms blob}` with no flag.
 
+use super::migration_key::MigrationKey;
+use zeroize::Zeroizing;
+
 /// The header's length.
 pub const HEADER_LEN: usize = 10;
 /// Header flag: encrypted with the state key (`BLOB_FLAG_ENCRYPTED`).
@@ -34,10 +37,39 @@ pub enum BlobError {
     /// A TLV runs past its container, or the data TLV is missing.
     #[error("state blob: {0}")]
     BadTlv(String),
+    /// Encrypted with a migration key other than this one (swtpm:
+    /// "Verification of HMAC failed").
+    #[error("state blob: its HMAC does not verify: the migration keys differ")]
+    WrongKey,
 }
 
 /// The libtpms blob inside a swtpm blob (either form), borrowed.
 pub fn unwrap(blob: &[u8]) -> Result<&[u8], BlobError> {
+    let (flags, body) = header(blob)?;
+    if flags & (FLAG_ENCRYPTED | FLAG_MIGRATION_ENCRYPTED) != 0 {
+        return Err(BlobError::Encrypted(flags));
+    }
+    match flags & FLAG_MIGRATION_DATA {
+        0 => find_tlv(body, TAG_DATA),
+        _ => find_tlv(find_tlv(body, TAG_MIGRATION_DATA)?, TAG_DATA),
+    }
+}
+
+/// The libtpms blob inside a swtpm blob, plain or encrypted with the
+/// migration key `key` (`--migration-key`).
+pub fn unwrap_with(
+    blob: &[u8],
+    key: Option<&MigrationKey>,
+) -> Result<Zeroizing<Vec<u8>>, BlobError> {
+    let (flags, body) = header(blob)?;
+    match (flags & FLAG_MIGRATION_ENCRYPTED != 0, key) {
+        (true, Some(key)) if flags & FLAG_ENCRYPTED == 0 => key.open(body),
+        _ => unwrap(blob).map(|d| Zeroizing::new(d.to_vec())),
+    }
+}
+
+/// The header's flags and what follows it, checked.
+fn header(blob: &[u8]) -> Result<(u16, &[u8]), BlobError> {
     if blob.len() < HEADER_LEN {
         return Err(BlobError::TooShort(blob.len()));
     }
@@ -62,18 +94,11 @@ pub fn unwrap(blob: &[u8]) -> Result<&[u8], BlobError> {
             blob.len()
         )));
     }
-    if flags & (FLAG_ENCRYPTED | FLAG_MIGRATION_ENCRYPTED) != 0 {
-        return Err(BlobError::Encrypted(flags));
-    }
-    let body = &blob[hdrsize..];
-    match flags & FLAG_MIGRATION_DATA {
-        0 => find_tlv(body, TAG_DATA),
-        _ => find_tlv(find_tlv(body, TAG_MIGRATION_DATA)?, TAG_DATA),
-    }
+    Ok((flags, &blob[hdrsize..]))
 }
 
 /// The value of the first TLV tagged `tag` in `stream`.
-fn find_tlv(mut stream: &[u8], tag: u16) -> Result<&[u8], BlobError> {
+pub(super) fn find_tlv(mut stream: &[u8], tag: u16) -> Result<&[u8], BlobError> {
     while !stream.is_empty() {
         if stream.len() < TLV_HEADER {
             return Err(BlobError::BadTlv(format!(

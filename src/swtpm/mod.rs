@@ -1,7 +1,9 @@
 //! swtpm's wire formats, for the emulator (`tpmstate-emu`) and for tools
-//! that exchange state with swtpm: the control channel's messages and the
-//! state blob format. Parsing only, no I/O; every length is checked
-//! against the bytes present (fuzzed by `fuzz/fuzz_targets/swtpm_ctrl.rs`).
+//! that exchange state with swtpm: the control channel's messages, the
+//! state blob format, and its encryption with a migration key. No I/O;
+//! every length is checked against the bytes present (fuzzed by
+//! `fuzz/fuzz_targets/swtpm_ctrl.rs`).
 
 pub mod blob;
 pub mod ctrl;
+pub mod migration_key;

@@ -105,9 +105,16 @@ impl Side {
     }
 
     /// Debian's swtpm 0.7.1 on state directory `state` and its QEMU.
-    pub fn start_swtpm(dir: &Path, name: &str, state: &Path, incoming: bool) -> Side {
+    pub fn start_swtpm(
+        dir: &Path,
+        name: &str,
+        state: &Path,
+        extra: &[&str],
+        incoming: bool,
+    ) -> Side {
         std::fs::create_dir_all(state).unwrap();
-        let args = vec!["--tpmstate".to_string(), format!("dir={}", state.display())];
+        let mut args = vec!["--tpmstate".to_string(), format!("dir={}", state.display())];
+        args.extend(extra.iter().map(|a| a.to_string()));
         Side::launch(dir, name, "swtpm", args, incoming)
     }
 
