@@ -696,3 +696,62 @@ fn an_image_damaged_before_the_target_claims_fails_the_migration_and_the_source_
         "{log}"
     );
 }
+
+#[test]
+fn a_target_whose_state_libtpms_refuses_lets_the_image_go_unchanged() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    provision(&image, &[]);
+    let source = Emu::start(&image, &["--migration", "release-lock-outgoing"]);
+    let savestate = ctrl_msg(
+        0x0c,
+        &[1u32.to_be_bytes(), 3u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
+    );
+    assert_eq!(ctrl_try(source.port + 1, &savestate, 16).unwrap().len(), 16);
+    let handed_over = sha(&image);
+    let port = port_pair();
+    let mut cmd = Command::new(emu_bin());
+    cmd.args(channel_args(port))
+        .args(["--migration", "incoming", "--tpmstate"])
+        .arg(format!("backend-uri=qcow2://{}", image.display()));
+    let target =
+        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
+    let junk = tpmstate::swtpm::blob::wrap_for_migration(&[0x5a; 1500]).unwrap();
+    let set = ctrl_msg(
+        0x0d,
+        &[
+            &0u32.to_be_bytes()[..],
+            &1u32.to_be_bytes(),
+            &(junk.len() as u32).to_be_bytes(),
+            &junk,
+        ]
+        .concat(),
+    );
+    assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
+    assert_eq!(
+        ctrl_result(port, &set),
+        0,
+        "the claim succeeds: the store itself is sound"
+    );
+    assert!(lock_holders(&image).contains(&target.pid().to_string()));
+    assert_eq!(
+        ctrl_result(port, &ctrl_msg(0x02, &1u32.to_be_bytes())),
+        9,
+        "libtpms refuses the state"
+    );
+    assert!(
+        !lock_holders(&image).contains(&target.pid().to_string()),
+        "let go: {}",
+        lock_holders(&image)
+    );
+    assert_eq!(sha(&image), handed_over, "unchanged");
+    // The source takes it back at its next TPM command.
+    assert_eq!(rc(&source.command(&get_random(8))), 0);
+    assert!(lock_holders(&image).contains(&source.pid().to_string()));
+    drop(target);
+    assert!(source.stop().success());
+    assert_eq!(nv_data(&image, &[]), NV_DATA);
+}

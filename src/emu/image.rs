@@ -31,6 +31,9 @@ pub struct ImageHandle {
     path: PathBuf,
     key: Option<KeySource>,
     log: Log,
+    /// The generation a migration target claimed, until its TPM started:
+    /// a start that fails gives the unchanged image back.
+    claimed: Option<u64>,
 }
 
 impl ImageHandle {
@@ -42,6 +45,7 @@ impl ImageHandle {
             path,
             key,
             log,
+            claimed: None,
         }
     }
 
@@ -52,6 +56,7 @@ impl ImageHandle {
             path: path.to_path_buf(),
             key,
             log,
+            claimed: None,
         }
     }
 
@@ -94,7 +99,10 @@ impl ImageHandle {
             State::Writer(s) => (State::Writer(s), Ok(())),
             State::Released(r) => self.reclaim(r, why, wait),
             State::Incoming => match self.claim(wait) {
-                Ok(store) => (State::Writer(store), Ok(())),
+                Ok(store) => {
+                    self.claimed = Some(store.generation());
+                    (State::Writer(store), Ok(()))
+                }
                 Err(e) => (State::Incoming, Err(e)),
             },
             State::Vacant => (State::Vacant, Err("the image is not held".to_string())),
@@ -163,6 +171,28 @@ impl ImageHandle {
                 self.path.display(),
                 tpmstate::kind::chain(&e)
             )),
+        }
+    }
+
+    /// The TPM started: a claimed image is this emulator's for good.
+    pub fn started(&mut self) {
+        self.claimed = None;
+    }
+
+    /// The TPM's start failed: an image claimed for an incoming migration
+    /// and not written since is let go again (no lock left), so that the
+    /// source can take it back while this emulator still runs.
+    pub fn start_failed(&mut self) {
+        let Some(generation) = self.claimed.take() else {
+            return;
+        };
+        let unchanged = matches!(&self.state, State::Writer(s) if s.generation() == generation);
+        if unchanged {
+            self.state = State::Incoming;
+            self.log.info(&format!(
+                "{}: the incoming state did not start: image let go, unchanged",
+                self.path.display()
+            ));
         }
     }
 

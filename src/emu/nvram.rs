@@ -97,6 +97,7 @@ impl StoreHost {
         if let Some(start) = self.starting.take() {
             self.held = start.held;
         }
+        self.image.start_failed();
     }
 
     /// The start succeeded: commits what it changed (and the deletion of
@@ -126,6 +127,7 @@ impl StoreHost {
         };
         changes.retain(|name, data| data.is_some() || store.contains(name));
         if changes.is_empty() {
+            self.image.started();
             return Ok(());
         }
         let start = Instant::now();
@@ -137,6 +139,9 @@ impl StoreHost {
         let result = staged.and_then(|()| t.commit());
         self.commit_time += start.elapsed();
         self.commits += 1;
+        if result.is_ok() {
+            self.image.started();
+        }
         result.map(|_| ()).map_err(|e| {
             let names: Vec<&str> = changes.keys().map(String::as_str).collect();
             self.fail(format!(
