@@ -26,7 +26,8 @@ use std::time::Duration;
 /// How long a target waits for the source to release (QEMU allows 3 s).
 pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A check of one blob's plaintext (the emulator plugs in TPMLIB_ValidateState).
+/// A check of one blob's plaintext (for example a TPM library's own
+/// validation of the state it would load).
 pub type BlobValidator<'a> = &'a dyn Fn(&str, &[u8]) -> Result<(), String>;
 
 /// Errors of migration. Each says what failed and where.

@@ -692,7 +692,7 @@ fn an_image_damaged_before_the_target_claims_fails_the_migration_and_the_source_
     source_recovers(a, b, &image, &[], false);
     let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(
-        log.contains("damaged while handed over") && log.contains("every blob was written again"),
+        log.contains("damaged while handed over") && log.contains("every blob written again"),
         "{log}"
     );
 }
@@ -753,5 +753,146 @@ fn a_target_whose_state_libtpms_refuses_lets_the_image_go_unchanged() {
     assert!(lock_holders(&image).contains(&source.pid().to_string()));
     drop(target);
     assert!(source.stop().success());
+    assert_eq!(nv_data(&image, &[]), NV_DATA);
+}
+
+/// A released source on `image` (TCP channels), and the savestate request
+/// that released it.
+fn released_source(image: &Path) -> Emu {
+    let source = Emu::start(image, &["--migration", "release-lock-outgoing"]);
+    let savestate = ctrl_msg(
+        0x0c,
+        &[1u32.to_be_bytes(), 3u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
+    );
+    assert_eq!(ctrl_try(source.port + 1, &savestate, 16).unwrap().len(), 16);
+    assert!(!lock_holders(image).contains(&source.pid().to_string()));
+    source
+}
+
+#[test]
+fn a_source_never_takes_back_an_image_a_target_has_committed_to() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    provision(&image, &[]);
+    let source = released_source(&image);
+    let perm = ctrl_msg(
+        0x0c,
+        &[1u32.to_be_bytes(), 1u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
+    );
+    let head = ctrl_try(source.port + 1, &perm, 16).unwrap();
+    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
+    let blob = ctrl_try(source.port + 1, &perm, 16 + total).unwrap()[16..].to_vec();
+    // A target takes the state and commits.
+    let port = port_pair();
+    let mut cmd = Command::new(emu_bin());
+    cmd.args(channel_args(port))
+        .args(["--migration", "incoming", "--tpmstate"])
+        .arg(format!("backend-uri=qcow2://{}", image.display()));
+    let target =
+        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
+    let set = ctrl_msg(
+        0x0d,
+        &[
+            &0u32.to_be_bytes()[..],
+            &1u32.to_be_bytes(),
+            &(blob.len() as u32).to_be_bytes(),
+            &blob,
+        ]
+        .concat(),
+    );
+    assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
+    assert_eq!(ctrl_result(port, &set), 0);
+    assert_eq!(ctrl_result(port, &ctrl_msg(0x02, &1u32.to_be_bytes())), 0);
+    assert!(target.stop().success());
+    let committed = sha(&image);
+    // The source's TPM must not resume from its stale state.
+    assert_eq!(rc(&source.command(&get_random(8))), 0x101, "TPM_RC_FAILURE");
+    assert_eq!(
+        ctrl_result(source.port, &ctrl_msg(0x13, &10u32.to_be_bytes())),
+        9
+    );
+    assert_eq!(sha(&image), committed, "the source wrote nothing");
+    let log = std::fs::read_to_string(&source.log).unwrap();
+    assert!(log.contains("cannot take the image back"), "{log}");
+    drop(source);
+    assert_eq!(nv_data(&image, &[]), NV_DATA);
+}
+
+#[test]
+fn a_permall_damaged_while_handed_over_is_written_again_from_the_tpms_memory() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    provision(&image, &[]);
+    let source = released_source(&image);
+    let (_, json, _) = cli(&["info", "-U", "--json", path_str(&image)]);
+    let info: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let permall = info["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "permall")
+        .unwrap();
+    let at = permall["area_offset"].as_u64().unwrap() + 100;
+    flip(&image, host_offset(&image, at), 0x20);
+    assert_eq!(
+        ctrl_result(source.port, &ctrl_msg(0x13, &300u32.to_be_bytes())),
+        0,
+        "LOCK_STORAGE"
+    );
+    let log = std::fs::read_to_string(&source.log).unwrap();
+    assert!(log.contains("every blob written again"), "{log}");
+    let (code, out, err) = cli(&["check", "-U", path_str(&image)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(source.stop().success());
+    assert_eq!(nv_data(&image, &[]), NV_DATA);
+}
+
+#[test]
+fn a_blank_qemu_img_image_of_the_targets_own_is_formatted_inside_the_claim() {
+    if !emulator_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let source_image = dir.path().join("a.qcow2");
+    provision(&source_image, &[]);
+    let source = Emu::start(&source_image, &[]);
+    let perm = ctrl_msg(
+        0x0c,
+        &[1u32.to_be_bytes(), 1u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
+    );
+    let head = ctrl_try(source.port + 1, &perm, 16).unwrap();
+    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
+    let blob = ctrl_try(source.port + 1, &perm, 16 + total).unwrap()[16..].to_vec();
+    let image = dir.path().join("blank.qcow2");
+    qemu_img_create(&image, "cluster_size=65536", "4M");
+    let before = sha(&image);
+    let port = port_pair();
+    let mut cmd = Command::new(emu_bin());
+    cmd.args(channel_args(port))
+        .args(["--migration", "incoming", "--tpmstate"])
+        .arg(format!("backend-uri=qcow2://{}", image.display()));
+    let target =
+        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sha(&image), before, "nothing done to it at start");
+    let set = ctrl_msg(
+        0x0d,
+        &[
+            &0u32.to_be_bytes()[..],
+            &1u32.to_be_bytes(),
+            &(blob.len() as u32).to_be_bytes(),
+            &blob,
+        ]
+        .concat(),
+    );
+    assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
+    assert_eq!(ctrl_result(port, &set), 0);
+    assert_eq!(ctrl_result(port, &ctrl_msg(0x02, &1u32.to_be_bytes())), 0);
+    assert!(target.stop().success());
     assert_eq!(nv_data(&image, &[]), NV_DATA);
 }

@@ -70,17 +70,19 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
         }
     };
     s.log.debug(&format!("control: {}", describe(&req)));
+    let running = s.tpm.running();
     // Commands that may write take a handed-over image back first (or
     // claim a migration target's); if that fails they change nothing.
-    let writes = matches!(
-        req,
-        Request::Init { .. }
-            | Request::StoreVolatile
-            | Request::HashStart
-            | Request::HashData { .. }
-            | Request::HashEnd
-            | Request::ResetTpmEstablished { .. }
-    );
+    // Those refused on a stopped TPM claim nothing.
+    let writes = match req {
+        Request::Init { .. } => true,
+        Request::StoreVolatile
+        | Request::HashStart
+        | Request::HashData { .. }
+        | Request::HashEnd
+        | Request::ResetTpmEstablished { .. } => running,
+        _ => false,
+    };
     if writes
         && s.tpm
             .make_writable("a state-changing control command", HANDOVER_WAIT)
@@ -88,7 +90,6 @@ pub fn handle(s: &mut Server, msg: &[u8], fds: Vec<OwnedFd>) -> Outcome {
     {
         return result(TPM_FAIL);
     }
-    let running = s.tpm.running();
     match req {
         Request::GetCapability => answer(ctrl::capability_response(CAPABILITIES)),
         Request::Init { flags } => result(s.tpm.init(flags & ctrl::INIT_DELETE_VOLATILE != 0)),

@@ -9,9 +9,20 @@
 use crate::log::Log;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tpmstate::migration::{self, ClaimOptions, Incoming};
+use tpmstate::migration::{self, ClaimOptions, Incoming, MigrationError};
+use tpmstate::store::FormatOptions;
 use tpmstate::store::ReclaimError;
-use tpmstate::{KeySource, Locking, Released, Store, StoreView};
+use tpmstate::{KeySource, Locking, Released, Store, StoreError, StoreView};
+
+/// How an image became writable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Held already, claimed, or taken back as it was left.
+    AsItWas,
+    /// Taken back, but its newest generation no longer verifies: the caller
+    /// must write the TPM's state again.
+    Damaged,
+}
 
 /// How long a claim or a reclaim waits for the other side (QEMU allows 3 s).
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(3);
@@ -93,15 +104,15 @@ impl ImageHandle {
     /// released image is reclaimed (waiting up to `wait`), a migration
     /// target's image claimed. On failure the image stays as it was and the
     /// log says why, in one line.
-    pub fn make_writable(&mut self, why: &str, wait: Duration) -> Result<(), String> {
+    pub fn make_writable(&mut self, why: &str, wait: Duration) -> Result<Taken, String> {
         let state = std::mem::replace(&mut self.state, State::Vacant);
         let (state, result) = match state {
-            State::Writer(s) => (State::Writer(s), Ok(())),
+            State::Writer(s) => (State::Writer(s), Ok(Taken::AsItWas)),
             State::Released(r) => self.reclaim(r, why, wait),
             State::Incoming => match self.claim(wait) {
                 Ok(store) => {
                     self.claimed = Some(store.generation());
-                    (State::Writer(store), Ok(()))
+                    (State::Writer(store), Ok(Taken::AsItWas))
                 }
                 Err(e) => (State::Incoming, Err(e)),
             },
@@ -114,12 +125,12 @@ impl ImageHandle {
         result
     }
 
-    fn reclaim(&self, r: Released, why: &str, wait: Duration) -> (State, Result<(), String>) {
+    fn reclaim(&self, r: Released, why: &str, wait: Duration) -> (State, Result<Taken, String>) {
         match r.reclaim(wait) {
             Ok(store) => {
                 self.log
                     .info(&format!("{}: taken back ({why})", self.path.display()));
-                (State::Writer(store), Ok(()))
+                (State::Writer(store), Ok(Taken::AsItWas))
             }
             Err(ReclaimError::StillReleased(r, e)) => (
                 State::Released(*r),
@@ -129,33 +140,46 @@ impl ImageHandle {
                     tpmstate::kind::chain(&e)
                 )),
             ),
-            Err(ReclaimError::Damaged(mut store, e)) => {
-                // This handle holds the only sound copy: put it all back.
-                let repaired = repair(&mut store);
-                let msg = format!(
-                    "{}: taken back ({why}), but it was damaged while handed over ({}); {}",
+            Err(ReclaimError::Damaged(store, e)) => {
+                // This handle's TPM holds the only sound copy: the caller
+                // writes it all again (Tpm::make_writable).
+                self.log.error(&format!(
+                    "{}: taken back ({why}), but it was damaged while handed over ({}); writing the TPM's state again",
                     self.path.display(),
-                    tpmstate::kind::chain(&e),
-                    match repaired {
-                        Ok(()) => "every blob was written again".to_string(),
-                        Err(r) => format!("repairing it failed: {r}"),
-                    }
-                );
-                self.log.error(&msg);
-                (State::Writer(*store), Ok(()))
+                    tpmstate::kind::chain(&e)
+                ));
+                (State::Writer(*store), Ok(Taken::Damaged))
             }
         }
     }
 
     fn claim(&self, wait: Duration) -> Result<Store, String> {
         let started = std::time::Instant::now();
-        let claimed = Incoming::open_deferred(&self.path, Locking::Auto).and_then(|incoming| {
-            incoming.claim(ClaimOptions {
-                key: self.key.clone(),
-                timeout: Some(wait),
-                ..Default::default()
+        let try_claim = || {
+            Incoming::open_deferred(&self.path, Locking::Auto).and_then(|incoming| {
+                incoming.claim(ClaimOptions {
+                    key: self.key.clone(),
+                    timeout: Some(wait),
+                    ..Default::default()
+                })
             })
-        });
+        };
+        let claimed = match try_claim() {
+            // A blank image of the target's own: formatted now, under the
+            // exclusive lock, then claimed.
+            Err(MigrationError::Store(StoreError::NotAStore {
+                first_data: None, ..
+            })) => {
+                let opts = FormatOptions {
+                    key: self.key.clone(),
+                    ..Default::default()
+                };
+                Store::format(&self.path, opts)
+                    .map_err(MigrationError::Store)
+                    .and_then(|()| try_claim())
+            }
+            other => other,
+        };
         match claimed {
             Ok(store) => {
                 self.log.info(&format!(
@@ -225,23 +249,4 @@ impl ImageHandle {
         }
         result
     }
-}
-
-/// Puts every blob of `store` again, in one commit.
-fn repair(store: &mut Store) -> Result<(), String> {
-    let names: Vec<String> = store.names().map(str::to_string).collect();
-    let mut blobs = Vec::new();
-    for name in names {
-        let data = store
-            .get_required(&name)
-            .map_err(|e| tpmstate::kind::chain(&e))?;
-        blobs.push((name, data));
-    }
-    let mut t = store.transaction();
-    for (name, data) in &blobs {
-        t.put(name, data).map_err(|e| tpmstate::kind::chain(&e))?;
-    }
-    t.commit()
-        .map(|_| ())
-        .map_err(|e| tpmstate::kind::chain(&e))
 }

@@ -117,6 +117,7 @@ struct Fns {
         unsafe extern "C" fn(*mut *mut c_uchar, *mut u32, *mut u32, *mut c_uchar, u32) -> TpmResult,
     volatile_all_store: unsafe extern "C" fn(*mut *mut c_uchar, *mut u32) -> TpmResult,
     cancel_command: unsafe extern "C" fn() -> TpmResult,
+    get_state: unsafe extern "C" fn(c_int, *mut *mut c_uchar, *mut u32) -> TpmResult,
     get_info: unsafe extern "C" fn(c_int) -> *mut c_char,
     set_buffer_size: unsafe extern "C" fn(u32, *mut u32, *mut u32) -> u32,
     hash_start: unsafe extern "C" fn() -> TpmResult,
@@ -179,6 +180,7 @@ impl Libtpms {
             process: sym!("TPMLIB_Process"),
             volatile_all_store: sym!("TPMLIB_VolatileAll_Store"),
             cancel_command: sym!("TPMLIB_CancelCommand"),
+            get_state: sym!("TPMLIB_GetState"),
             get_info: sym!("TPMLIB_GetInfo"),
             set_buffer_size: sym!("TPMLIB_SetBufferSize"),
             hash_start: sym!("TPM_IO_Hash_Start"),
@@ -301,6 +303,18 @@ impl Libtpms {
         // SAFETY: see above: ours to free.
         unsafe { libc::free(p.cast()) };
         Some(text)
+    }
+
+    /// `TPMLIB_GetState`: blob `st` of the running TPM, from its memory.
+    pub fn get_state(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
+        let mut buf: *mut c_uchar = std::ptr::null_mut();
+        let mut len = 0u32;
+        // SAFETY: both out-pointers point to live locals.
+        let rc = unsafe { (self.fns.get_state)(st as c_int, &mut buf, &mut len) };
+        // SAFETY: on return `buf` is null or holds `len` bytes libtpms
+        // malloc'ed for us.
+        let data = unsafe { take_malloced(buf, len) };
+        check(rc).map(|_| data)
     }
 
     /// `TPM_IO_Hash_Start`.

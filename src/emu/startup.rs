@@ -162,13 +162,8 @@ fn open_image(cfg: &Config, key: Option<KeySource>, log: &Log) -> Result<ImageHa
             .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     }
     if cfg.incoming {
-        // Nothing is locked or read until the migration's state arrives.
-        // A blank image of the target's own is formatted now; one that
-        // holds a store, or that the source holds, is left alone.
-        match Store::format(path, fmt()) {
-            Ok(()) | Err(StoreError::WouldDestroy { .. }) | Err(StoreError::Lock(_)) => {}
-            Err(e) => return Err(crate::chain(&e)),
-        }
+        // Nothing is locked or read until the migration's state arrives (a
+        // blank image of the target's own is formatted then, in the claim).
         return Ok(ImageHandle::incoming(path, key, log.clone()));
     }
     let opts = OpenOptions {

@@ -2,7 +2,7 @@
 //! (or at once with `--flags not-need-init`), running until STOP, SHUTDOWN
 //! or the end; state blobs in and out only while stopped.
 
-use crate::image::ImageHandle;
+use crate::image::{ImageHandle, Taken};
 use crate::libtpms::{Libtpms, StateType, TpmResult, TPM_BAD_PARAMETER, TPM_FAIL, TPM_SUCCESS};
 use crate::log::Log;
 use crate::nvram::StoreHost;
@@ -86,10 +86,63 @@ impl Tpm {
     /// or claims a migration target's; TPM_FAIL if that fails (the log
     /// says why).
     pub fn make_writable(&mut self, why: &str, wait: std::time::Duration) -> TpmResult {
-        match self.host().image().make_writable(why, wait) {
-            Ok(()) => TPM_SUCCESS,
+        let taken = self.host().image().make_writable(why, wait);
+        match taken {
+            Ok(Taken::AsItWas) => TPM_SUCCESS,
+            Ok(Taken::Damaged) => match self.write_state_again() {
+                Ok(()) => TPM_SUCCESS,
+                Err(e) => {
+                    // The image's newest state does not verify and cannot be
+                    // rebuilt: stop rather than serve on top of it.
+                    let msg = format!(
+                        "{}: repairing it failed: {e}",
+                        self.host().image().path().display()
+                    );
+                    self.log.error(&msg);
+                    self.host().failed.get_or_insert(msg);
+                    TPM_FAIL
+                }
+            },
             Err(_) => TPM_FAIL,
         }
+    }
+
+    /// Writes every blob again in one commit after the image was damaged
+    /// while handed over: `permall` from the running TPM's memory (the
+    /// only sound copy), the others from the image where they verify.
+    fn write_state_again(&mut self) -> Result<(), String> {
+        let permall = match self.running {
+            true => Some(self.lib.get_state(StateType::Permanent).map_err(|rc| {
+                format!("libtpms could not hand out its permanent state (error 0x{rc:x})")
+            })?),
+            false => None,
+        };
+        let mut host = self.host();
+        let store = host.image().store().ok_or("the image is not held")?;
+        let mut blobs = Vec::new();
+        for name in store.names().map(str::to_string).collect::<Vec<_>>() {
+            if name == StateType::Permanent.name() && permall.is_some() {
+                continue;
+            }
+            let data = store.get_required(&name).map_err(|e| {
+                format!(
+                    "{name} is damaged and the TPM's memory does not hold it: {}",
+                    crate::chain(&e)
+                )
+            })?;
+            blobs.push((name, data.to_vec()));
+        }
+        if let Some(p) = permall {
+            blobs.push((StateType::Permanent.name().to_string(), p));
+        }
+        let mut t = store.transaction();
+        for (name, data) in &blobs {
+            t.put(name, data).map_err(|e| crate::chain(&e))?;
+        }
+        t.commit().map_err(|e| crate::chain(&e))?;
+        self.log
+            .info("every blob written again: the image is sound");
+        Ok(())
     }
 
     /// Stops the TPM (CMD_STOP, CMD_SHUTDOWN); its state stays stored.

@@ -31,8 +31,11 @@ pub enum BlobError {
     /// A header field is out of range.
     #[error("state blob header: {0}")]
     BadHeader(String),
-    /// Encrypted with a key this emulator does not hold.
-    #[error("state blob is encrypted (flags 0x{0:04x}); send it decrypted (QEMU's GET_STATEBLOB asks for that)")]
+    /// Encrypted with a key this side does not hold.
+    #[error("{}", match .0 & FLAG_MIGRATION_ENCRYPTED {
+        0 => format!("state blob is encrypted with swtpm's state key (flags 0x{:04x}); send it decrypted", .0),
+        _ => format!("state blob is encrypted with a migration key (flags 0x{:04x}), and no --migration-key was given", .0),
+    })]
     Encrypted(u16),
     /// A TLV runs past its container, or the data TLV is missing.
     #[error("state blob: {0}")]
