@@ -25,10 +25,10 @@ fn prerequisites() -> bool {
             .is_ok()
 }
 
-/// Provisions a TPM with an NV index holding NV_DATA, by running the emulator alone.
-fn provision(image: &Path, key: &[&str]) {
-    let emu = Emu::start(image, key);
-    emu.tpm2_ok(
+/// NV_DATA into a new NV index of the TPM `tpm` serves; `data` is a
+/// scratch file for it.
+fn write_nv_data(tpm: &Emu, data: &Path) {
+    tpm.tpm2_ok(
         "tpm2_nvdefine",
         &[
             NV_INDEX,
@@ -40,12 +40,59 @@ fn provision(image: &Path, key: &[&str]) {
             "ownerread|ownerwrite",
         ],
     );
-    let data = image.with_extension("nvdata");
-    std::fs::write(&data, NV_DATA).unwrap();
-    emu.tpm2_ok(
-        "tpm2_nvwrite",
-        &[NV_INDEX, "-C", "o", "-i", path_str(&data)],
+    std::fs::write(data, NV_DATA).unwrap();
+    tpm.tpm2_ok("tpm2_nvwrite", &[NV_INDEX, "-C", "o", "-i", path_str(data)]);
+}
+
+/// The blob GET_STATEBLOB (decrypted) hands out for `blob_type` on the
+/// control channel at TCP `port + 1`, without the answer's header.
+fn fetch_blob(port: u16, blob_type: u32) -> Vec<u8> {
+    let msg = ctrl_msg(
+        0x0c,
+        &[
+            1u32.to_be_bytes(),
+            blob_type.to_be_bytes(),
+            0u32.to_be_bytes(),
+        ]
+        .concat(),
     );
+    let head = ctrl_try(port + 1, &msg, 16).unwrap();
+    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
+    ctrl_try(port + 1, &msg, 16 + total).unwrap()[16..].to_vec()
+}
+
+/// SET_STATEBLOB of `blob` as `blob_type`.
+fn set_blob(blob_type: u32, blob: &[u8]) -> Vec<u8> {
+    let head = [
+        0u32.to_be_bytes(),
+        blob_type.to_be_bytes(),
+        (blob.len() as u32).to_be_bytes(),
+    ]
+    .concat();
+    ctrl_msg(0x0d, &[&head[..], blob].concat())
+}
+
+/// A migration target (`--migration incoming`) on `image`, on TCP channels,
+/// logging to `dir/target.log`; and its port.
+fn incoming_target(dir: &Path, image: &Path) -> (Emu, u16) {
+    let port = port_pair();
+    let log = dir.join("target.log");
+    let mut cmd = Command::new(emu_bin());
+    cmd.args(channel_args(port))
+        .args(["--migration", "incoming", "--tpmstate"])
+        .arg(format!("backend-uri=qcow2://{}", image.display()))
+        .arg("--log")
+        .arg(format!("file={}", log.display()));
+    (
+        Emu::spawn(cmd, port, log).unwrap_or_else(|e| panic!("{e}")),
+        port,
+    )
+}
+
+/// Provisions a TPM with an NV index holding NV_DATA, by running the emulator alone.
+fn provision(image: &Path, key: &[&str]) {
+    let emu = Emu::start(image, key);
+    write_nv_data(&emu, &image.with_extension("nvdata"));
     assert!(emu.stop().success());
 }
 
@@ -311,34 +358,11 @@ fn a_target_that_cannot_lock_in_3_s_refuses_set_stateblob_and_writes_nothing() {
     provision(&image, &[]);
     // The source never lets go (no release-lock-outgoing).
     let source = Emu::start(&image, &[]);
-    let perm = ctrl_msg(
-        0x0c,
-        &[1u32.to_be_bytes(), 1u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
-    );
-    let head = ctrl_try(source.port + 1, &perm, 16).unwrap();
-    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    let blob = ctrl_try(source.port + 1, &perm, 16 + total).unwrap()[16..].to_vec();
+    let blob = fetch_blob(source.port, 1);
     let before = sha(&image);
-    let port = port_pair();
-    let mut cmd = Command::new(emu_bin());
-    cmd.args(channel_args(port))
-        .args(["--migration", "incoming", "--tpmstate"])
-        .arg(format!("backend-uri=qcow2://{}", image.display()))
-        .arg("--log")
-        .arg(format!("file={}", dir.path().join("target.log").display()));
-    let target =
-        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
+    let (target, port) = incoming_target(dir.path(), &image);
     assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
-    let set = ctrl_msg(
-        0x0d,
-        &[
-            &0u32.to_be_bytes()[..],
-            &1u32.to_be_bytes(),
-            &(blob.len() as u32).to_be_bytes(),
-            &blob,
-        ]
-        .concat(),
-    );
+    let set = set_blob(1, &blob);
     let t = Instant::now();
     assert_eq!(
         ctrl_result(port, &set),
@@ -364,24 +388,7 @@ fn a_target_that_cannot_lock_in_3_s_refuses_set_stateblob_and_writes_nothing() {
 fn provision_swtpm(state: &Path) {
     let port = port_pair();
     let swtpm = start_swtpm(state, port, tcp_args(port));
-    swtpm.tpm2_ok(
-        "tpm2_nvdefine",
-        &[
-            NV_INDEX,
-            "-C",
-            "o",
-            "-s",
-            "20",
-            "-a",
-            "ownerread|ownerwrite",
-        ],
-    );
-    let data = state.join("nvdata");
-    std::fs::write(&data, NV_DATA).unwrap();
-    swtpm.tpm2_ok(
-        "tpm2_nvwrite",
-        &[NV_INDEX, "-C", "o", "-i", path_str(&data)],
-    );
+    write_nv_data(&swtpm, &state.join("nvdata"));
     assert!(swtpm.stop().success());
 }
 
@@ -484,29 +491,14 @@ fn blobs_under_a_migration_key_are_refused_by_a_target_without_it() {
     let dir = scratch();
     let (key, _) = migration_secrets(dir.path());
     let a = Emu::start(&dir.path().join("a.qcow2"), &["--migration-key", &key]);
-    let perm = ctrl_msg(
-        0x0c,
-        &[1u32.to_be_bytes(), 1u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
-    );
-    let head = ctrl_try(a.port + 1, &perm, 16).unwrap();
-    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    let blob = ctrl_try(a.port + 1, &perm, 16 + total).unwrap()[16..].to_vec();
+    let blob = fetch_blob(a.port, 1);
     assert_eq!(
         blob[5] & 0x06,
         0x06,
         "migration-encrypted: header flags {:#x}",
         blob[5]
     );
-    let set = ctrl_msg(
-        0x0d,
-        &[
-            &0u32.to_be_bytes()[..],
-            &1u32.to_be_bytes(),
-            &(blob.len() as u32).to_be_bytes(),
-            &blob,
-        ]
-        .concat(),
-    );
+    let set = set_blob(1, &blob);
     let other = dir.path().join("other.key");
     std::fs::write(&other, "5b".repeat(32)).unwrap();
     let other = format!("file={},mode=aes-256-cbc", other.display());
@@ -537,24 +529,7 @@ fn for_contrast_swtpm_0_7_1_on_a_shared_directory() {
         let mut args = tcp_args(port);
         args.extend(["--key".to_string(), k1.clone()]);
         let swtpm = start_swtpm(&state, port, args);
-        swtpm.tpm2_ok(
-            "tpm2_nvdefine",
-            &[
-                NV_INDEX,
-                "-C",
-                "o",
-                "-s",
-                "20",
-                "-a",
-                "ownerread|ownerwrite",
-            ],
-        );
-        let data = dir.path().join("nvdata");
-        std::fs::write(&data, NV_DATA).unwrap();
-        swtpm.tpm2_ok(
-            "tpm2_nvwrite",
-            &[NV_INDEX, "-C", "o", "-i", path_str(&data)],
-        );
+        write_nv_data(&swtpm, &dir.path().join("nvdata"));
         assert!(swtpm.stop().success());
         let key_args = |k: &str| {
             vec![
@@ -712,24 +687,9 @@ fn a_target_whose_state_libtpms_refuses_lets_the_image_go_unchanged() {
     );
     assert_eq!(ctrl_try(source.port + 1, &savestate, 16).unwrap().len(), 16);
     let handed_over = sha(&image);
-    let port = port_pair();
-    let mut cmd = Command::new(emu_bin());
-    cmd.args(channel_args(port))
-        .args(["--migration", "incoming", "--tpmstate"])
-        .arg(format!("backend-uri=qcow2://{}", image.display()));
-    let target =
-        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
+    let (target, port) = incoming_target(dir.path(), &image);
     let junk = tpmstate::swtpm::blob::wrap_for_migration(&[0x5a; 1500]).unwrap();
-    let set = ctrl_msg(
-        0x0d,
-        &[
-            &0u32.to_be_bytes()[..],
-            &1u32.to_be_bytes(),
-            &(junk.len() as u32).to_be_bytes(),
-            &junk,
-        ]
-        .concat(),
-    );
+    let set = set_blob(1, &junk);
     assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
     assert_eq!(
         ctrl_result(port, &set),
@@ -778,31 +738,10 @@ fn a_source_never_takes_back_an_image_a_target_has_committed_to() {
     let image = dir.path().join("nvram.qcow2");
     provision(&image, &[]);
     let source = released_source(&image);
-    let perm = ctrl_msg(
-        0x0c,
-        &[1u32.to_be_bytes(), 1u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
-    );
-    let head = ctrl_try(source.port + 1, &perm, 16).unwrap();
-    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    let blob = ctrl_try(source.port + 1, &perm, 16 + total).unwrap()[16..].to_vec();
+    let blob = fetch_blob(source.port, 1);
     // A target takes the state and commits.
-    let port = port_pair();
-    let mut cmd = Command::new(emu_bin());
-    cmd.args(channel_args(port))
-        .args(["--migration", "incoming", "--tpmstate"])
-        .arg(format!("backend-uri=qcow2://{}", image.display()));
-    let target =
-        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
-    let set = ctrl_msg(
-        0x0d,
-        &[
-            &0u32.to_be_bytes()[..],
-            &1u32.to_be_bytes(),
-            &(blob.len() as u32).to_be_bytes(),
-            &blob,
-        ]
-        .concat(),
-    );
+    let (target, port) = incoming_target(dir.path(), &image);
+    let set = set_blob(1, &blob);
     assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
     assert_eq!(ctrl_result(port, &set), 0);
     assert_eq!(ctrl_result(port, &ctrl_msg(0x02, &1u32.to_be_bytes())), 0);
@@ -862,34 +801,13 @@ fn a_blank_qemu_img_image_of_the_targets_own_is_formatted_inside_the_claim() {
     let source_image = dir.path().join("a.qcow2");
     provision(&source_image, &[]);
     let source = Emu::start(&source_image, &[]);
-    let perm = ctrl_msg(
-        0x0c,
-        &[1u32.to_be_bytes(), 1u32.to_be_bytes(), 0u32.to_be_bytes()].concat(),
-    );
-    let head = ctrl_try(source.port + 1, &perm, 16).unwrap();
-    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    let blob = ctrl_try(source.port + 1, &perm, 16 + total).unwrap()[16..].to_vec();
+    let blob = fetch_blob(source.port, 1);
     let image = dir.path().join("blank.qcow2");
     qemu_img_create(&image, "cluster_size=65536", "4M");
     let before = sha(&image);
-    let port = port_pair();
-    let mut cmd = Command::new(emu_bin());
-    cmd.args(channel_args(port))
-        .args(["--migration", "incoming", "--tpmstate"])
-        .arg(format!("backend-uri=qcow2://{}", image.display()));
-    let target =
-        Emu::spawn(cmd, port, dir.path().join("target.log")).unwrap_or_else(|e| panic!("{e}"));
+    let (target, port) = incoming_target(dir.path(), &image);
     assert_eq!(sha(&image), before, "nothing done to it at start");
-    let set = ctrl_msg(
-        0x0d,
-        &[
-            &0u32.to_be_bytes()[..],
-            &1u32.to_be_bytes(),
-            &(blob.len() as u32).to_be_bytes(),
-            &blob,
-        ]
-        .concat(),
-    );
+    let set = set_blob(1, &blob);
     assert_eq!(ctrl_result(port, &ctrl_msg(0x0e, &[])), 0);
     assert_eq!(ctrl_result(port, &set), 0);
     assert_eq!(ctrl_result(port, &ctrl_msg(0x02, &1u32.to_be_bytes())), 0);
