@@ -88,8 +88,11 @@ qemu-img check nvram.qcow2 | head -1
 # Live migration: two QEMUs (SeaBIOS, no disk) and two emulators on the one
 # image; QMP over loopback TCP, spoken with bash's /dev/tcp.
 free_port() { local p; while :; do p=$((20000 + RANDOM % 20000)); (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }; done; }
-qmp_open() { # fd port
-  for _ in $(seq 100); do eval "exec $1<>/dev/tcp/127.0.0.1/$2" 2>/dev/null && break; sleep 0.1; done
+qmp_open() { # fd port name
+  for _ in $(seq 300); do eval "exec $1<>/dev/tcp/127.0.0.1/$2" 2>/dev/null && break; sleep 0.1; done
+  if ! { true >&"$1"; } 2>/dev/null; then
+    echo "demo: QEMU $3 did not start:" >&2; cat "$3.qemu.err" "$3.log" >&2; exit 1
+  fi
   local line; read -r -u "$1" line; qmp "$1" '{"execute":"qmp_capabilities"}' >/dev/null
 }
 qmp() { # fd json: prints the answer's line, skipping events
@@ -101,7 +104,7 @@ start_side() { # name qmp-port emulator-args... ; QEMU with -incoming defer when
   local name=$1 port=$2; shift 2
   "$E" socket --tpm2 --terminate --ctrl "type=unixio,path=$work/$name.sock" \
     --tpmstate "backend-uri=qcow2://$work/nvram.qcow2" --log "file=$name.log,level=1" "$@" >/dev/null 2>&1 5>&- 6>&- &
-  for _ in $(seq 100); do [ -S "$name.sock" ] && break; sleep 0.05; done
+  for _ in $(seq 200); do [ -S "$name.sock" ] && break; sleep 0.05; done
   local incoming=(); [ "$name" = b ] && incoming=(-incoming defer)
   qemu-system-x86_64 -machine q35,accel=tcg -nodefaults -m 128 -display none -serial none -monitor none \
     -qmp "tcp:127.0.0.1:$port,server=on,wait=off" -chardev "socket,id=chrtpm,path=$work/$name.sock" \
@@ -110,9 +113,9 @@ start_side() { # name qmp-port emulator-args... ; QEMU with -incoming defer when
 migrate() { # target-key-option: migrates VM a to b; sets $status to QEMU's outcome
   local qa qb mp
   qa=$(free_port); start_side a "$qa" --migration release-lock-outgoing --key file=vtpm.key,mode=aes-256-cbc
-  qmp_open 5 "$qa"; sleep 2   # SeaBIOS starts the TPM and extends PCRs
+  qmp_open 5 "$qa" a; sleep 2   # SeaBIOS starts the TPM and extends PCRs
   qb=$(free_port); start_side b "$qb" --migration incoming --key "$1"
-  qmp_open 6 "$qb"
+  qmp_open 6 "$qb" b
   for fd in 5 6; do qmp $fd '{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"return-path","state":true}]}}' >/dev/null; done
   mp=$(free_port)
   qmp 6 "{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:$mp\"}}" >/dev/null

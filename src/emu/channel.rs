@@ -54,24 +54,43 @@ pub fn open(endpoint: &Endpoint, what: &str) -> Result<Opened, String> {
             uid,
             gid,
         } => {
-            // A stale socket from an earlier run would make bind fail;
-            // anything else at the path is left alone (bind then says so).
-            if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(path);
+            use std::os::unix::fs::FileTypeExt;
+            // A stale socket from an earlier run is replaced; anything else
+            // at the path is left alone.
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if !m.file_type().is_socket() {
+                    return Err(format!(
+                        "{what}: {} exists and is not a socket",
+                        path.display()
+                    ));
+                }
             }
-            let l = UnixListener::bind(path)
-                .map_err(|e| format!("{what}: cannot listen on {}: {e}", path.display()))?;
-            if let Some(mode) = mode {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
-                    .map_err(|e| format!("{what}: chmod {}: {e}", path.display()))?;
-            }
-            if uid.is_some() || gid.is_some() {
-                nix::unistd::chown(path, uid.map(Into::into), gid.map(Into::into))
-                    .map_err(|e| format!("{what}: chown {}: {e}", path.display()))?;
-            }
+            // The socket appears at `path` only once it listens, with its
+            // mode and owner set: a caller that waits for the file (QEMU's,
+            // libvirt) can neither connect too early nor see it writable.
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let listening = (|| {
+                let l = UnixListener::bind(&tmp)
+                    .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+                if let Some(mode) = mode {
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
+                        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+                }
+                if uid.is_some() || gid.is_some() {
+                    nix::unistd::chown(&tmp, uid.map(Into::into), gid.map(Into::into))
+                        .map_err(|e| format!("chown {}: {e}", path.display()))?;
+                }
+                std::fs::rename(&tmp, path)
+                    .map_err(|e| format!("rename to {}: {e}", path.display()))?;
+                Ok::<_, String>(l)
+            })();
+            let _ = std::fs::remove_file(&tmp);
+            let l = listening.map_err(|e| format!("{what}: {e}"))?;
             Ok(Opened::Listening(Listener::Unix(l, Some(path.clone()))))
         }
         Endpoint::ListenFd(fd) => {
