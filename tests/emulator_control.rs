@@ -43,19 +43,6 @@ fn get_state_blob(port: u16, blob_type: u32) -> Vec<u8> {
     whole
 }
 
-fn set_state_blob_msg(blob_type: u32, length: u32, data: &[u8]) -> Vec<u8> {
-    ctrl_msg(
-        0x0d,
-        &[
-            &0u32.to_be_bytes()[..],
-            &blob_type.to_be_bytes(),
-            &length.to_be_bytes(),
-            data,
-        ]
-        .concat(),
-    )
-}
-
 fn generation(image: &Path) -> String {
     let (_, out, _) = cli(&["info", "-U", path_str(image)]);
     out.lines()

@@ -44,34 +44,6 @@ fn write_nv_data(tpm: &Emu, data: &Path) {
     tpm.tpm2_ok("tpm2_nvwrite", &[NV_INDEX, "-C", "o", "-i", path_str(data)]);
 }
 
-/// The blob GET_STATEBLOB (decrypted) hands out for `blob_type` on the
-/// control channel at TCP `port + 1`, without the answer's header.
-fn fetch_blob(port: u16, blob_type: u32) -> Vec<u8> {
-    let msg = ctrl_msg(
-        0x0c,
-        &[
-            1u32.to_be_bytes(),
-            blob_type.to_be_bytes(),
-            0u32.to_be_bytes(),
-        ]
-        .concat(),
-    );
-    let head = ctrl_try(port + 1, &msg, 16).unwrap();
-    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
-    ctrl_try(port + 1, &msg, 16 + total).unwrap()[16..].to_vec()
-}
-
-/// SET_STATEBLOB of `blob` as `blob_type`.
-fn set_blob(blob_type: u32, blob: &[u8]) -> Vec<u8> {
-    let head = [
-        0u32.to_be_bytes(),
-        blob_type.to_be_bytes(),
-        (blob.len() as u32).to_be_bytes(),
-    ]
-    .concat();
-    ctrl_msg(0x0d, &[&head[..], blob].concat())
-}
-
 /// A migration target (`--migration incoming`) on `image`, on TCP channels,
 /// logging to `dir/target.log`; and its port.
 fn incoming_target(dir: &Path, image: &Path) -> (Emu, u16) {

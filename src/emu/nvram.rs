@@ -197,10 +197,10 @@ impl Host for StoreHost {
             start.written.insert(name.to_string(), Some(data.to_vec()));
             return Ok(());
         }
-        let path = self.image.path().display().to_string();
         let Some(store) = self.image.store() else {
             // Handed over to a migration target: by construction nothing
             // writes the image until it is taken back.
+            let path = self.image.path().display();
             self.log.error(&format!(
                 "{path}: not storing {name}: the image is handed over"
             ));
@@ -211,6 +211,7 @@ impl Host for StoreHost {
         self.commit_time += start.elapsed();
         self.commits += 1;
         result.map(|_| ()).map_err(|e| {
+            let path = self.image.path().display().to_string();
             self.fail(format!(
                 "storing {name} ({} bytes) in {path}: {}",
                 data.len(),

@@ -362,3 +362,37 @@ pub fn ctrl_msg(code: u32, body: &[u8]) -> Vec<u8> {
     m.extend_from_slice(body);
     m
 }
+
+/// The blob GET_STATEBLOB (decrypted) hands out for `blob_type` on the
+/// control channel at TCP `port + 1`, without the answer's header.
+pub fn fetch_blob(port: u16, blob_type: u32) -> Vec<u8> {
+    let msg = ctrl_msg(
+        0x0c,
+        &[
+            1u32.to_be_bytes(),
+            blob_type.to_be_bytes(),
+            0u32.to_be_bytes(),
+        ]
+        .concat(),
+    );
+    let head = ctrl_try(port + 1, &msg, 16).unwrap();
+    let total = u32::from_be_bytes([head[12], head[13], head[14], head[15]]) as usize;
+    ctrl_try(port + 1, &msg, 16 + total).unwrap()[16..].to_vec()
+}
+
+/// SET_STATEBLOB of `blob` as `blob_type`.
+pub fn set_blob(blob_type: u32, blob: &[u8]) -> Vec<u8> {
+    set_state_blob_msg(blob_type, blob.len() as u32, blob)
+}
+
+/// SET_STATEBLOB claiming `length` bytes and carrying `data` (which
+/// hostile-input tests make disagree).
+pub fn set_state_blob_msg(blob_type: u32, length: u32, data: &[u8]) -> Vec<u8> {
+    let head = [
+        0u32.to_be_bytes(),
+        blob_type.to_be_bytes(),
+        length.to_be_bytes(),
+    ]
+    .concat();
+    ctrl_msg(0x0d, &[&head[..], data].concat())
+}
