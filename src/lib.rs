@@ -11,8 +11,11 @@
 //! - [`image`]: the qcow2 file behind the small [`image::Disk`] trait; [`lock`]
 //!   sits beside it on the same file descriptor and speaks QEMU's
 //!   image-locking protocol;
-//! - [`swtpm`]: swtpm's control messages and state blob format (no I/O),
-//!   which the emulator speaks;
+//! - [`swtpm_files`]: swtpm's state directories and linear files, imported
+//!   into a store in one commit and exported from one (beside
+//!   [`migration`], on the store's public API);
+//! - [`swtpm`]: swtpm's control messages, state blob format, its
+//!   encryption and its linear file (no I/O), which the emulator speaks;
 //! - leaves every layer may use: [`kind`] (the error classes) and [`file`]
 //!   (opening an image file, regular files only).
 #![forbid(unsafe_code)]
@@ -27,6 +30,7 @@ pub mod lock;
 pub mod migration;
 pub mod store;
 pub mod swtpm;
+pub mod swtpm_files;
 
 pub use crypto::{Key, KeySource};
 pub use kind::ErrorKind;

@@ -66,6 +66,26 @@ pub enum ModeArg {
     Exclusive,
 }
 
+const SWTPM_KEYS: &str = "\
+swtpm's state keys, as swtpm's --key takes them:
+  --swtpm-key FILE[,format=hex|binary][,mode=aes-cbc|aes-256-cbc]
+      a key file: 32 or 64 hex digits (format=hex, the default) or 16 or 32
+      raw bytes; mode= checks its length
+  --swtpm-pwdfile FILE[,kdf=pbkdf2|sha512][,mode=aes-cbc|aes-256-cbc]
+      a passphrase file (its whole contents); an import takes the key length
+      from the files, an export uses mode= (default aes-cbc, as swtpm)";
+
+/// swtpm's own key for its state files (`--key` of swtpm).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SwtpmKeyArgs {
+    /// swtpm's key file: FILE[,format=hex|binary][,mode=aes-cbc|aes-256-cbc].
+    #[arg(long, value_name = "FILE[,...]", conflicts_with = "swtpm_pwdfile")]
+    pub swtpm_key: Option<String>,
+    /// swtpm's passphrase file: FILE[,kdf=pbkdf2|sha512][,mode=aes-cbc|aes-256-cbc].
+    #[arg(long, value_name = "FILE[,...]")]
+    pub swtpm_pwdfile: Option<String>,
+}
+
 /// Key options of commands that read or write blobs.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KeyArgs {
@@ -309,6 +329,36 @@ pub enum Command {
         /// Wait up to this many milliseconds for the source to let go.
         #[arg(long, value_name = "MS", default_value_t = 3000)]
         timeout_ms: u64,
+    },
+    /// Import a swtpm state directory (or file://FILE) into a new image, in one commit.
+    #[command(after_help = SWTPM_KEYS)]
+    ImportSwtpm {
+        /// swtpm's state: a directory (tpm2-00.permall, ...) or file://FILE.
+        source: String,
+        /// The image to create (mode 0600); it must not exist.
+        image: PathBuf,
+        #[command(flatten)]
+        swtpm_key: SwtpmKeyArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// Virtual size, as qemu-img takes it (4M, 4MiB, 1G; K, M, G, T).
+        #[arg(long, default_value = "4M")]
+        size: String,
+    },
+    /// Write the image's TPM state as a swtpm state directory (or file://FILE).
+    #[command(after_help = SWTPM_KEYS)]
+    ExportSwtpm {
+        /// The image (shared lock).
+        image: PathBuf,
+        /// Where to write: a directory, or file://FILE.
+        dest: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        swtpm_key: SwtpmKeyArgs,
+        /// Replace swtpm state files already there.
+        #[arg(long)]
+        force: bool,
     },
     /// Measure commit latency against raw pwrite+fdatasync in the same file system.
     Bench {

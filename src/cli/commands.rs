@@ -74,7 +74,7 @@ fn locking(l: LockingArg) -> Locking {
     }
 }
 
-fn key_source(k: &KeyArgs) -> Result<Option<KeySource>, Failure> {
+pub fn key_source(k: &KeyArgs) -> Result<Option<KeySource>, Failure> {
     let (path, source) = match (&k.key_file, &k.passphrase_file, &k.legacy_key_file) {
         (Some(p), _, _) => (p, KeySource::from_key_file(p)?),
         (None, Some(p), _) => (p, KeySource::from_passphrase_file(p)?),
@@ -500,6 +500,30 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 report::count(r.blobs, "blob"),
                 report::count(r.bytes as usize, "byte")
             );
+        }
+        Command::ImportSwtpm {
+            source,
+            image,
+            swtpm_key,
+            key,
+            size,
+        } => {
+            let secret = super::swtpm::secret(&swtpm_key)?;
+            let key = key_source(&key)?;
+            super::swtpm::import(&source, &image, secret, key, parse_size(&size)?, lk)?
+        }
+        Command::ExportSwtpm {
+            image,
+            dest,
+            key,
+            swtpm_key,
+            force,
+        } => {
+            let secret = super::swtpm::secret(&swtpm_key)?;
+            let expected = ExpectArgs::default();
+            let o = Opening::data(&key, &expected, RollbackArgs::default(), lk);
+            let store = open_reader(&image, &o, ShareArgs::default())?;
+            super::swtpm::export(&store, &dest, secret, force)?
         }
         Command::Bench { dir, iterations } => {
             if iterations == 0 {

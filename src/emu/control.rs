@@ -14,6 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use tpmstate::swtpm::blob;
 use tpmstate::swtpm::ctrl::{self, DecodeError, Request};
+use tpmstate::swtpm::key::Purpose;
 
 /// The largest control message read at once (a SET_STATEBLOB's first
 /// part; the rest of its blob is read after).
@@ -281,7 +282,7 @@ fn read_state_blob(s: &mut Server, flags: u32, blob_type: u32, offset: u32) -> O
     // With a migration key the blob is encrypted with it, whatever the
     // DECRYPTED flag says (as swtpm does).
     let wrapped = match &s.migration_key {
-        Some(key) => key.seal(&data),
+        Some(key) => key.seal(Purpose::Migration, &data),
         None => blob::wrap_for_migration(&data),
     };
     let Some(wrapped) = wrapped else {

@@ -14,7 +14,7 @@
 use crate::args::{KeyOption, Secret};
 use std::io::Read;
 use tpmstate::crypto::Key;
-use tpmstate::swtpm::migration_key::{Kdf, MigrationKey};
+use tpmstate::swtpm::key::{Kdf, SwtpmKey};
 use tpmstate::KeySource;
 use zeroize::Zeroizing;
 
@@ -49,11 +49,11 @@ pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
 
 /// Reads the key `--migration-key` names: swtpm's own key, or its
 /// derivation from a passphrase (the whole file, as swtpm reads it).
-pub fn load_migration_key(opt: &KeyOption) -> Result<MigrationKey, String> {
+pub fn load_migration_key(opt: &KeyOption) -> Result<SwtpmKey, String> {
     match opt {
         KeyOption::Key { from, .. } => {
             let raw = raw_key(opt, "--migration-key")?;
-            MigrationKey::new(&raw).map_err(|e| format!("--migration-key {}: {e}", describe(from)))
+            SwtpmKey::new(&raw).map_err(|e| format!("--migration-key {}: {e}", describe(from)))
         }
         KeyOption::Passphrase {
             from,
@@ -69,7 +69,7 @@ pub fn load_migration_key(opt: &KeyOption) -> Result<MigrationKey, String> {
                 ));
             }
             let kdf = if *sha512 { Kdf::Sha512 } else { Kdf::Pbkdf2 };
-            Ok(MigrationKey::from_passphrase(&data, kdf, *bits256))
+            Ok(SwtpmKey::from_passphrase(&data, kdf, *bits256))
         }
     }
 }

@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 use tpmstate::swtpm::ctrl;
-use tpmstate::swtpm::migration_key::MigrationKey;
+use tpmstate::swtpm::key::SwtpmKey;
 
 /// `TPM_SEND_COMMAND`: the optional header before a data-channel command.
 const SEND_COMMAND: u32 = 8;
@@ -56,7 +56,7 @@ pub struct Server {
     /// `--migration release-lock-outgoing`.
     pub release_lock_outgoing: bool,
     /// `--migration-key`: state blobs on the control channel are encrypted.
-    pub migration_key: Option<MigrationKey>,
+    pub migration_key: Option<SwtpmKey>,
     /// Locality set by SET_LOCALITY or the last send-command header.
     pub locality: u8,
     /// Bytes received beyond the command being served.
@@ -77,7 +77,7 @@ pub struct Channels {
     /// The read end of the signal pipe.
     pub signals: UnixStream,
     /// The migration key, loaded.
-    pub migration_key: Option<MigrationKey>,
+    pub migration_key: Option<SwtpmKey>,
 }
 
 impl Server {

@@ -5,7 +5,7 @@
 //! all big-endian. A blob for migration is `TLV4{TLV1{libtpms blob}}` with
 //! flag 0x04; a state file is `TLV1{libtpms blob}` with no flag.
 
-use super::migration_key::MigrationKey;
+use super::key::{Purpose, SwtpmKey, FLAG_ENCRYPTED_256BIT_KEY};
 use zeroize::Zeroizing;
 
 /// The header's length.
@@ -40,10 +40,32 @@ pub enum BlobError {
     /// A TLV runs past its container, or the data TLV is missing.
     #[error("state blob: {0}")]
     BadTlv(String),
-    /// Encrypted with a migration key other than this one (swtpm:
-    /// "Verification of HMAC failed").
-    #[error("state blob: its HMAC does not verify: the migration keys differ")]
+    /// Shorter than its header's total length says: cut off.
+    #[error("state blob is truncated: its header says {expected} bytes, only {found} are there")]
+    Truncated {
+        /// The header's total length.
+        expected: u32,
+        /// The bytes present.
+        found: usize,
+    },
+    /// Encrypted with a key other than this one (swtpm: "Verification of
+    /// HMAC failed"): its HMAC fails and the data does not decrypt either.
+    #[error("state blob: its HMAC does not verify: the keys differ")]
     WrongKey,
+    /// Its HMAC fails, but the key decrypts the data to well-formed
+    /// plaintext: the key is right and the bytes were changed.
+    #[error("state blob: its HMAC does not verify, though the key decrypts it: the data or the HMAC was changed")]
+    Corrupt,
+    /// Encrypted with a key of another length than the one given.
+    #[error(
+        "state blob is encrypted with a {blob_bits}-bit key; the key given has {key_bits} bits"
+    )]
+    KeyLength {
+        /// The key length the blob's flags name.
+        blob_bits: u32,
+        /// The given key's length.
+        key_bits: u32,
+    },
 }
 
 /// The libtpms blob inside a swtpm blob (either form), borrowed.
@@ -60,14 +82,92 @@ pub fn unwrap(blob: &[u8]) -> Result<&[u8], BlobError> {
 
 /// The libtpms blob inside a swtpm blob, plain or encrypted with the
 /// migration key `key` (`--migration-key`).
-pub fn unwrap_with(
-    blob: &[u8],
-    key: Option<&MigrationKey>,
-) -> Result<Zeroizing<Vec<u8>>, BlobError> {
+pub fn unwrap_with(blob: &[u8], key: Option<&SwtpmKey>) -> Result<Zeroizing<Vec<u8>>, BlobError> {
     let (flags, body) = header(blob)?;
     match (flags & FLAG_MIGRATION_ENCRYPTED != 0, key) {
-        (true, Some(key)) if flags & FLAG_ENCRYPTED == 0 => key.open(body),
+        (true, Some(key)) if flags & FLAG_ENCRYPTED == 0 => key.open(Purpose::Migration, body),
         _ => unwrap(blob).map(|d| Zeroizing::new(d.to_vec())),
+    }
+}
+
+/// The length in bits of the state key a state file is encrypted with
+/// (its `ENCRYPTED_256BIT_KEY` flag), `None` if it is not encrypted.
+pub fn state_file_key_bits(file: &[u8]) -> Result<Option<u32>, BlobError> {
+    let (flags, _) = header(file)?;
+    Ok(
+        match (flags & FLAG_ENCRYPTED, flags & FLAG_ENCRYPTED_256BIT_KEY) {
+            (0, _) => None,
+            (_, 0) => Some(128),
+            _ => Some(256),
+        },
+    )
+}
+
+/// The libtpms blob in a swtpm state file (`tpm2-00.permall`, ...), plain
+/// or encrypted with swtpm's state key (`--key`). A plain file read with a
+/// key is taken as it is, as swtpm takes it.
+pub fn unwrap_state_file(
+    file: &[u8],
+    key: Option<&SwtpmKey>,
+) -> Result<Zeroizing<Vec<u8>>, BlobError> {
+    let (flags, body) = header(file)?;
+    if flags & (FLAG_MIGRATION_ENCRYPTED | FLAG_MIGRATION_DATA) != 0 {
+        return Err(BlobError::BadHeader(format!(
+            "flags 0x{flags:04x} mark a migration blob, not a state file"
+        )));
+    }
+    match (flags & FLAG_ENCRYPTED != 0, key) {
+        (false, _) => unwrap(file).map(|d| Zeroizing::new(d.to_vec())),
+        (true, None) => Err(BlobError::Encrypted(flags)),
+        (true, Some(key)) => {
+            let blob_bits = match flags & FLAG_ENCRYPTED_256BIT_KEY {
+                0 => 128,
+                _ => 256,
+            };
+            if blob_bits != key.bits() {
+                return Err(BlobError::KeyLength {
+                    blob_bits,
+                    key_bits: key.bits(),
+                });
+            }
+            key.open(Purpose::State, body)
+        }
+    }
+}
+
+/// swtpm's state file for libtpms blob `data`: plain (`TLV1{data}`) or
+/// encrypted with `key`; `None` over 4 GiB.
+pub fn wrap_state_file(data: &[u8], key: Option<&SwtpmKey>) -> Option<Vec<u8>> {
+    if let Some(key) = key {
+        return key.seal(Purpose::State, data);
+    }
+    let inner = u32::try_from(data.len()).ok()?;
+    let total = inner.checked_add((TLV_HEADER + HEADER_LEN) as u32)?;
+    let mut b = Vec::with_capacity(total as usize);
+    b.extend_from_slice(&[2, 1]);
+    b.extend_from_slice(&(HEADER_LEN as u16).to_be_bytes());
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&total.to_be_bytes());
+    b.extend_from_slice(&TAG_DATA.to_be_bytes());
+    b.extend_from_slice(&inner.to_be_bytes());
+    b.extend_from_slice(data);
+    Some(b)
+}
+
+/// The magic numbers that begin libtpms's TPM 2 state blobs (after a
+/// 16-bit version): the permanent state and the volatile state.
+const LIBTPMS_MAGICS: [u32; 2] = [0xab36_4723, 0x4563_7889];
+
+/// Whether `data` begins as a libtpms TPM 2 state blob does: a version
+/// from 1 to 16, then a known magic number.
+pub fn is_libtpms_header(data: &[u8]) -> bool {
+    match data.get(..6) {
+        Some(h) => {
+            let version = u16::from_be_bytes([h[0], h[1]]);
+            let magic = u32::from_be_bytes([h[2], h[3], h[4], h[5]]);
+            (1..=16).contains(&version) && LIBTPMS_MAGICS.contains(&magic)
+        }
+        None => false,
     }
 }
 
@@ -90,6 +190,12 @@ fn header(blob: &[u8]) -> Result<(u16, &[u8]), BlobError> {
             "header size {hdrsize} in a blob of {} bytes",
             blob.len()
         )));
+    }
+    if usize::try_from(totlen).map_or(true, |t| t > blob.len()) {
+        return Err(BlobError::Truncated {
+            expected: totlen,
+            found: blob.len(),
+        });
     }
     if usize::try_from(totlen).ok() != Some(blob.len()) {
         return Err(BlobError::BadHeader(format!(
@@ -167,6 +273,15 @@ mod tests {
         }
         let mut w = wrap_for_migration(b"abc").unwrap();
         w[9] += 1;
+        let found = w.len();
+        assert_eq!(
+            unwrap(&w),
+            Err(BlobError::Truncated {
+                expected: found as u32 + 1,
+                found
+            })
+        );
+        w[9] -= 2; // shorter than the bytes present: trailing bytes
         assert!(matches!(unwrap(&w), Err(BlobError::BadHeader(_))));
         let mut w = wrap_for_migration(b"abc").unwrap();
         w[5] |= FLAG_ENCRYPTED as u8;
@@ -174,5 +289,63 @@ mod tests {
         let mut w = wrap_for_migration(b"abc").unwrap();
         w[19] = 200; // inner TLV length past the end
         assert!(matches!(unwrap(&w), Err(BlobError::BadTlv(_))));
+    }
+
+    /// The start of a libtpms permanent-state blob, and some more bytes.
+    fn permall_like() -> Vec<u8> {
+        let mut d = vec![0, 3, 0xab, 0x36, 0x47, 0x23];
+        d.extend((0..200u8).map(|i| i.wrapping_mul(7)));
+        d
+    }
+
+    #[test]
+    fn state_files_round_trip_plain_and_with_either_key_length() {
+        let data = permall_like();
+        let plain = wrap_state_file(&data, None).unwrap();
+        assert_eq!(&unwrap_state_file(&plain, None).unwrap()[..], &data[..]);
+        for len in [16, 32] {
+            let key = SwtpmKey::new(&vec![5u8; len]).unwrap();
+            let file = wrap_state_file(&data, Some(&key)).unwrap();
+            assert_eq!(
+                &unwrap_state_file(&file, Some(&key)).unwrap()[..],
+                &data[..]
+            );
+            assert!(matches!(
+                unwrap_state_file(&file, None),
+                Err(BlobError::Encrypted(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_state_file_tells_a_wrong_key_from_a_changed_byte() {
+        let key = SwtpmKey::new(&[5u8; 32]).unwrap();
+        let file = wrap_state_file(&permall_like(), Some(&key)).unwrap();
+        let other = SwtpmKey::new(&[6u8; 32]).unwrap();
+        assert_eq!(
+            unwrap_state_file(&file, Some(&other)),
+            Err(BlobError::WrongKey)
+        );
+        let short = SwtpmKey::new(&[5u8; 16]).unwrap();
+        assert_eq!(
+            unwrap_state_file(&file, Some(&short)),
+            Err(BlobError::KeyLength {
+                blob_bits: 256,
+                key_bits: 128
+            })
+        );
+        // Every byte after the first ciphertext block, HMAC included, but
+        // the IV's first 16 bytes: they decrypt the first block, so a change
+        // there reads as another key (the IV TLV comes last).
+        let iv_used = file.len() - 32..file.len() - 16;
+        for i in (HEADER_LEN + 6 + 16..file.len()).filter(|i| !iv_used.contains(i)) {
+            let mut bad = file.clone();
+            bad[i] ^= 0x10;
+            let got = unwrap_state_file(&bad, Some(&key));
+            assert!(
+                matches!(got, Err(BlobError::Corrupt) | Err(BlobError::BadTlv(_))),
+                "byte {i}: {got:?}"
+            );
+        }
     }
 }

@@ -1,0 +1,423 @@
+//! swtpm's state on disk, into a store and out of one: a state directory
+//! (`tpm2-00.permall`, `tpm2-00.volatilestate`, `tpm2-00.savestate`, as
+//! `swtpm_setup` and `swtpm --tpmstate dir=` keep them) or a linear file
+//! (`--tpmstate backend-uri=file://`).
+//!
+//! An import reads and checks every file first (swtpm's blob format, and
+//! its encryption with swtpm's `--key`), then builds the new image under a
+//! temporary name, commits all blobs in one commit and links the image into
+//! place: an image at the destination always holds the whole state, and a
+//! refused import creates nothing and changes no file. An export writes
+//! each file under a temporary name, syncs it and renames it into place.
+
+use crate::crypto::KeySource;
+use crate::image::CreateOptions;
+use crate::kind::ErrorKind;
+use crate::lock::Locking;
+use crate::store::{FormatOptions, OpenOptions, Store, StoreError, StoreView};
+use crate::swtpm::blob::{self, BlobError};
+use crate::swtpm::key::{SwtpmKey, SwtpmSecret};
+use crate::swtpm::linear::{self, LinearError};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// The state blobs swtpm keeps, in its order; `permall` must be present.
+pub const BLOB_NAMES: [&str; 3] = linear::NAMES;
+
+/// The file name swtpm gives blob `name` in a state directory (TPM 2).
+pub fn file_name(name: &str) -> String {
+    format!("tpm2-00.{name}")
+}
+
+/// Where swtpm's state is: a directory, or a linear file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `--tpmstate dir=PATH` (or `backend-uri=dir://PATH`).
+    Dir(PathBuf),
+    /// `--tpmstate backend-uri=file://PATH`.
+    Linear(PathBuf),
+}
+
+impl Location {
+    /// Reads a location as swtpm's options write it: `file://PATH` is a
+    /// linear file, `dir://PATH` a directory; a plain path is a directory
+    /// unless it names an existing regular file.
+    pub fn parse(text: &str) -> Location {
+        if let Some(p) = text.strip_prefix("file://") {
+            return Location::Linear(PathBuf::from(p));
+        }
+        if let Some(p) = text.strip_prefix("dir://") {
+            return Location::Dir(PathBuf::from(p));
+        }
+        match std::fs::metadata(text) {
+            Ok(m) if m.is_file() => Location::Linear(PathBuf::from(text)),
+            _ => Location::Dir(PathBuf::from(text)),
+        }
+    }
+
+    /// The directory or file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Location::Dir(p) | Location::Linear(p) => p,
+        }
+    }
+}
+
+/// Why swtpm state could not be read, imported or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SwtpmFilesError {
+    /// An operating-system error on a file.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No `tpm2-00.permall`: nothing to import.
+    #[error("{}: no {} (swtpm's permanent state): this is not a swtpm TPM 2 state", .location.display(), file_name("permall"))]
+    MissingPermall {
+        /// The directory or linear file.
+        location: PathBuf,
+    },
+    /// A state file is not in swtpm's blob format, or does not decrypt.
+    #[error("{}", path.display())]
+    Blob {
+        /// The file (for a linear file: `FILE[permall]`).
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: BlobError,
+    },
+    /// A state file is encrypted and no swtpm key was given.
+    #[error("{} is encrypted with swtpm's --key ({bits}-bit key): give swtpm's key or passphrase (--swtpm-key FILE or --swtpm-pwdfile FILE)", path.display())]
+    NeedKey {
+        /// The file.
+        path: PathBuf,
+        /// The key's length the file's flags name.
+        bits: u32,
+    },
+    /// A linear file's header is damaged.
+    #[error("{}", path.display())]
+    Linear {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: LinearError,
+    },
+    /// The destination exists; nothing was written.
+    #[error("{} already exists; {hint}", path.display())]
+    Exists {
+        /// The file in the way.
+        path: PathBuf,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A blob is over swtpm's 4 GiB file limit.
+    #[error("{name} of {len} bytes does not fit swtpm's blob format")]
+    TooLarge {
+        /// The blob.
+        name: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The store refused (opening, creating or committing).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SwtpmFilesError {
+    /// The broad class, for exit codes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SwtpmFilesError::Io { .. } => ErrorKind::Io,
+            SwtpmFilesError::MissingPermall { .. } | SwtpmFilesError::Linear { .. } => {
+                ErrorKind::NotAStore
+            }
+            SwtpmFilesError::Blob { source, .. } => match source {
+                BlobError::Encrypted(_) => ErrorKind::KeyMissing,
+                BlobError::WrongKey | BlobError::KeyLength { .. } => ErrorKind::WrongKey,
+                _ => ErrorKind::Corrupt,
+            },
+            SwtpmFilesError::NeedKey { .. } => ErrorKind::KeyMissing,
+            SwtpmFilesError::Exists { .. } => ErrorKind::Usage,
+            SwtpmFilesError::TooLarge { .. } => ErrorKind::NoSpace,
+            SwtpmFilesError::Store(e) => e.kind(),
+        }
+    }
+}
+
+fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SwtpmFilesError {
+    let path = path.to_path_buf();
+    move |source| SwtpmFilesError::Io { path, op, source }
+}
+
+/// swtpm's state, read and checked: the libtpms blobs by store name.
+pub struct SwtpmState {
+    /// `(name, libtpms blob)`, in [`BLOB_NAMES`] order; `permall` first.
+    pub blobs: Vec<(&'static str, Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for SwtpmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sizes: Vec<_> = self.blobs.iter().map(|(n, b)| (*n, b.len())).collect();
+        write!(f, "SwtpmState({sizes:?})")
+    }
+}
+
+/// Decodes the swtpm state files' bytes `files` (by [`BLOB_NAMES`] index),
+/// with `secret` for encrypted ones; `path_of` names a file in errors.
+pub fn decode(
+    files: [Option<&[u8]>; 3],
+    secret: Option<&SwtpmSecret>,
+    location: &Path,
+    path_of: impl Fn(&str) -> PathBuf,
+) -> Result<SwtpmState, SwtpmFilesError> {
+    if files[0].is_none() {
+        return Err(SwtpmFilesError::MissingPermall {
+            location: location.to_path_buf(),
+        });
+    }
+    let mut blobs = Vec::new();
+    for (name, bytes) in BLOB_NAMES.iter().zip(files) {
+        let Some(bytes) = bytes else { continue };
+        let bad = |source| SwtpmFilesError::Blob {
+            path: path_of(name),
+            source,
+        };
+        let key = match (secret, blob::state_file_key_bits(bytes).map_err(bad)?) {
+            (Some(s), Some(bits)) => Some(s.key_for(bits)),
+            (Some(s), None) => Some(s.key()),
+            (None, Some(bits)) => {
+                return Err(SwtpmFilesError::NeedKey {
+                    path: path_of(name),
+                    bits,
+                })
+            }
+            (None, None) => None,
+        };
+        let data = blob::unwrap_state_file(bytes, key.as_ref()).map_err(bad)?;
+        blobs.push((*name, data));
+    }
+    Ok(SwtpmState { blobs })
+}
+
+/// Reads and checks the swtpm state at `location`.
+pub fn read(
+    location: &Location,
+    secret: Option<&SwtpmSecret>,
+) -> Result<SwtpmState, SwtpmFilesError> {
+    match location {
+        Location::Dir(dir) => {
+            std::fs::read_dir(dir).map_err(io(dir, "open directory"))?;
+            let mut contents: [Option<Zeroizing<Vec<u8>>>; 3] = [None, None, None];
+            for (slot, name) in contents.iter_mut().zip(BLOB_NAMES) {
+                let path = dir.join(file_name(name));
+                match std::fs::read(&path) {
+                    Ok(b) => *slot = Some(Zeroizing::new(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(&path, "read")(e)),
+                }
+            }
+            let files = [0, 1, 2].map(|i| contents[i].as_deref().map(|v| &v[..]));
+            decode(files, secret, dir, |n| dir.join(file_name(n)))
+        }
+        Location::Linear(file) => {
+            let bytes = Zeroizing::new(std::fs::read(file).map_err(io(file, "read"))?);
+            let files = linear::parse(&bytes).map_err(|source| SwtpmFilesError::Linear {
+                path: file.clone(),
+                source,
+            })?;
+            decode(files, secret, file, |n| {
+                PathBuf::from(format!("{}[{n}]", file.display()))
+            })
+        }
+    }
+}
+
+/// How an import makes its image.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// The new image's size and cluster size.
+    pub image: CreateOptions,
+    /// The store's key (`None`: a plaintext store).
+    pub key: Option<KeySource>,
+    /// QEMU's `locking=` option.
+    pub locking: Locking,
+}
+
+/// Imports the swtpm state at `location` (decrypted with `swtpm_key`) into
+/// a new image at `image`, in one commit; returns the state and the
+/// store's generation. Refuses an existing `image`. On any error nothing
+/// is created.
+pub fn import(
+    location: &Location,
+    swtpm_key: Option<&SwtpmSecret>,
+    image: &Path,
+    opts: ImportOptions,
+) -> Result<(SwtpmState, u64), SwtpmFilesError> {
+    if std::fs::symlink_metadata(image).is_ok() {
+        return Err(SwtpmFilesError::Exists {
+            path: image.to_path_buf(),
+            hint: "an import makes a new image: remove it or name another",
+        });
+    }
+    let state = read(location, swtpm_key)?;
+    let tmp = sibling(image, "import");
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let format = FormatOptions {
+            key: opts.key.clone(),
+            area: None,
+            locking: opts.locking,
+            force: false,
+        };
+        Store::create(&tmp, opts.image, format)?;
+        let open = OpenOptions {
+            key: opts.key,
+            locking: opts.locking,
+            ..OpenOptions::default()
+        };
+        let mut store = Store::open(&tmp, open)?;
+        let mut tx = store.transaction();
+        for (name, data) in &state.blobs {
+            tx.put(name, data)?;
+        }
+        let generation = tx.commit()?;
+        drop(store);
+        // link() refuses a file that appeared meanwhile; the data and the
+        // image's metadata are synced by the commit.
+        std::fs::hard_link(&tmp, image).map_err(io(image, "link"))?;
+        sync_parent(image)?;
+        Ok(generation)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result.map(|g| (state, g))
+}
+
+/// A temporary name beside `path`, for `what`.
+fn sibling(path: &Path, what: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = format!(
+        ".{}.tpmstate-{what}-{}.tmp",
+        name.unwrap_or_default(),
+        std::process::id()
+    );
+    path.with_file_name(tmp)
+}
+
+fn sync_parent(path: &Path) -> Result<(), SwtpmFilesError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "fsync directory"))
+}
+
+/// Writes `bytes` to `path` durably: a temporary file beside it, synced,
+/// then renamed over it, and the directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SwtpmFilesError> {
+    let tmp = sibling(path, "export");
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp, "create"))?;
+        f.write_all(bytes).map_err(io(&tmp, "write"))?;
+        f.sync_all().map_err(io(&tmp, "fsync"))?;
+        std::fs::rename(&tmp, path).map_err(io(path, "rename"))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    sync_parent(path)
+}
+
+/// The swtpm state files `store` holds, encoded as swtpm writes them
+/// (encrypted with `swtpm_key` if given), by [`BLOB_NAMES`] index.
+pub fn encode(
+    store: &StoreView,
+    swtpm_key: Option<&SwtpmKey>,
+) -> Result<[Option<Vec<u8>>; 3], SwtpmFilesError> {
+    let mut out = [None, None, None];
+    for (slot, name) in out.iter_mut().zip(BLOB_NAMES) {
+        let Some(data) = store.get(name)? else {
+            continue;
+        };
+        let file = blob::wrap_state_file(&data, swtpm_key).ok_or(SwtpmFilesError::TooLarge {
+            name: name.to_string(),
+            len: data.len(),
+        })?;
+        *slot = Some(file);
+    }
+    if out[0].is_none() {
+        return Err(SwtpmFilesError::MissingPermall {
+            location: store.path().to_path_buf(),
+        });
+    }
+    Ok(out)
+}
+
+/// Writes the swtpm state `store` holds to `location`, as swtpm 0.7.1
+/// reads it. Refuses to replace swtpm files already there unless `force`.
+pub fn export(
+    store: &StoreView,
+    location: &Location,
+    swtpm_key: Option<&SwtpmKey>,
+    force: bool,
+) -> Result<(), SwtpmFilesError> {
+    let files = encode(store, swtpm_key)?;
+    let hint = "give --force to replace it";
+    match location {
+        Location::Dir(dir) => {
+            let paths = BLOB_NAMES.map(|n| dir.join(file_name(n)));
+            if let (false, Some(p)) = (force, paths.iter().find(|p| p.exists())) {
+                return Err(SwtpmFilesError::Exists {
+                    path: p.clone(),
+                    hint,
+                });
+            }
+            std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+            for (path, file) in paths.iter().zip(&files) {
+                match file {
+                    Some(bytes) => write_durably(path, bytes)?,
+                    // A stale file from an older state must not be read.
+                    None => match std::fs::remove_file(path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(io(path, "remove")(e))
+                        }
+                        _ => {}
+                    },
+                }
+            }
+            Ok(())
+        }
+        Location::Linear(path) => {
+            if !force && path.exists() {
+                return Err(SwtpmFilesError::Exists {
+                    path: path.clone(),
+                    hint,
+                });
+            }
+            let bytes = linear::build([0, 1, 2].map(|i| files[i].as_deref())).ok_or(
+                SwtpmFilesError::TooLarge {
+                    name: "the linear file".into(),
+                    len: files.iter().flatten().map(Vec::len).sum(),
+                },
+            )?;
+            write_durably(path, &bytes)
+        }
+    }
+}
