@@ -16,6 +16,7 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 192;
 const ENTRIES: usize = 15;
 const ENTRY_LEN: usize = 12;
+const _: () = assert!(12 + ENTRIES * ENTRY_LEN == HEADER_LEN);
 /// The state files of TPM 0, in entry order.
 pub const NAMES: [&str; 3] = ["permall", "volatilestate", "savestate"];
 
@@ -98,7 +99,6 @@ pub fn build(files: [Option<&[u8]>; 3]) -> Option<Vec<u8>> {
     out[..8].copy_from_slice(&MAGIC.to_le_bytes());
     out[8] = VERSION;
     out[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-    debug_assert!(12 + ENTRIES * ENTRY_LEN == HEADER_LEN);
     for (i, data) in files.iter().enumerate() {
         let Some(data) = data else { continue };
         let offset = u32::try_from(out.len()).ok()?;
