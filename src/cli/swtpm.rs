@@ -19,13 +19,16 @@ impl From<SwtpmFilesError> for Failure {
     }
 }
 
+/// An option's `KEY=VALUE` parameters.
+type Params<'a> = Vec<(&'a str, &'a str)>;
+
 /// `FILE[,k=v]...` split into the file and its parameters, each checked
 /// against `allowed`.
 fn split<'a>(
     option: &str,
     text: &'a str,
     allowed: &[&str],
-) -> Result<(&'a str, Vec<(&'a str, &'a str)>), Failure> {
+) -> Result<(&'a str, Params<'a>), Failure> {
     let mut parts = text.split(',');
     let file = parts.next().filter(|f| !f.is_empty());
     let file = file.ok_or_else(|| usage(format!("{option}: the file name is missing")))?;
