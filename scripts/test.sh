@@ -33,7 +33,7 @@ if [ "${TPMSTATE_FUZZ_SECONDS:-20}" != 0 ] && rustup toolchain list 2>/dev/null 
   echo "== fuzz: ${TPMSTATE_FUZZ_SECONDS:-20} s per target"
   command -v cargo-fuzz >/dev/null 2>&1 || cargo install -q cargo-fuzz --locked
   (cd fuzz && cargo +nightly fuzz build -O >/dev/null 2>&1)
-  for t in qcow2_header slot directory key_file store_open store_fields qcow2_image swtpm_ctrl; do
+  for t in qcow2_header slot directory key_file store_open store_fields qcow2_image swtpm_ctrl swtpm_import; do
     seeds=()
     [ -d "fuzz/seeds/$t" ] && seeds=("$PWD/fuzz/seeds/$t")
     corpus=$(mktemp -d)

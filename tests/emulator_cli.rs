@@ -83,9 +83,9 @@ fn unknown_and_unsupported_options_exit_1_naming_them() {
                 "--ctrl",
                 "type=tcp,port=1",
                 "--tpmstate",
-                "dir=/tmp",
+                "dir=/tmp,backend-uri=qcow2:///tmp/x",
             ],
-            "qcow2://",
+            "not both",
         ),
         (
             vec![

@@ -13,7 +13,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         _ => {}
     }
     // Migration-encrypted blobs: the HMAC gate and the TLVs behind it.
-    let key = tpmstate::swtpm::migration_key::MigrationKey::new(&[7u8; 16]).expect("16 bytes");
+    let key = tpmstate::swtpm::key::SwtpmKey::new(&[7u8; 16]).expect("16 bytes");
     let _ = blob::unwrap_with(data, Some(&key));
     if let Ok(inner) = blob::unwrap(data) {
         assert!(inner.len() + blob::HEADER_LEN + 6 <= data.len());

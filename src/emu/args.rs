@@ -121,6 +121,9 @@ pub struct Config {
     pub image: PathBuf,
     /// File mode for an image the emulator creates (default 0640, as swtpm's state files).
     pub image_mode: u32,
+    /// `--tpmstate dir=D`: the image is `D/tpmstate.qcow2`, and swtpm's
+    /// state files found in D are imported into it first.
+    pub swtpm_dir: Option<PathBuf>,
     /// The data channel (None: only through SET_DATAFD).
     pub server: Option<Endpoint>,
     /// `--server ...,disconnect`: close the data connection after each response.
@@ -340,6 +343,7 @@ struct Builder {
     disconnect: bool,
     ctrl: Option<Endpoint>,
     image: Option<(PathBuf, Option<u32>)>,
+    swtpm_dir: Option<PathBuf>,
     key: Option<KeyOption>,
     migration_key: Option<KeyOption>,
     not_need_init: bool,
@@ -443,19 +447,28 @@ impl Builder {
     fn tpmstate(&mut self, text: &str) -> Result<(), UsageError> {
         let p = Params::parse("tpmstate", text);
         p.only(&["dir", "backend-uri", "mode", "lock"])?;
-        if p.value("dir")?.is_some() {
-            return Err(usage(
-                "--tpmstate dir=...: tpmstate-emu keeps the state in a qcow2 image; \
-                 use --tpmstate backend-uri=qcow2://PATH",
-            ));
-        }
-        let uri = p
-            .value("backend-uri")?
-            .ok_or_else(|| usage("--tpmstate: backend-uri=qcow2://PATH is required"))?;
         // `lock` is accepted for swtpm 0.10's command lines: the image is
         // always locked (QEMU's protocol) for the emulator's whole life.
         p.flag("lock")?;
-        self.image = Some((image_path(uri)?, p.octal("mode")?));
+        let mode = p.octal("mode")?;
+        let dir = match (p.value("dir")?, p.value("backend-uri")?) {
+            (Some(_), Some(_)) => {
+                return Err(usage("--tpmstate: give dir= or backend-uri=, not both"))
+            }
+            (Some(d), None) => Some(d.to_string()),
+            (None, Some(uri)) if uri.starts_with("dir://") => Some(uri[6..].to_string()),
+            (None, Some(uri)) => {
+                self.image = Some((image_path(uri)?, mode));
+                return Ok(());
+            }
+            (None, None) => None,
+        };
+        let dir = dir
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| usage("--tpmstate: dir=DIR or backend-uri=qcow2://PATH is required"))?;
+        let dir = PathBuf::from(dir);
+        self.image = Some((dir.join(crate::swtpm_dir::IMAGE_NAME), mode));
+        self.swtpm_dir = Some(dir);
         Ok(())
     }
 
@@ -625,7 +638,7 @@ impl Builder {
         }
         let (image, mode) = self
             .image
-            .ok_or_else(|| usage("--tpmstate backend-uri=qcow2://PATH is required"))?;
+            .ok_or_else(|| usage("--tpmstate dir=DIR or backend-uri=qcow2://PATH is required"))?;
         if self.server.is_none() && self.ctrl.is_none() {
             return Err(usage(
                 "give --server and/or --ctrl (a channel to talk to the TPM)",
@@ -634,6 +647,7 @@ impl Builder {
         Ok(Action::Run(Box::new(Config {
             image,
             image_mode: mode.unwrap_or(0o640),
+            swtpm_dir: self.swtpm_dir,
             server: self.server,
             disconnect: self.disconnect,
             ctrl: self.ctrl,
@@ -770,7 +784,14 @@ mod tests {
         let base = "socket --tpm2 --ctrl type=tcp,port=1 --tpmstate backend-uri=qcow2://x";
         assert!(err(&format!("{base} --bogus")).contains("'--bogus'"));
         assert!(err(&format!("{base} --key file=k,colour=red")).contains("'colour'"));
-        assert!(err("socket --tpm2 --ctrl type=tcp,port=1 --tpmstate dir=/x").contains("qcow2"));
+        let c = config("socket --tpm2 --ctrl type=tcp,port=1 --tpmstate dir=/x,mode=0600");
+        assert_eq!(c.image, PathBuf::from("/x/tpmstate.qcow2"));
+        assert_eq!(c.swtpm_dir, Some(PathBuf::from("/x")));
+        assert_eq!(c.image_mode, 0o600);
+        assert!(err(
+            "socket --tpm2 --ctrl type=tcp,port=1 --tpmstate dir=/x,backend-uri=qcow2://y"
+        )
+        .contains("not both"));
         assert!(
             err("socket --tpm2 --ctrl type=tcp,port=1 --tpmstate backend-uri=file:///x")
                 .contains("qcow2://")

@@ -14,46 +14,66 @@
 use crate::args::{KeyOption, Secret};
 use std::io::Read;
 use tpmstate::crypto::Key;
-use tpmstate::swtpm::key::{Kdf, SwtpmKey};
+use tpmstate::swtpm::key::{Kdf, SwtpmKey, SwtpmSecret};
 use tpmstate::KeySource;
 use zeroize::Zeroizing;
 
-/// Reads the key or passphrase `--key` names, as the store's key.
-pub fn load(opt: &KeyOption) -> Result<KeySource, String> {
-    match opt {
-        KeyOption::Key { from, .. } => {
-            let raw = raw_key(opt, "--key")?;
+/// What `--key` gives: the store's key, and swtpm's own key from the same
+/// secret, for swtpm state files found in a `dir=` state directory.
+pub struct Keys {
+    /// The store's key.
+    pub store: KeySource,
+    /// The key swtpm derives from the same option.
+    pub swtpm: SwtpmSecret,
+}
+
+/// Reads the key or passphrase `--key` names (once: it may be a pipe).
+pub fn load(opt: &KeyOption) -> Result<Keys, String> {
+    let swtpm = load_swtpm(opt, "--key")?;
+    let store = match (opt, &swtpm) {
+        (KeyOption::Key { from, .. }, SwtpmSecret::Key(raw)) => {
+            let raw = raw.bytes();
             let mut okm = Zeroizing::new([0u8; 32]);
             match raw.len() {
-                32 => okm.copy_from_slice(&raw),
-                _ => hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tpmstate-emu swtpm --key"), &raw)
+                32 => okm.copy_from_slice(raw),
+                _ => hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tpmstate-emu swtpm --key"), raw)
                     .expand(b"aes-cbc", &mut *okm)
                     .map_err(|_| "--key: key derivation failed".to_string())?,
             }
             Key::from_bytes(&okm)
                 .map(KeySource::Key)
-                .map_err(|e| format!("--key {}: {e}", describe(from)))
+                .map_err(|e| format!("--key {}: {e}", describe(from)))?
         }
-        KeyOption::Passphrase { from, remove, .. } => {
-            let mut data = read(from, *remove)?;
+        (KeyOption::Passphrase { from, .. }, SwtpmSecret::Passphrase { passphrase, .. }) => {
+            let mut data = passphrase.clone();
             if data.last() == Some(&b'\n') {
                 data.pop();
             }
             if data.is_empty() {
                 return Err(format!("--key {}: empty passphrase", describe(from)));
             }
-            Ok(KeySource::Passphrase(data))
+            KeySource::Passphrase(data)
         }
-    }
+        _ => return Err("--key: internal error: key kinds differ".into()),
+    };
+    Ok(Keys { store, swtpm })
 }
 
 /// Reads the key `--migration-key` names: swtpm's own key, or its
 /// derivation from a passphrase (the whole file, as swtpm reads it).
 pub fn load_migration_key(opt: &KeyOption) -> Result<SwtpmKey, String> {
+    load_swtpm(opt, "--migration-key").map(|s| s.key_for(128))
+}
+
+/// swtpm's key as `option` (`--key` or `--migration-key`) gives it; a
+/// passphrase's key length is its `mode=`.
+fn load_swtpm(opt: &KeyOption, option: &str) -> Result<SwtpmSecret, String> {
     match opt {
         KeyOption::Key { from, .. } => {
-            let raw = raw_key(opt, "--migration-key")?;
-            SwtpmKey::new(&raw).map_err(|e| format!("--migration-key {}: {e}", describe(from)))
+            let raw = raw_key(opt, option)?;
+            SwtpmKey::new(&raw)
+                .map(SwtpmSecret::Key)
+                .map_err(|e| format!("{option} {}: {e}", describe(from)))
         }
         KeyOption::Passphrase {
             from,
@@ -61,15 +81,15 @@ pub fn load_migration_key(opt: &KeyOption) -> Result<SwtpmKey, String> {
             bits256,
             sha512,
         } => {
-            let data = read(from, *remove)?;
-            if data.is_empty() {
-                return Err(format!(
-                    "--migration-key {}: empty passphrase",
-                    describe(from)
-                ));
+            let passphrase = read(from, *remove)?;
+            if passphrase.is_empty() {
+                return Err(format!("{option} {}: empty passphrase", describe(from)));
             }
-            let kdf = if *sha512 { Kdf::Sha512 } else { Kdf::Pbkdf2 };
-            Ok(SwtpmKey::from_passphrase(&data, kdf, *bits256))
+            Ok(SwtpmSecret::Passphrase {
+                passphrase,
+                kdf: if *sha512 { Kdf::Sha512 } else { Kdf::Pbkdf2 },
+                bits: Some(if *bits256 { 256 } else { 128 }),
+            })
         }
     }
 }
@@ -168,8 +188,13 @@ mod tests {
             bits256,
             remove: false,
         };
-        assert!(matches!(load(&opt(false)), Ok(KeySource::Key(_))));
-        let err = load(&opt(true)).unwrap_err();
+        assert!(matches!(
+            load(&opt(false)).map(|k| k.store),
+            Ok(KeySource::Key(_))
+        ));
+        let Err(err) = load(&opt(true)) else {
+            panic!("a 16-byte key with mode=aes-256-cbc is refused")
+        };
         assert!(
             err.contains("32 bytes") && err.contains("found 16"),
             "{err}"
@@ -185,7 +210,7 @@ mod tests {
             bits256: true,
             remove: true,
         };
-        load(&opt).unwrap();
+        assert!(load(&opt).is_ok());
         assert!(!p.exists());
     }
 }

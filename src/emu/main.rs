@@ -16,6 +16,7 @@ mod log;
 mod nvram;
 mod server;
 mod startup;
+mod swtpm_dir;
 mod tpm;
 
 use std::process::ExitCode;

@@ -24,6 +24,9 @@ lives in a qcow2 image: every state write is one durable commit.
 
 --tpmstate backend-uri=qcow2://PATH[,mode=0640][,lock]
                  the image (made if missing; a blank qemu-img image is formatted)
+--tpmstate dir=DIR[,mode=0640][,lock]
+                 the image DIR/tpmstate.qcow2; swtpm's state files in DIR are
+                 imported into a new one, then moved to DIR/swtpm-imported/
 --server type=tcp,port=N[,bindaddr=A][,disconnect] | type=unixio,path=P[,mode=M] | fd=N
                  the data channel (or -p N, -f FD)
 --ctrl type=tcp,port=N[,bindaddr=A] | type=unixio,path=P[,mode=M] | fd=N | clientfd=N[,terminate]
@@ -63,7 +66,15 @@ pub fn capabilities_json() -> String {
 pub fn run(cfg: &Config) -> Result<(), String> {
     let log = Log::open(&cfg.log)?;
     let lib = Libtpms::load().map_err(|e| crate::chain(&e))?;
-    let key = cfg.key.as_ref().map(crate::keys::load).transpose()?;
+    let keys = cfg.key.as_ref().map(crate::keys::load).transpose()?;
+    let (key, swtpm_key) = match keys {
+        Some(k) => (Some(k.store), Some(k.swtpm)),
+        None => (None, None),
+    };
+    if let Some(dir) = &cfg.swtpm_dir {
+        let (image, mode) = (&cfg.image, cfg.image_mode);
+        crate::swtpm_dir::adopt(dir, image, key.clone(), swtpm_key.as_ref(), mode, &log)?;
+    }
     let migration_key = cfg
         .migration_key
         .as_ref()

@@ -193,6 +193,11 @@ impl SwtpmKey {
         SwtpmKey(key)
     }
 
+    /// The key's bytes (for deriving another key from it).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The key's length in bits (128 or 256).
     pub fn bits(&self) -> u32 {
         self.0.len() as u32 * 8
