@@ -5,7 +5,8 @@
 # - for the emulator: libtpms0, and to test it tpm2-tools with the swtpm
 #   TCTI, swtpm 0.7.1 (for comparison), and qemu-system-x86 7.2 with
 #   SeaBIOS. Debian's qemu-system-x86 conflicts with a newer qemu-utils, so
-#   qemu-utils is named in the same command, at QEMU's version.
+#   qemu-utils is named in the same command, at QEMU's version;
+# - for the C ABI's tests: a C and a C++ compiler, and valgrind.
 set -euo pipefail
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 # ldconfig lives in /sbin, which a user's PATH may lack.
@@ -13,10 +14,13 @@ have_lib() { PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q "$1"
 need=()
 command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 && command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
 have_lib libtpms.so.0 || need+=(libtpms0)
-command -v swtpm >/dev/null 2>&1 || need+=(swtpm swtpm-tools)
+command -v swtpm >/dev/null 2>&1 && command -v swtpm_setup >/dev/null 2>&1 || need+=(swtpm swtpm-tools)
 command -v tpm2_startup >/dev/null 2>&1 || need+=(tpm2-tools)
 have_lib libtss2-tcti-swtpm.so.0 || need+=(libtss2-tcti-swtpm0)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86 seabios)
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

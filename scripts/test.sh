@@ -10,11 +10,11 @@ trap 'rm -f "$log"' EXIT
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -D warnings"
-cargo clippy --all-targets -q -- -D warnings
+echo "== cargo clippy --workspace --all-targets -D warnings"
+cargo clippy --workspace --all-targets -q -- -D warnings
 echo "== cargo test: every test binary, then the doctests"
 # One line per suite: its name beside its counts; failures in full.
-{ cargo test --all-targets --no-fail-fast 2>&1 || true; cargo test --doc 2>&1 || true; } |
+{ cargo test --workspace --all-targets --no-fail-fast 2>&1 || true; cargo test --workspace --doc 2>&1 || true; } |
   tee "$log" |
   awk '/^     Running unittests /  { suite = $3 " (unit tests)"; next }
        /^     Running /            { suite = $2; next }

@@ -1,0 +1,391 @@
+//! Stores: create, open (by lock mode), read a blob, commit several,
+//! counted lock acquisitions, info, close.
+
+use crate::TPMSTATE_LOCK_SHARED;
+use crate::TPMSTATE_LOCK_WRITER;
+use crate::{bytes, call, put, store_key, text, Fail};
+use crate::{TPMSTATE_E_NO_SUCH_BLOB, TPMSTATE_LOCK_EXCLUSIVE, TPMSTATE_LOCK_NONE};
+use std::ffi::{c_char, c_int};
+use std::path::Path;
+use std::time::Duration;
+use tpmstate::image::CreateOptions;
+use tpmstate::lock::LockGuard;
+use tpmstate::store::FormatOptions;
+use tpmstate::{LockMode, OpenOptions, ReadOnlyStore, RollbackPolicy, Store, StoreView};
+use zeroize::Zeroize;
+
+/// An open store: a writer (or exclusive) handle, or a read-only one.
+pub struct tpmstate_store {
+    pub(crate) handle: Handle,
+}
+
+pub(crate) enum Handle {
+    Writer(Store),
+    Reader(ReadOnlyStore),
+}
+
+impl tpmstate_store {
+    pub(crate) fn view(&self) -> &StoreView {
+        match &self.handle {
+            Handle::Writer(s) => s,
+            Handle::Reader(s) => s,
+        }
+    }
+
+    fn writer(&mut self) -> Result<&mut Store, Fail> {
+        match &mut self.handle {
+            Handle::Writer(s) => Ok(s),
+            Handle::Reader(r) => Err(Fail::usage(format!(
+                "{}: opened read-only (TPMSTATE_LOCK_SHARED); open it with TPMSTATE_LOCK_WRITER to write",
+                r.path().display()
+            ))),
+        }
+    }
+}
+
+/// A counted lock acquisition, held until [`tpmstate_lock_release`].
+pub struct tpmstate_lock {
+    _guard: LockGuard,
+}
+
+/// One change of a commit: `data`/`len` stored as blob `name`, or the
+/// blob deleted when `remove` is not 0 (`data` is then ignored).
+#[repr(C)]
+pub struct tpmstate_change {
+    /// The blob's name (UTF-8, NUL-terminated).
+    pub name: *const c_char,
+    /// Its new content (NULL only with `len` 0).
+    pub data: *const u8,
+    /// The content's length.
+    pub len: usize,
+    /// Not 0: delete the blob.
+    pub remove: c_int,
+}
+
+/// What [`tpmstate_info`] reports.
+#[repr(C)]
+pub struct tpmstate_info_t {
+    /// The generation the handle serves.
+    pub generation: u64,
+    /// How many blobs it holds.
+    pub blobs: u64,
+    /// Their plaintext bytes in all.
+    pub bytes: u64,
+    /// 1 if the store is encrypted.
+    pub encrypted: c_int,
+    /// The handle's lock mode (`TPMSTATE_LOCK_*`).
+    pub lock_mode: c_int,
+}
+
+/// A lock mode for a nested acquisition.
+pub(crate) fn lock_mode(mode: c_int) -> Result<LockMode, Fail> {
+    match mode {
+        TPMSTATE_LOCK_SHARED => Ok(LockMode::Shared),
+        TPMSTATE_LOCK_WRITER => Ok(LockMode::Writer),
+        TPMSTATE_LOCK_EXCLUSIVE => Ok(LockMode::Exclusive),
+        other => Err(Fail::usage(format!(
+            "lock mode {other}: use TPMSTATE_LOCK_SHARED, _WRITER or _EXCLUSIVE (or _NONE to open)"
+        ))),
+    }
+}
+
+fn mode_code(mode: LockMode) -> c_int {
+    match mode {
+        LockMode::ForceShareRead => TPMSTATE_LOCK_NONE,
+        LockMode::Shared => TPMSTATE_LOCK_SHARED,
+        LockMode::Writer => TPMSTATE_LOCK_WRITER,
+        LockMode::Exclusive => TPMSTATE_LOCK_EXCLUSIVE,
+    }
+}
+
+/// Creates a new qcow2 image at `path` (mode 0600) of `size` bytes (0: 4
+/// MiB) holding an empty store, encrypted under the 32-byte `key` (NULL
+/// and 0: a plaintext store). An existing file is refused.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `key` is NULL or `key_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_create(
+    path: *const c_char,
+    key: *const u8,
+    key_len: usize,
+    size: u64,
+) -> c_int {
+    call(|| {
+        // SAFETY: the caller's promises, passed on.
+        let (path, key) = unsafe { (text(path, "path")?, store_key(key, key_len)?) };
+        let mut image = CreateOptions::default();
+        if size != 0 {
+            image.size = size;
+        }
+        let format = FormatOptions {
+            key,
+            ..Default::default()
+        };
+        Ok(Store::create(Path::new(path), image, format)?)
+    })
+}
+
+/// Opens the store in the image at `path` with lock `mode`
+/// (`TPMSTATE_LOCK_SHARED` and `_NONE` give read-only handles), under the 32-byte
+/// `key` (NULL and 0 for a plaintext store); `*out` receives the handle,
+/// to be closed with [`tpmstate_close`].
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `key` is NULL or `key_len` bytes;
+/// `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_open(
+    path: *const c_char,
+    key: *const u8,
+    key_len: usize,
+    mode: c_int,
+    out: *mut *mut tpmstate_store,
+) -> c_int {
+    call(|| {
+        if out.is_null() {
+            return Err(Fail::usage("out is NULL"));
+        }
+        // SAFETY: the caller's promises, passed on.
+        let (path, key) = unsafe { (text(path, "path")?, store_key(key, key_len)?) };
+        let path = Path::new(path);
+        let opts = OpenOptions {
+            key,
+            ..Default::default()
+        };
+        if mode == TPMSTATE_LOCK_NONE {
+            let opts = OpenOptions {
+                // A force-share reader may catch a writer mid-commit: that
+                // commit looks torn, and the one before it is the last
+                // acknowledged.
+                rollback: RollbackPolicy::AcceptTorn,
+                ..opts
+            };
+            let handle = Handle::Reader(ReadOnlyStore::open_force_share(path, opts)?);
+            let store = Box::into_raw(Box::new(tpmstate_store { handle }));
+            // SAFETY: `out` is not NULL (checked); the caller promises it writable.
+            return unsafe { put(out, store, "out") };
+        }
+        let handle = match lock_mode(mode)? {
+            LockMode::Shared => Handle::Reader(ReadOnlyStore::open(path, opts)?),
+            LockMode::Writer => Handle::Writer(Store::open(path, opts)?),
+            _ => Handle::Writer(Store::open_exclusive(path, opts)?),
+        };
+        let store = Box::into_raw(Box::new(tpmstate_store { handle }));
+        // SAFETY: `out` is not NULL (checked) and the caller promises it
+        // is writable.
+        unsafe { put(out, store, "out") }
+    })
+}
+
+/// Reads blob `name`: `*data` receives a copy of its content and `*len`
+/// its length, to be freed with [`tpmstate_blob_free`] (an empty blob
+/// gives a NULL `*data` and 0). A missing blob is
+/// `TPMSTATE_E_NO_SUCH_BLOB`.
+///
+/// # Safety
+/// `store` is a handle from [`tpmstate_open`]; `name` a NUL-terminated
+/// string; `data` and `len` valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_get(
+    store: *const tpmstate_store,
+    name: *const c_char,
+    data: *mut *mut u8,
+    len: *mut usize,
+) -> c_int {
+    call(|| {
+        if store.is_null() || data.is_null() || len.is_null() {
+            return Err(Fail::usage("store, data and len must not be NULL"));
+        }
+        // SAFETY: not NULL (checked); the caller promises a live handle
+        // and a NUL-terminated name.
+        let (store, name) = unsafe { (&*store, text(name, "name")?) };
+        let blob = store.view().get(name)?.ok_or_else(|| {
+            Fail::new(
+                TPMSTATE_E_NO_SUCH_BLOB,
+                format!("{}: no blob named {name}", store.view().path().display()),
+            )
+        })?;
+        let (ptr, n) = match blob.len() {
+            0 => (std::ptr::null_mut(), 0),
+            n => (
+                Box::into_raw(blob.to_vec().into_boxed_slice()).cast::<u8>(),
+                n,
+            ),
+        };
+        // SAFETY: both not NULL (checked); the caller promises them writable.
+        unsafe {
+            data.write(ptr);
+            len.write(n);
+        }
+        Ok(())
+    })
+}
+
+/// Wipes and frees a blob copy [`tpmstate_get`] gave (`data` NULL: nothing).
+///
+/// # Safety
+/// `data` and `len` are exactly what one `tpmstate_get` call returned, and
+/// are freed once.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_blob_free(data: *mut u8, len: usize) {
+    if data.is_null() || len == 0 {
+        return;
+    }
+    // SAFETY: the caller promises `data`/`len` came from `tpmstate_get`,
+    // which made them from a boxed slice of exactly `len` bytes, and that
+    // this is the only free.
+    let mut blob = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(data, len)) };
+    blob.zeroize();
+}
+
+/// Commits `count` changes in one atomic, durable commit; `*generation`
+/// (if not NULL) receives the new generation. Nothing is written if any
+/// change is refused. Needs a writer handle.
+///
+/// # Safety
+/// `store` is a handle from [`tpmstate_open`]; `changes` points to `count`
+/// changes whose names and data are valid; `generation` is NULL or valid
+/// for a write.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_commit(
+    store: *mut tpmstate_store,
+    changes: *const tpmstate_change,
+    count: usize,
+    generation: *mut u64,
+) -> c_int {
+    call(|| {
+        if store.is_null() || (changes.is_null() && count > 0) {
+            return Err(Fail::usage("store and changes must not be NULL"));
+        }
+        if count > 1 << 20 {
+            return Err(Fail::usage(format!("{count} changes in one commit")));
+        }
+        // SAFETY: not NULL (checked); the caller promises a live handle,
+        // used by this call only, and `count` readable changes.
+        let (store, changes) = unsafe {
+            let list = match count {
+                0 => &[][..],
+                _ => std::slice::from_raw_parts(changes, count),
+            };
+            (&mut *store, list)
+        };
+        let writer = store.writer()?;
+        let mut tx = writer.transaction();
+        for c in changes {
+            // SAFETY: the caller promises each change's name and data valid.
+            let name = unsafe { text(c.name, "change name")? };
+            match c.remove {
+                0 => tx.put(name, unsafe { bytes(c.data, c.len, name)? })?,
+                _ => tx.delete(name)?,
+            }
+        }
+        let g = tx.commit()?;
+        if !generation.is_null() {
+            // SAFETY: not NULL (checked); the caller promises it writable.
+            unsafe { generation.write(g) };
+        }
+        Ok(())
+    })
+}
+
+/// A counted acquisition of lock `mode` on the store's image, on top of
+/// the handle's own: the real lock changes only when the strongest mode
+/// held changes, and the last release steps back. Waits up to
+/// `timeout_ms` for a conflicting holder (0: try once). `*out` receives
+/// the acquisition, released with [`tpmstate_lock_release`].
+///
+/// # Safety
+/// `store` is a handle from [`tpmstate_open`]; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_lock_acquire(
+    store: *const tpmstate_store,
+    mode: c_int,
+    timeout_ms: u32,
+    out: *mut *mut tpmstate_lock,
+) -> c_int {
+    call(|| {
+        if store.is_null() || out.is_null() {
+            return Err(Fail::usage("store and out must not be NULL"));
+        }
+        // SAFETY: not NULL (checked); the caller promises a live handle.
+        let store = unsafe { &*store };
+        let mode = lock_mode(mode)?;
+        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
+        let guard = match &store.handle {
+            Handle::Writer(s) => s.acquire_nested(mode, timeout)?,
+            Handle::Reader(_) => {
+                return Err(Fail::usage(
+                    "nested locks need a writer handle (TPMSTATE_LOCK_WRITER or _EXCLUSIVE)",
+                ))
+            }
+        };
+        let lock = Box::into_raw(Box::new(tpmstate_lock { _guard: guard }));
+        // SAFETY: not NULL (checked); the caller promises it writable.
+        unsafe { put(out, lock, "out") }
+    })
+}
+
+/// Releases one acquisition (NULL: nothing).
+///
+/// # Safety
+/// `lock` comes from [`tpmstate_lock_acquire`] and is released once.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_lock_release(lock: *mut tpmstate_lock) -> c_int {
+    call(|| {
+        if !lock.is_null() {
+            // SAFETY: the caller promises a live acquisition, released once.
+            drop(unsafe { Box::from_raw(lock) });
+        }
+        Ok(())
+    })
+}
+
+/// Fills `*info` with the handle's generation, blob count, bytes,
+/// encryption and lock mode.
+///
+/// # Safety
+/// `store` is a handle from [`tpmstate_open`]; `info` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_info(
+    store: *const tpmstate_store,
+    info: *mut tpmstate_info_t,
+) -> c_int {
+    call(|| {
+        if store.is_null() || info.is_null() {
+            return Err(Fail::usage("store and info must not be NULL"));
+        }
+        // SAFETY: not NULL (checked); the caller promises a live handle.
+        let store = unsafe { &*store };
+        let view = store.view();
+        let list = view.list();
+        let mode = match &store.handle {
+            Handle::Writer(s) => s.lock_mode(),
+            Handle::Reader(s) => s.lock_mode(),
+        };
+        let value = tpmstate_info_t {
+            generation: view.generation(),
+            blobs: list.len() as u64,
+            bytes: list.iter().map(|b| u64::from(b.size)).sum(),
+            encrypted: c_int::from(view.is_encrypted()),
+            lock_mode: mode_code(mode),
+        };
+        // SAFETY: not NULL (checked); the caller promises it writable.
+        unsafe { put(info, value, "info") }
+    })
+}
+
+/// Closes a handle, releasing its lock (NULL: nothing).
+///
+/// # Safety
+/// `store` comes from this library and is closed once.
+#[no_mangle]
+pub unsafe extern "C" fn tpmstate_close(store: *mut tpmstate_store) -> c_int {
+    call(|| {
+        if !store.is_null() {
+            // SAFETY: the caller promises a live handle, closed once.
+            drop(unsafe { Box::from_raw(store) });
+        }
+        Ok(())
+    })
+}
