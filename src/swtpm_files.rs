@@ -102,6 +102,12 @@ pub enum SwtpmFilesError {
         /// The key's length the file's flags name.
         bits: u32,
     },
+    /// A swtpm process holds the state directory's lock.
+    #[error("a swtpm process is using this state (it holds {}): stop it first", path.display())]
+    InUse {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// A linear file's header is damaged.
     #[error("{}", path.display())]
     Linear {
@@ -147,6 +153,7 @@ impl SwtpmFilesError {
             },
             SwtpmFilesError::NeedKey { .. } => ErrorKind::KeyMissing,
             SwtpmFilesError::Exists { .. } => ErrorKind::Usage,
+            SwtpmFilesError::InUse { .. } => ErrorKind::Locked,
             SwtpmFilesError::TooLarge { .. } => ErrorKind::NoSpace,
             SwtpmFilesError::Store(e) => e.kind(),
         }
@@ -241,6 +248,51 @@ pub fn read(
     }
 }
 
+/// swtpm's own lock on a state directory (`DIR/.lock`, a write lock on
+/// the whole file, which swtpm holds while it runs), held here as an OFD
+/// lock, which conflicts with swtpm's POSIX one: while it is held no swtpm
+/// uses the directory. Released when dropped.
+#[derive(Debug)]
+pub struct SwtpmDirLock {
+    _file: Option<std::fs::File>,
+}
+
+impl SwtpmDirLock {
+    /// Takes swtpm's lock on `dir`, if swtpm ever made one there (swtpm
+    /// 0.7.1 creates `.lock` when it starts and never removes it); a
+    /// directory without one has no swtpm running in it.
+    pub fn acquire(dir: &Path) -> Result<SwtpmDirLock, SwtpmFilesError> {
+        use std::os::fd::AsRawFd;
+        let path = dir.join(".lock");
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(SwtpmDirLock { _file: None })
+            }
+            Err(e) => return Err(io(&path, "open")(e)),
+        };
+        let whole = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        let arg = nix::fcntl::FcntlArg::F_OFD_SETLK(&whole);
+        match nix::fcntl::fcntl(file.as_raw_fd(), arg) {
+            Ok(_) => Ok(SwtpmDirLock { _file: Some(file) }),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => {
+                Err(SwtpmFilesError::InUse { path })
+            }
+            Err(e) => Err(io(&path, "lock")(std::io::Error::from(e))),
+        }
+    }
+}
+
 /// How an import makes its image.
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
@@ -255,7 +307,8 @@ pub struct ImportOptions {
 /// Imports the swtpm state at `location` (decrypted with `swtpm_key`) into
 /// a new image at `image`, in one commit; returns the state and the
 /// store's generation. Refuses an existing `image`. On any error nothing
-/// is created.
+/// is created. The caller holds [`SwtpmDirLock`] on a directory, so that
+/// no running swtpm changes the files under the import.
 pub fn import(
     location: &Location,
     swtpm_key: Option<&SwtpmSecret>,

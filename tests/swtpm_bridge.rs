@@ -481,3 +481,41 @@ fn an_import_never_replaces_an_existing_image_and_an_export_no_swtpm_files() {
             .1
     );
 }
+
+#[test]
+fn nothing_imports_a_directory_a_running_swtpm_uses() {
+    if !swtpm_prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let state = d.join("swtpm");
+    std::fs::create_dir(&state).unwrap();
+    let swtpm = start_swtpm(path_str(&state), &[]);
+    let image = d.join("tpm.qcow2");
+    let (got, _, err) = cli(&["import-swtpm", path_str(&state), path_str(&image)]);
+    assert_eq!(got, 6, "{err}");
+    assert!(
+        err.contains("swtpm process") && err.contains(".lock"),
+        "{err}"
+    );
+    assert!(!image.exists());
+
+    // tpmstate-emu on the same directory, libvirt's way, does not start.
+    let port = port_pair();
+    let out = Command::new(common::emu::emu_bin())
+        .args(tcp_args(port))
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("swtpm process"), "{err}");
+    assert!(state.join("tpm2-00.permall").exists(), "swtpm's files stay");
+    assert!(!state.join("tpmstate.qcow2").exists());
+    swtpm.stop();
+
+    let (got, _, err) = cli(&["import-swtpm", path_str(&state), path_str(&image)]);
+    assert_eq!(got, 0, "once swtpm has stopped: {err}");
+}

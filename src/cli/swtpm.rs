@@ -6,7 +6,7 @@ use super::args::SwtpmKeyArgs;
 use super::commands::{io, usage, Failure};
 use std::path::Path;
 use tpmstate::swtpm::key::{Kdf, SwtpmKey, SwtpmSecret};
-use tpmstate::swtpm_files::{self, ImportOptions, Location, SwtpmFilesError};
+use tpmstate::swtpm_files::{self, ImportOptions, Location, SwtpmDirLock, SwtpmFilesError};
 use tpmstate::{KeySource, Locking, ReadOnlyStore};
 use zeroize::Zeroizing;
 
@@ -136,6 +136,10 @@ pub fn import(
         },
         key,
         locking,
+    };
+    let _swtpm_lock = match &location {
+        Location::Dir(dir) => Some(SwtpmDirLock::acquire(dir)?),
+        Location::Linear(_) => None,
     };
     let (state, generation) = swtpm_files::import(&location, secret.as_ref(), image, opts)?;
     let names: Vec<String> = state

@@ -71,7 +71,7 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         Some(k) => (Some(k.store), Some(k.swtpm)),
         None => (None, None),
     };
-    if let Some(dir) = &cfg.swtpm_dir {
+    if let Some(dir) = cfg.swtpm_dir.as_ref().filter(|_| !cfg.incoming) {
         let (image, mode) = (&cfg.image, cfg.image_mode);
         crate::swtpm_dir::adopt(dir, image, key.clone(), swtpm_key.as_ref(), mode, &log)?;
     }

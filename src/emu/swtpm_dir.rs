@@ -5,12 +5,16 @@
 //! neither swtpm nor tpmstate-emu reads them, so no stale copy of the TPM
 //! can be started later. A start that finds both (a crash between the two
 //! steps, or swtpm run on D since) keeps the image and moves the files
-//! aside too, saying so in the log.
+//! aside too, saying so in the log. Both happen under swtpm's own lock on
+//! D (`D/.lock`), so a swtpm still running there stops the start. A
+//! migration's target (`--migration incoming`) imports nothing: its state
+//! comes from the source, which may still be using the files.
 
 use crate::log::Log;
 use std::path::{Path, PathBuf};
 use tpmstate::swtpm::key::SwtpmSecret;
-use tpmstate::swtpm_files::{self, ImportOptions, Location, SwtpmFilesError, BLOB_NAMES};
+use tpmstate::swtpm_files::BLOB_NAMES;
+use tpmstate::swtpm_files::{self, ImportOptions, Location, SwtpmDirLock, SwtpmFilesError};
 use tpmstate::KeySource;
 
 /// The image's name inside the state directory.
@@ -41,6 +45,7 @@ pub fn adopt(
     if found.is_empty() {
         return Ok(());
     }
+    let _swtpm_lock = SwtpmDirLock::acquire(dir).map_err(|e| tpmstate::kind::chain(&e))?;
     if std::fs::symlink_metadata(image).is_err() {
         let opts = ImportOptions {
             key,
