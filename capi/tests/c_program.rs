@@ -120,3 +120,49 @@ fn the_c_program_runs_clean_under_valgrind() {
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(report.contains("ERROR SUMMARY: 0 errors"), "{report}");
 }
+
+/// The first ```c and ```text blocks of docs/c-api.md.
+fn doc_blocks() -> (String, String) {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/c-api.md");
+    let text = std::fs::read_to_string(doc).unwrap();
+    let block = |tag: &str| {
+        let start = text.find(&format!("```{tag}\n")).expect("block") + tag.len() + 4;
+        let end = start + text[start..].find("```").expect("block end");
+        text[start..end].to_string()
+    };
+    (block("c"), block("text"))
+}
+
+#[test]
+fn the_example_in_docs_c_api_md_compiles_runs_and_prints_what_it_says() {
+    if !tool_here("cc") {
+        return;
+    }
+    let (program, output) = doc_blocks();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("example.c");
+    std::fs::write(&source, program).unwrap();
+    let libs = library_dir();
+    let exe = dir.path().join("example");
+    let cc = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("include"))
+        .arg(&source)
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(&libs)
+        .arg("-ltpmstate_c")
+        .arg(format!("-Wl,-rpath,{}", libs.display()))
+        .output()
+        .unwrap();
+    check("cc example.c", cc);
+    let out = check(
+        "example",
+        Command::new(&exe)
+            .arg(dir.path().join("nvram.qcow2"))
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), output);
+}
