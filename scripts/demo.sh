@@ -5,8 +5,10 @@
 # runs, a kill -9 in the middle of a stream of NV writes and a restart that
 # serves the last acknowledged one, then a live migration of a running VM
 # between two QEMUs on the shared image and one that a target with the
-# wrong key fails while the source keeps running, with qemu-img check after
-# each step. Works wherever cargo puts its build (CARGO_TARGET_DIR).
+# wrong key fails while the source keeps running; last, a TPM made by
+# swtpm_setup (as libvirt has it made) imported at the emulator's first
+# start with `--tpmstate dir=`, and exported back to swtpm. qemu-img check
+# after each step. Works wherever cargo puts its build (CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -150,5 +152,28 @@ tpm2_nvread 0x1500016 -C o -s 29 | cmp - secret && echo "NV data after both migr
 pid=$(cat emu.pid); kill -TERM "$pid"
 while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
 
+step "a TPM swtpm_setup made, as libvirt has it made, moves into tpmstate at its first start, and back out"
+mkdir swtpm-state && printf 'vm passphrase' > vtpm.pass && chmod 600 vtpm.pass
+swtpm_setup --tpm2 --tpm-state swtpm-state --createek --create-ek-cert --create-platform-cert \
+  --pwdfile vtpm.pass --cipher aes-256-cbc --overwrite --logfile setup.log >/dev/null
+ek_cert() { tpm2_nvread 0x1c00002 -C o 2>/dev/null | sha256sum | cut -c1-16; }
+"$E" socket --tpm2 --daemon --server "type=tcp,port=$port" --ctrl "type=tcp,port=$((port + 1))" \
+  --tpmstate "dir=$work/swtpm-state" --key pwdfile=vtpm.pass,mode=aes-256-cbc \
+  --flags not-need-init,startup-clear --pid file=emu.pid --log file=dir.log
+for _ in $(seq 100); do [ -s emu.pid ] && break; sleep 0.05; done
+sed -n 's/^tpmstate-emu: //p' dir.log | grep -E "imported|moved" || true
+echo "EK certificate from tpmstate-emu: sha256 $(ek_cert)..."
+pid=$(cat emu.pid); kill -TERM "$pid"
+while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+"$T" export-swtpm swtpm-state/tpmstate.qcow2 swtpm-back --passphrase-file vtpm.pass \
+  --swtpm-pwdfile vtpm.pass,mode=aes-256-cbc
+swtpm socket --tpm2 --daemon --server "type=tcp,port=$port" --ctrl "type=tcp,port=$((port + 1))" \
+  --tpmstate "dir=$work/swtpm-back" --key pwdfile=vtpm.pass,mode=aes-256-cbc \
+  --flags not-need-init,startup-clear --pid file=swtpm.pid
+for _ in $(seq 100); do [ -s swtpm.pid ] && break; sleep 0.05; done
+echo "EK certificate from swtpm 0.7.1 on the export: sha256 $(ek_cert)..."
+kill -TERM "$(cat swtpm.pid)"
+
 step "final check"
 qemu-img check nvram.qcow2
+qemu-img check -q swtpm-state/tpmstate.qcow2 && echo "swtpm-state/tpmstate.qcow2: clean"
