@@ -80,6 +80,12 @@
 #define TPMSTATE_E_REFUSED 13
 
 /*
+ tpmstate_reclaim took the lock back, but the state on disk was damaged
+ while released: *out is a writer that must commit every blob again.
+ */
+#define TPMSTATE_E_DAMAGED 14
+
+/*
  Lock mode: no lock at all, QEMU's force-share read (`qemu-img -U`): a
  read-only handle for diagnostics while a writer holds the image.
  */
@@ -101,13 +107,13 @@
 #define TPMSTATE_LOCK_EXCLUSIVE 3
 
 /*
- A counted lock acquisition, held until [`tpmstate_lock_release`].
+ A counted lock acquisition, held until tpmstate_lock_release().
  */
 typedef struct tpmstate_lock tpmstate_lock;
 
 /*
- A released store: it reads, it cannot write; [`tpmstate_reclaim`]
- takes the writer lock back.
+ A released store: it reads, it cannot write; tpmstate_reclaim() takes
+ the writer lock back.
  */
 typedef struct tpmstate_released tpmstate_released;
 
@@ -117,23 +123,25 @@ typedef struct tpmstate_released tpmstate_released;
 typedef struct tpmstate_store tpmstate_store;
 
 /*
- A claim's check of one blob: `name` and its decrypted `data`/`len`;
- returns 0 to accept, anything else to refuse the whole claim. `ctx` is
- the pointer given to [`tpmstate_claim`].
+ A claim's check of one blob: name and its decrypted data/len (data is
+ NULL for an empty blob); returns 0 to accept, anything else to refuse
+ the whole claim. ctx is the pointer given to tpmstate_claim(). It must
+ return normally: no longjmp() out of it, no C++ exception through it.
  */
 typedef int (*tpmstate_validate_fn)(void *ctx, const char *name, const uint8_t *data, size_t len);
 
 /*
- One change of a commit: `data`/`len` stored as blob `name`, or the
- blob deleted when `remove` is not 0 (`data` is then ignored).
+ One change of a commit: data/len stored as blob name, or the blob
+ deleted when remove is not 0 (data is then ignored). If a commit names
+ a blob twice, the later change wins.
  */
-typedef struct {
+typedef struct tpmstate_change {
   /*
    The blob's name (UTF-8, NUL-terminated).
    */
   const char *name;
   /*
-   Its new content (NULL only with `len` 0).
+   Its new content (NULL only with len 0).
    */
   const uint8_t *data;
   /*
@@ -147,9 +155,9 @@ typedef struct {
 } tpmstate_change;
 
 /*
- What [`tpmstate_info`] reports.
+ What tpmstate_info() reports.
  */
-typedef struct {
+typedef struct tpmstate_info_t {
   /*
    The generation the handle serves.
    */
@@ -167,7 +175,7 @@ typedef struct {
    */
   int encrypted;
   /*
-   The handle's lock mode (`TPMSTATE_LOCK_*`).
+   The handle's lock mode (TPMSTATE_LOCK_*).
    */
   int lock_mode;
 } tpmstate_info_t;
@@ -177,58 +185,66 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- The message of the calling thread's last failure ("" if none): valid
- until the thread's next call into the library. Never NULL.
+ The message of the calling thread's last failure, in plain words ("" if
+ none yet). Successful calls leave it; the string stays valid until the
+ thread's next failing call. Never NULL.
  */
 const char *tpmstate_last_error(void);
 
 /*
  Releases a writer for a migration's target: settles the image, drops
- the lock and sets `*out` to a read-only released handle; `*store`
- becomes NULL. On failure `*store` stays a live writer.
+ the lock and sets *out to a read-only released handle; the store is
+ freed and *store becomes NULL. On failure *store is the same live
+ handle as before. A handle with nested acquisitions outstanding is
+ refused.
 
  # Safety
- `store` points to a live writer handle's pointer; `out` is valid for a
- write.
+ store points to a live writer handle's pointer; out is valid
+ for a write.
  */
-int tpmstate_release_outgoing(tpmstate_store **store, tpmstate_released **out);
+int tpmstate_release_outgoing(struct tpmstate_store **store, struct tpmstate_released **out);
 
 /*
  Takes the writer lock back after a failed migration, waiting up to
- `timeout_ms`, and checks the image still holds this handle's state. On
- success `*out` is the writer and `*released` becomes NULL. If the lock
- cannot be had, `*released` stays live (retry or close it). If the state
- on disk was damaged meanwhile, the result is `TPMSTATE_E_CORRUPT` with
- `*out` a writer that must commit every blob again, and `*released` NULL.
+ timeout_ms, and checks the image still holds this handle's state.
+ On success *out is the writer, the released handle is freed and
+ *released becomes NULL. TPMSTATE_E_DAMAGED: the lock is back but the
+ state on disk was damaged meanwhile; *out is a writer that must commit
+ every blob again, and *released is NULL. Any other failure (the lock
+ is busy, or a target committed a newer state: TPMSTATE_E_CORRUPT)
+ leaves *released the same live handle and *out NULL.
 
  # Safety
- `released` points to a live released handle's pointer; `out` is valid
- for a write.
+ released points to a live released handle's pointer; out is
+ valid for a write.
  */
-int tpmstate_reclaim(tpmstate_released **released, uint32_t timeout_ms, tpmstate_store **out);
+int tpmstate_reclaim(struct tpmstate_released **released,
+                     uint32_t timeout_ms,
+                     struct tpmstate_store **out);
 
 /*
  Closes a released handle (NULL: nothing).
 
  # Safety
- `released` comes from [`tpmstate_release_outgoing`] and is closed once.
+ released comes from tpmstate_release_outgoing() and is closed
+ once, with no other call on it in progress.
  */
-int tpmstate_released_close(tpmstate_released *released);
+int tpmstate_released_close(struct tpmstate_released *released);
 
 /*
- A migration target's claim of the image at `path`: waits up to
- `timeout_ms` (0: 3 s) for the source to let go, takes the exclusive
- lock, verifies and decrypts every blob under the 32-byte `key` (NULL
- and 0: a plaintext store), checks the `required_count` names in
- `required` are present, and passes every blob to `validate` (if not
- NULL). Only then `*out` is a writer. On any failure nothing was
- written and every lock is released.
+ A migration target's claim of the image at path: waits up to
+ timeout_ms (0: 3 s) for the source to let go, takes the exclusive lock,
+ verifies and decrypts every blob under the 32-byte key (NULL and 0: a
+ plaintext store), checks that the required_count names in required are
+ present (a missing one: TPMSTATE_E_CORRUPT), and passes every blob to
+ validate (if not NULL; a refusal: TPMSTATE_E_REFUSED). Only then *out
+ is a writer. On any failure nothing was written, every lock is
+ released and *out is NULL.
 
  # Safety
- `path` is a NUL-terminated string; `key` NULL or `key_len` bytes;
- `required` NULL (with 0) or `required_count` string pointers;
- `validate` NULL or a function safe to call with `ctx`; `out` valid for
- a write.
+ path is a NUL-terminated string; key NULL or key_len bytes;
+ required NULL (with 0) or required_count string pointers; validate NULL
+ or a function safe to call with ctx; out valid for a write.
  */
 int tpmstate_claim(const char *path,
                    const uint8_t *key,
@@ -238,109 +254,111 @@ int tpmstate_claim(const char *path,
                    size_t required_count,
                    tpmstate_validate_fn validate,
                    void *ctx,
-                   tpmstate_store **out);
+                   struct tpmstate_store **out);
 
 /*
- Creates a new qcow2 image at `path` (mode 0600) of `size` bytes (0: 4
- MiB) holding an empty store, encrypted under the 32-byte `key` (NULL
- and 0: a plaintext store). An existing file is refused.
+ Creates a new qcow2 image at path (mode 0600) of size bytes (0: 4 MiB)
+ holding an empty store, encrypted under the 32-byte key (NULL and 0: a
+ plaintext store). An existing file is refused.
 
  # Safety
- `path` is a NUL-terminated string; `key` is NULL or `key_len` bytes.
+ path is a NUL-terminated string; key is NULL or key_len bytes.
  */
 int tpmstate_create(const char *path, const uint8_t *key, size_t key_len, uint64_t size);
 
 /*
- Opens the store in the image at `path` with lock `mode`
- (`TPMSTATE_LOCK_SHARED` and `_NONE` give read-only handles), under the 32-byte
- `key` (NULL and 0 for a plaintext store); `*out` receives the handle,
- to be closed with [`tpmstate_close`].
+ Opens the store in the image at path with lock mode (TPMSTATE_LOCK_WRITER
+ or _EXCLUSIVE: a writer; _SHARED or _NONE: read-only), under the 32-byte
+ key (NULL and 0 for a plaintext store). *out receives the handle, to be
+ closed with tpmstate_close(); it is NULL after a failure.
 
  # Safety
- `path` is a NUL-terminated string; `key` is NULL or `key_len` bytes;
- `out` is valid for a write.
+ path is a NUL-terminated string; key is NULL or key_len bytes;
+ out is valid for a write.
  */
 int tpmstate_open(const char *path,
                   const uint8_t *key,
                   size_t key_len,
                   int mode,
-                  tpmstate_store **out);
+                  struct tpmstate_store **out);
 
 /*
- Reads blob `name`: `*data` receives a copy of its content and `*len`
- its length, to be freed with [`tpmstate_blob_free`] (an empty blob
- gives a NULL `*data` and 0). A missing blob is
- `TPMSTATE_E_NO_SUCH_BLOB`.
+ Reads blob name: *data receives a copy of its content and *len its
+ length, to be freed with tpmstate_blob_free() (an empty blob gives a
+ NULL *data and 0). A missing blob is TPMSTATE_E_NO_SUCH_BLOB.
 
  # Safety
- `store` is a handle from [`tpmstate_open`]; `name` a NUL-terminated
- string; `data` and `len` valid for writes.
+ store is a live handle; name a NUL-terminated string; data and
+ len valid for writes.
  */
-int tpmstate_get(const tpmstate_store *store, const char *name, uint8_t **data, size_t *len);
+int tpmstate_get(const struct tpmstate_store *store, const char *name, uint8_t **data, size_t *len);
 
 /*
- Wipes and frees a blob copy [`tpmstate_get`] gave (`data` NULL: nothing).
+ Wipes and frees a blob copy tpmstate_get() gave (data NULL: nothing).
 
  # Safety
- `data` and `len` are exactly what one `tpmstate_get` call returned, and
- are freed once.
+ data and len are exactly what one tpmstate_get() call
+ returned, freed once.
  */
 void tpmstate_blob_free(uint8_t *data, size_t len);
 
 /*
- Commits `count` changes in one atomic, durable commit; `*generation`
- (if not NULL) receives the new generation. Nothing is written if any
+ Commits count changes in one atomic, durable commit; *generation (if
+ not NULL) receives the new generation. Nothing is written if any
  change is refused. Needs a writer handle.
 
  # Safety
- `store` is a handle from [`tpmstate_open`]; `changes` points to `count`
- changes whose names and data are valid; `generation` is NULL or valid
- for a write.
+ store is a live handle; changes points to count changes whose
+ names and data are valid; generation is NULL or valid for a write.
  */
-int tpmstate_commit(tpmstate_store *store,
-                    const tpmstate_change *changes,
+int tpmstate_commit(struct tpmstate_store *store,
+                    const struct tpmstate_change *changes,
                     size_t count,
                     uint64_t *generation);
 
 /*
- A counted acquisition of lock `mode` on the store's image, on top of
- the handle's own: the real lock changes only when the strongest mode
- held changes, and the last release steps back. Waits up to
- `timeout_ms` for a conflicting holder (0: try once). `*out` receives
- the acquisition, released with [`tpmstate_lock_release`].
+ A counted acquisition of lock mode on the store's image, on top of the
+ handle's own: the real lock changes only when the strongest mode held
+ changes, and the last release steps back. Waits up to timeout_ms for a
+ conflicting holder (0: try once). *out receives the acquisition, to be
+ released with tpmstate_lock_release(); it keeps its lock even after the
+ handle is closed, and a handle with acquisitions outstanding cannot be
+ released for a migration.
 
  # Safety
- `store` is a handle from [`tpmstate_open`]; `out` valid for a write.
+ store is a live writer handle; out valid for a write.
  */
-int tpmstate_lock_acquire(const tpmstate_store *store,
+int tpmstate_lock_acquire(const struct tpmstate_store *store,
                           int mode,
                           uint32_t timeout_ms,
-                          tpmstate_lock **out);
+                          struct tpmstate_lock **out);
 
 /*
  Releases one acquisition (NULL: nothing).
 
  # Safety
- `lock` comes from [`tpmstate_lock_acquire`] and is released once.
+ lock comes from tpmstate_lock_acquire() and is released once.
  */
-int tpmstate_lock_release(tpmstate_lock *lock);
+int tpmstate_lock_release(struct tpmstate_lock *lock);
 
 /*
- Fills `*info` with the handle's generation, blob count, bytes,
+ Fills *info with the handle's generation, blob count, bytes,
  encryption and lock mode.
 
  # Safety
- `store` is a handle from [`tpmstate_open`]; `info` valid for a write.
+ store is a live handle; info valid for a write.
  */
-int tpmstate_info(const tpmstate_store *store, tpmstate_info_t *info);
+int tpmstate_info(const struct tpmstate_store *store, struct tpmstate_info_t *info);
 
 /*
- Closes a handle, releasing its lock (NULL: nothing).
+ Closes a handle, releasing its lock and wiping its key (NULL: nothing).
+ Nested acquisitions still outstanding keep their lock until released.
 
  # Safety
- `store` comes from this library and is closed once.
+ store comes from this library and is closed once, with no other
+ call on it in progress.
  */
-int tpmstate_close(tpmstate_store *store);
+int tpmstate_close(struct tpmstate_store *store);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -10,19 +10,23 @@
 //!   failure;
 //! - no panic crosses the boundary: one becomes [`TPMSTATE_E_INTERNAL`];
 //! - every pointer is checked for NULL and every length against its
-//!   buffer's kind; strings must be UTF-8;
+//!   buffer's kind; names must be UTF-8 (paths are bytes, as Linux has them);
+//! - threads may share a handle: calls on it take turns (a mutex);
 //! - copies of secrets (keys) and of blob contents it hands out are wiped
 //!   when dropped or freed with [`tpmstate_blob_free`].
 //!
 //! `unsafe` lives here only at the boundary: each block says why it holds.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 // The C names are the ABI's: lower case with the library's prefix.
 #![allow(non_camel_case_types)]
 
+mod handle;
 mod migration;
 mod store;
 
+pub use handle::{tpmstate_lock, tpmstate_released, tpmstate_store};
 pub use migration::*;
 pub use store::*;
 
@@ -60,6 +64,9 @@ pub const TPMSTATE_E_ROLLBACK: c_int = 11;
 pub const TPMSTATE_E_NO_SUCH_BLOB: c_int = 12;
 /// A claim's validation callback refused a blob.
 pub const TPMSTATE_E_REFUSED: c_int = 13;
+/// tpmstate_reclaim took the lock back, but the state on disk was damaged
+/// while released: *out is a writer that must commit every blob again.
+pub const TPMSTATE_E_DAMAGED: c_int = 14;
 
 /// Lock mode: no lock at all, QEMU's force-share read (`qemu-img -U`): a
 /// read-only handle for diagnostics while a writer holds the image.
@@ -75,11 +82,33 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-/// The message of the calling thread's last failure ("" if none): valid
-/// until the thread's next call into the library. Never NULL.
+/// The message of the calling thread's last failure, in plain words ("" if
+/// none yet). Successful calls leave it; the string stays valid until the
+/// thread's next failing call. Never NULL.
 #[no_mangle]
 pub extern "C" fn tpmstate_last_error() -> *const c_char {
-    LAST_ERROR.with(|m| m.borrow().as_ptr())
+    // During thread exit the thread's storage may be gone already.
+    LAST_ERROR
+        .try_with(|m| m.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
+}
+
+/// The status code of an error class: the CLI's exit code, spelled out so
+/// that a new class cannot slip in unnumbered.
+fn code_of(kind: ErrorKind) -> c_int {
+    match kind {
+        ErrorKind::Usage => TPMSTATE_E_USAGE,
+        ErrorKind::NotAStore => TPMSTATE_E_NOT_A_STORE,
+        ErrorKind::Corrupt => TPMSTATE_E_CORRUPT,
+        ErrorKind::KeyMissing => TPMSTATE_E_KEY_MISSING,
+        ErrorKind::WrongKey => TPMSTATE_E_WRONG_KEY,
+        ErrorKind::Locked => TPMSTATE_E_LOCKED,
+        ErrorKind::Unsupported => TPMSTATE_E_UNSUPPORTED,
+        ErrorKind::Io => TPMSTATE_E_IO,
+        ErrorKind::NoSpace => TPMSTATE_E_NO_SPACE,
+        ErrorKind::Internal => TPMSTATE_E_INTERNAL,
+        ErrorKind::Rollback => TPMSTATE_E_ROLLBACK,
+    }
 }
 
 /// A failure on its way to C: a code and a message.
@@ -106,7 +135,7 @@ impl Fail {
     /// A library error: its class's code and its whole chain of causes.
     pub(crate) fn of(kind: ErrorKind, e: &dyn std::error::Error) -> Fail {
         Fail {
-            code: c_int::from(kind.exit_code()),
+            code: code_of(kind),
             message: tpmstate::kind::chain(e),
         }
     }
@@ -142,7 +171,7 @@ pub(crate) fn call(f: impl FnOnce() -> Result<(), Fail>) -> c_int {
         ))
     });
     let (code, message) = match result {
-        Ok(()) => (TPMSTATE_OK, String::new()),
+        Ok(()) => return TPMSTATE_OK,
         Err(f) => (f.code, f.message),
     };
     // A message with a NUL byte keeps the part before it.
@@ -153,7 +182,8 @@ pub(crate) fn call(f: impl FnOnce() -> Result<(), Fail>) -> c_int {
         // No NUL is left before `end`: this cannot fail.
         CString::new(bytes).unwrap_or_default()
     });
-    LAST_ERROR.with(|m| *m.borrow_mut() = message);
+    // During thread exit the thread's storage may be gone: the code stands.
+    let _ = LAST_ERROR.try_with(|m| *m.borrow_mut() = message);
     code
 }
 
@@ -170,6 +200,36 @@ pub(crate) unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, F
     let s = unsafe { CStr::from_ptr(p) };
     s.to_str()
         .map_err(|_| Fail::usage(format!("{what} is not UTF-8")))
+}
+
+/// The file path at `p`: bytes, as Linux paths are.
+///
+/// # Safety
+/// As [`text`].
+pub(crate) unsafe fn path<'a>(p: *const c_char) -> Result<&'a std::path::Path, Fail> {
+    use std::os::unix::ffi::OsStrExt;
+    if p.is_null() {
+        return Err(Fail::usage("path is NULL"));
+    }
+    // SAFETY: not NULL (checked), and the caller promises a NUL-terminated
+    // string that lives long enough.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    if bytes.is_empty() {
+        return Err(Fail::usage("path is empty"));
+    }
+    Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
+}
+
+/// Sets the out-pointer `out`, if not NULL, to NULL: a failed call leaves
+/// no stale value there.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of a pointer.
+pub(crate) unsafe fn clear<T>(out: *mut *mut T) {
+    if !out.is_null() {
+        // SAFETY: not NULL (checked); the caller promises it writable.
+        unsafe { out.write(std::ptr::null_mut()) };
+    }
 }
 
 /// The `len` bytes at `p` (NULL only with `len` 0), named `what` in errors.

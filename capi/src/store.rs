@@ -1,60 +1,25 @@
 //! Stores: create, open (by lock mode), read a blob, commit several,
 //! counted lock acquisitions, info, close.
 
-use crate::TPMSTATE_LOCK_SHARED;
-use crate::TPMSTATE_LOCK_WRITER;
-use crate::{bytes, call, put, store_key, text, Fail};
+use crate::handle::{tpmstate_lock, tpmstate_store, Handle};
+use crate::{bytes, call, clear, put, store_key, text, Fail};
 use crate::{TPMSTATE_E_NO_SUCH_BLOB, TPMSTATE_LOCK_EXCLUSIVE, TPMSTATE_LOCK_NONE};
+use crate::{TPMSTATE_LOCK_SHARED, TPMSTATE_LOCK_WRITER};
 use std::ffi::{c_char, c_int};
-use std::path::Path;
 use std::time::Duration;
 use tpmstate::image::CreateOptions;
-use tpmstate::lock::LockGuard;
 use tpmstate::store::FormatOptions;
-use tpmstate::{LockMode, OpenOptions, ReadOnlyStore, RollbackPolicy, Store, StoreView};
+use tpmstate::{LockMode, OpenOptions, ReadOnlyStore, RollbackPolicy, Store};
 use zeroize::Zeroize;
 
-/// An open store: a writer (or exclusive) handle, or a read-only one.
-pub struct tpmstate_store {
-    pub(crate) handle: Handle,
-}
-
-pub(crate) enum Handle {
-    Writer(Store),
-    Reader(ReadOnlyStore),
-}
-
-impl tpmstate_store {
-    pub(crate) fn view(&self) -> &StoreView {
-        match &self.handle {
-            Handle::Writer(s) => s,
-            Handle::Reader(s) => s,
-        }
-    }
-
-    fn writer(&mut self) -> Result<&mut Store, Fail> {
-        match &mut self.handle {
-            Handle::Writer(s) => Ok(s),
-            Handle::Reader(r) => Err(Fail::usage(format!(
-                "{}: opened read-only (TPMSTATE_LOCK_SHARED); open it with TPMSTATE_LOCK_WRITER to write",
-                r.path().display()
-            ))),
-        }
-    }
-}
-
-/// A counted lock acquisition, held until [`tpmstate_lock_release`].
-pub struct tpmstate_lock {
-    _guard: LockGuard,
-}
-
-/// One change of a commit: `data`/`len` stored as blob `name`, or the
-/// blob deleted when `remove` is not 0 (`data` is then ignored).
+/// One change of a commit: data/len stored as blob name, or the blob
+/// deleted when remove is not 0 (data is then ignored). If a commit names
+/// a blob twice, the later change wins.
 #[repr(C)]
 pub struct tpmstate_change {
     /// The blob's name (UTF-8, NUL-terminated).
     pub name: *const c_char,
-    /// Its new content (NULL only with `len` 0).
+    /// Its new content (NULL only with len 0).
     pub data: *const u8,
     /// The content's length.
     pub len: usize,
@@ -62,7 +27,7 @@ pub struct tpmstate_change {
     pub remove: c_int,
 }
 
-/// What [`tpmstate_info`] reports.
+/// What tpmstate_info() reports.
 #[repr(C)]
 pub struct tpmstate_info_t {
     /// The generation the handle serves.
@@ -73,12 +38,12 @@ pub struct tpmstate_info_t {
     pub bytes: u64,
     /// 1 if the store is encrypted.
     pub encrypted: c_int,
-    /// The handle's lock mode (`TPMSTATE_LOCK_*`).
+    /// The handle's lock mode (TPMSTATE_LOCK_*).
     pub lock_mode: c_int,
 }
 
 /// A lock mode for a nested acquisition.
-pub(crate) fn lock_mode(mode: c_int) -> Result<LockMode, Fail> {
+fn lock_mode(mode: c_int) -> Result<LockMode, Fail> {
     match mode {
         TPMSTATE_LOCK_SHARED => Ok(LockMode::Shared),
         TPMSTATE_LOCK_WRITER => Ok(LockMode::Writer),
@@ -98,12 +63,12 @@ fn mode_code(mode: LockMode) -> c_int {
     }
 }
 
-/// Creates a new qcow2 image at `path` (mode 0600) of `size` bytes (0: 4
-/// MiB) holding an empty store, encrypted under the 32-byte `key` (NULL
-/// and 0: a plaintext store). An existing file is refused.
+/// Creates a new qcow2 image at path (mode 0600) of size bytes (0: 4 MiB)
+/// holding an empty store, encrypted under the 32-byte key (NULL and 0: a
+/// plaintext store). An existing file is refused.
 ///
 /// # Safety
-/// `path` is a NUL-terminated string; `key` is NULL or `key_len` bytes.
+/// path is a NUL-terminated string; key is NULL or key_len bytes.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_create(
     path: *const c_char,
@@ -113,7 +78,7 @@ pub unsafe extern "C" fn tpmstate_create(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller's promises, passed on.
-        let (path, key) = unsafe { (text(path, "path")?, store_key(key, key_len)?) };
+        let (path, key) = unsafe { (crate::path(path)?, store_key(key, key_len)?) };
         let mut image = CreateOptions::default();
         if size != 0 {
             image.size = size;
@@ -122,18 +87,18 @@ pub unsafe extern "C" fn tpmstate_create(
             key,
             ..Default::default()
         };
-        Ok(Store::create(Path::new(path), image, format)?)
+        Ok(Store::create(path, image, format)?)
     })
 }
 
-/// Opens the store in the image at `path` with lock `mode`
-/// (`TPMSTATE_LOCK_SHARED` and `_NONE` give read-only handles), under the 32-byte
-/// `key` (NULL and 0 for a plaintext store); `*out` receives the handle,
-/// to be closed with [`tpmstate_close`].
+/// Opens the store in the image at path with lock mode (TPMSTATE_LOCK_WRITER
+/// or _EXCLUSIVE: a writer; _SHARED or _NONE: read-only), under the 32-byte
+/// key (NULL and 0 for a plaintext store). *out receives the handle, to be
+/// closed with tpmstate_close(); it is NULL after a failure.
 ///
 /// # Safety
-/// `path` is a NUL-terminated string; `key` is NULL or `key_len` bytes;
-/// `out` is valid for a write.
+/// path is a NUL-terminated string; key is NULL or key_len bytes;
+/// out is valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_open(
     path: *const c_char,
@@ -143,49 +108,46 @@ pub unsafe extern "C" fn tpmstate_open(
     out: *mut *mut tpmstate_store,
 ) -> c_int {
     call(|| {
+        // SAFETY: the caller promises `out` NULL or writable.
+        unsafe { clear(out) };
         if out.is_null() {
             return Err(Fail::usage("out is NULL"));
         }
         // SAFETY: the caller's promises, passed on.
-        let (path, key) = unsafe { (text(path, "path")?, store_key(key, key_len)?) };
-        let path = Path::new(path);
+        let (path, key) = unsafe { (crate::path(path)?, store_key(key, key_len)?) };
         let opts = OpenOptions {
             key,
             ..Default::default()
         };
-        if mode == TPMSTATE_LOCK_NONE {
-            let opts = OpenOptions {
-                // A force-share reader may catch a writer mid-commit: that
-                // commit looks torn, and the one before it is the last
-                // acknowledged.
-                rollback: RollbackPolicy::AcceptTorn,
-                ..opts
-            };
-            let handle = Handle::Reader(ReadOnlyStore::open_force_share(path, opts)?);
-            let store = Box::into_raw(Box::new(tpmstate_store { handle }));
-            // SAFETY: `out` is not NULL (checked); the caller promises it writable.
-            return unsafe { put(out, store, "out") };
-        }
-        let handle = match lock_mode(mode)? {
-            LockMode::Shared => Handle::Reader(ReadOnlyStore::open(path, opts)?),
-            LockMode::Writer => Handle::Writer(Store::open(path, opts)?),
-            _ => Handle::Writer(Store::open_exclusive(path, opts)?),
+        let handle = match mode {
+            // A force-share reader may catch a writer mid-commit: that
+            // commit looks torn, and the one before it is the last
+            // acknowledged.
+            TPMSTATE_LOCK_NONE => Handle::Reader(ReadOnlyStore::open_force_share(
+                path,
+                OpenOptions {
+                    rollback: RollbackPolicy::AcceptTorn,
+                    ..opts
+                },
+            )?),
+            _ => match lock_mode(mode)? {
+                LockMode::Writer => Handle::Writer(Store::open(path, opts)?),
+                LockMode::Exclusive => Handle::Writer(Store::open_exclusive(path, opts)?),
+                _ => Handle::Reader(ReadOnlyStore::open(path, opts)?),
+            },
         };
-        let store = Box::into_raw(Box::new(tpmstate_store { handle }));
-        // SAFETY: `out` is not NULL (checked) and the caller promises it
-        // is writable.
-        unsafe { put(out, store, "out") }
+        // SAFETY: `out` is not NULL (checked); the caller promises it writable.
+        unsafe { put(out, tpmstate_store::boxed(handle), "out") }
     })
 }
 
-/// Reads blob `name`: `*data` receives a copy of its content and `*len`
-/// its length, to be freed with [`tpmstate_blob_free`] (an empty blob
-/// gives a NULL `*data` and 0). A missing blob is
-/// `TPMSTATE_E_NO_SUCH_BLOB`.
+/// Reads blob name: *data receives a copy of its content and *len its
+/// length, to be freed with tpmstate_blob_free() (an empty blob gives a
+/// NULL *data and 0). A missing blob is TPMSTATE_E_NO_SUCH_BLOB.
 ///
 /// # Safety
-/// `store` is a handle from [`tpmstate_open`]; `name` a NUL-terminated
-/// string; `data` and `len` valid for writes.
+/// store is a live handle; name a NUL-terminated string; data and
+/// len valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_get(
     store: *const tpmstate_store,
@@ -194,17 +156,23 @@ pub unsafe extern "C" fn tpmstate_get(
     len: *mut usize,
 ) -> c_int {
     call(|| {
+        // SAFETY: the caller promises `data` NULL or writable.
+        unsafe { clear(data) };
         if store.is_null() || data.is_null() || len.is_null() {
             return Err(Fail::usage("store, data and len must not be NULL"));
         }
         // SAFETY: not NULL (checked); the caller promises a live handle
         // and a NUL-terminated name.
         let (store, name) = unsafe { (&*store, text(name, "name")?) };
-        let blob = store.view().get(name)?.ok_or_else(|| {
-            Fail::new(
-                TPMSTATE_E_NO_SUCH_BLOB,
-                format!("{}: no blob named {name}", store.view().path().display()),
-            )
+        let blob = store.with(|h| {
+            let view = h.view();
+            view.get(name)?.ok_or_else(|| {
+                let path = view.path().display();
+                Fail::new(
+                    TPMSTATE_E_NO_SUCH_BLOB,
+                    format!("{path}: no blob named {name}"),
+                )
+            })
         })?;
         let (ptr, n) = match blob.len() {
             0 => (std::ptr::null_mut(), 0),
@@ -222,11 +190,11 @@ pub unsafe extern "C" fn tpmstate_get(
     })
 }
 
-/// Wipes and frees a blob copy [`tpmstate_get`] gave (`data` NULL: nothing).
+/// Wipes and frees a blob copy tpmstate_get() gave (data NULL: nothing).
 ///
 /// # Safety
-/// `data` and `len` are exactly what one `tpmstate_get` call returned, and
-/// are freed once.
+/// data and len are exactly what one tpmstate_get() call
+/// returned, freed once.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_blob_free(data: *mut u8, len: usize) {
     if data.is_null() || len == 0 {
@@ -234,19 +202,18 @@ pub unsafe extern "C" fn tpmstate_blob_free(data: *mut u8, len: usize) {
     }
     // SAFETY: the caller promises `data`/`len` came from `tpmstate_get`,
     // which made them from a boxed slice of exactly `len` bytes, and that
-    // this is the only free.
+    // this is the only free. Zeroing and freeing bytes cannot panic.
     let mut blob = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(data, len)) };
     blob.zeroize();
 }
 
-/// Commits `count` changes in one atomic, durable commit; `*generation`
-/// (if not NULL) receives the new generation. Nothing is written if any
+/// Commits count changes in one atomic, durable commit; *generation (if
+/// not NULL) receives the new generation. Nothing is written if any
 /// change is refused. Needs a writer handle.
 ///
 /// # Safety
-/// `store` is a handle from [`tpmstate_open`]; `changes` points to `count`
-/// changes whose names and data are valid; `generation` is NULL or valid
-/// for a write.
+/// store is a live handle; changes points to count changes whose
+/// names and data are valid; generation is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_commit(
     store: *mut tpmstate_store,
@@ -261,26 +228,29 @@ pub unsafe extern "C" fn tpmstate_commit(
         if count > 1 << 20 {
             return Err(Fail::usage(format!("{count} changes in one commit")));
         }
-        // SAFETY: not NULL (checked); the caller promises a live handle,
-        // used by this call only, and `count` readable changes.
+        // SAFETY: not NULL (checked); the caller promises a live handle
+        // and `count` readable changes.
         let (store, changes) = unsafe {
             let list = match count {
                 0 => &[][..],
                 _ => std::slice::from_raw_parts(changes, count),
             };
-            (&mut *store, list)
+            (&*store, list)
         };
-        let writer = store.writer()?;
-        let mut tx = writer.transaction();
-        for c in changes {
-            // SAFETY: the caller promises each change's name and data valid.
-            let name = unsafe { text(c.name, "change name")? };
-            match c.remove {
-                0 => tx.put(name, unsafe { bytes(c.data, c.len, name)? })?,
-                _ => tx.delete(name)?,
+        let g = store.with(|h| {
+            let mut tx = h.writer()?.transaction();
+            for c in changes {
+                // SAFETY: the caller promises each change's name a
+                // NUL-terminated string and its data `len` readable bytes.
+                let (name, data) = unsafe { (text(c.name, "change name")?, c.data) };
+                match c.remove {
+                    // SAFETY: as above.
+                    0 => tx.put(name, unsafe { bytes(data, c.len, name)? })?,
+                    _ => tx.delete(name)?,
+                }
             }
-        }
-        let g = tx.commit()?;
+            Ok(tx.commit()?)
+        })?;
         if !generation.is_null() {
             // SAFETY: not NULL (checked); the caller promises it writable.
             unsafe { generation.write(g) };
@@ -289,14 +259,16 @@ pub unsafe extern "C" fn tpmstate_commit(
     })
 }
 
-/// A counted acquisition of lock `mode` on the store's image, on top of
-/// the handle's own: the real lock changes only when the strongest mode
-/// held changes, and the last release steps back. Waits up to
-/// `timeout_ms` for a conflicting holder (0: try once). `*out` receives
-/// the acquisition, released with [`tpmstate_lock_release`].
+/// A counted acquisition of lock mode on the store's image, on top of the
+/// handle's own: the real lock changes only when the strongest mode held
+/// changes, and the last release steps back. Waits up to timeout_ms for a
+/// conflicting holder (0: try once). *out receives the acquisition, to be
+/// released with tpmstate_lock_release(); it keeps its lock even after the
+/// handle is closed, and a handle with acquisitions outstanding cannot be
+/// released for a migration.
 ///
 /// # Safety
-/// `store` is a handle from [`tpmstate_open`]; `out` valid for a write.
+/// store is a live writer handle; out valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_lock_acquire(
     store: *const tpmstate_store,
@@ -305,6 +277,8 @@ pub unsafe extern "C" fn tpmstate_lock_acquire(
     out: *mut *mut tpmstate_lock,
 ) -> c_int {
     call(|| {
+        // SAFETY: the caller promises `out` NULL or writable.
+        unsafe { clear(out) };
         if store.is_null() || out.is_null() {
             return Err(Fail::usage("store and out must not be NULL"));
         }
@@ -312,24 +286,21 @@ pub unsafe extern "C" fn tpmstate_lock_acquire(
         let store = unsafe { &*store };
         let mode = lock_mode(mode)?;
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
-        let guard = match &store.handle {
-            Handle::Writer(s) => s.acquire_nested(mode, timeout)?,
-            Handle::Reader(_) => {
-                return Err(Fail::usage(
-                    "nested locks need a writer handle (TPMSTATE_LOCK_WRITER or _EXCLUSIVE)",
-                ))
-            }
-        };
-        let lock = Box::into_raw(Box::new(tpmstate_lock { _guard: guard }));
+        let guard = store.with(|h| match h {
+            Handle::Writer(s) => Ok(s.acquire_nested(mode, timeout)?),
+            Handle::Reader(_) => Err(Fail::usage(
+                "nested locks need a writer handle (TPMSTATE_LOCK_WRITER or _EXCLUSIVE)",
+            )),
+        })?;
         // SAFETY: not NULL (checked); the caller promises it writable.
-        unsafe { put(out, lock, "out") }
+        unsafe { put(out, store.nested(guard), "out") }
     })
 }
 
 /// Releases one acquisition (NULL: nothing).
 ///
 /// # Safety
-/// `lock` comes from [`tpmstate_lock_acquire`] and is released once.
+/// lock comes from tpmstate_lock_acquire() and is released once.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_lock_release(lock: *mut tpmstate_lock) -> c_int {
     call(|| {
@@ -341,11 +312,11 @@ pub unsafe extern "C" fn tpmstate_lock_release(lock: *mut tpmstate_lock) -> c_in
     })
 }
 
-/// Fills `*info` with the handle's generation, blob count, bytes,
+/// Fills *info with the handle's generation, blob count, bytes,
 /// encryption and lock mode.
 ///
 /// # Safety
-/// `store` is a handle from [`tpmstate_open`]; `info` valid for a write.
+/// store is a live handle; info valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_info(
     store: *const tpmstate_store,
@@ -357,28 +328,32 @@ pub unsafe extern "C" fn tpmstate_info(
         }
         // SAFETY: not NULL (checked); the caller promises a live handle.
         let store = unsafe { &*store };
-        let view = store.view();
-        let list = view.list();
-        let mode = match &store.handle {
-            Handle::Writer(s) => s.lock_mode(),
-            Handle::Reader(s) => s.lock_mode(),
-        };
-        let value = tpmstate_info_t {
-            generation: view.generation(),
-            blobs: list.len() as u64,
-            bytes: list.iter().map(|b| u64::from(b.size)).sum(),
-            encrypted: c_int::from(view.is_encrypted()),
-            lock_mode: mode_code(mode),
-        };
+        let value = store.with(|h| {
+            let view = h.view();
+            let list = view.list();
+            let mode = match &*h {
+                Handle::Writer(s) => s.lock_mode(),
+                Handle::Reader(s) => s.lock_mode(),
+            };
+            Ok(tpmstate_info_t {
+                generation: view.generation(),
+                blobs: list.len() as u64,
+                bytes: list.iter().map(|b| u64::from(b.size)).sum(),
+                encrypted: c_int::from(view.is_encrypted()),
+                lock_mode: mode_code(mode),
+            })
+        })?;
         // SAFETY: not NULL (checked); the caller promises it writable.
         unsafe { put(info, value, "info") }
     })
 }
 
-/// Closes a handle, releasing its lock (NULL: nothing).
+/// Closes a handle, releasing its lock and wiping its key (NULL: nothing).
+/// Nested acquisitions still outstanding keep their lock until released.
 ///
 /// # Safety
-/// `store` comes from this library and is closed once.
+/// store comes from this library and is closed once, with no other
+/// call on it in progress.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_close(store: *mut tpmstate_store) -> c_int {
     call(|| {

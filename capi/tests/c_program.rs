@@ -46,11 +46,13 @@ fn compile(dir: &Path, shared: bool) -> PathBuf {
         "api_test_static"
     });
     let mut cc = Command::new("cc");
-    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
-        .arg(manifest.join("include"))
-        .arg(manifest.join("tests/c/api_test.c"))
-        .arg("-o")
-        .arg(&exe);
+    cc.args([
+        "-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-pthread", "-I",
+    ])
+    .arg(manifest.join("include"))
+    .arg(manifest.join("tests/c/api_test.c"))
+    .arg("-o")
+    .arg(&exe);
     match shared {
         true => cc
             .arg("-L")

@@ -1,11 +1,14 @@
 /* The C ABI from C: create, commit, read, nested locks against a second
  * process, release and claim (a wrong key, a refusing callback, then a
- * good claim) and reclaim. Run by capi/tests/c_program.rs, also under
- * valgrind. Usage: api_test DIR; exits 0 when every check holds. */
+ * good claim) and reclaim, handles kept the same through failed calls,
+ * threads sharing a handle, and a call from a thread-exit destructor. Run
+ * by capi/tests/c_program.rs, also under valgrind. Usage: api_test DIR;
+ * exits 0 when every check holds. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -50,6 +53,53 @@ static int validate(void *ctx, const char *name, const uint8_t *data, size_t len
     (void)len;
     seen->blobs++;
     return seen->refuse && strcmp(name, seen->refuse) == 0 ? 42 : 0;
+}
+
+static int thread_failures;
+static int destructor_ran;
+
+/* Commits 200 versions of permall. */
+static void *commit_loop(void *store)
+{
+    for (int i = 0; i < 200; i++) {
+        uint8_t v[8] = {'v', 'e', 'r', 's', 'i', 'o', 'n', (uint8_t)i};
+        tpmstate_change c = {"permall", v, sizeof v, 0};
+        if (tpmstate_commit(store, &c, 1, NULL) != TPMSTATE_OK)
+            __atomic_add_fetch(&thread_failures, 1, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
+/* Reads permall 200 times beside the committer: always a whole version. */
+static void *read_loop(void *store)
+{
+    for (int i = 0; i < 200; i++) {
+        uint8_t *data = NULL;
+        size_t len = 0;
+        int rc = tpmstate_get(store, "permall", &data, &len);
+        if (rc != TPMSTATE_OK || (len != 8 && len != 5 && len != sizeof "permanent state"))
+            __atomic_add_fetch(&thread_failures, 1, __ATOMIC_SEQ_CST);
+        tpmstate_blob_free(data, len);
+    }
+    return NULL;
+}
+
+static void at_thread_exit(void *value)
+{
+    (void)value;
+    tpmstate_store *s = NULL;
+    if (tpmstate_open(NULL, NULL, 0, TPMSTATE_LOCK_WRITER, &s) == TPMSTATE_E_USAGE &&
+        tpmstate_last_error() != NULL)
+        destructor_ran = 1;
+    tpmstate_close(s);
+}
+
+static void *set_key(void *key)
+{
+    tpmstate_store *s = NULL;
+    tpmstate_open(NULL, NULL, 0, TPMSTATE_LOCK_WRITER, &s); /* the message's storage exists */
+    pthread_setspecific(*(pthread_key_t *)key, (void *)1);
+    return NULL;
 }
 
 int main(int argc, char **argv)
@@ -104,7 +154,8 @@ int main(int argc, char **argv)
     CHECK(tpmstate_get(store, NULL, &data, &len) == TPMSTATE_E_USAGE);
     tpmstate_change bad = {"x", NULL, 5, 0};
     CHECK(tpmstate_commit(store, &bad, 1, NULL) == TPMSTATE_E_USAGE);
-    CHECK(tpmstate_open(path, key, 32, 99, &store) == TPMSTATE_E_USAGE);
+    tpmstate_store *unmade = store; /* a failed open sets its out-pointer to NULL */
+    CHECK(tpmstate_open(path, key, 32, 99, &unmade) == TPMSTATE_E_USAGE && unmade == NULL);
 
     /* Nested locks: counted; another process meets them. */
     CHECK(open_from_another_process(path, key, TPMSTATE_LOCK_SHARED) == TPMSTATE_E_LOCKED);
@@ -143,15 +194,70 @@ int main(int argc, char **argv)
     CHECK(seen.blobs == 2 && target != NULL);
 
     /* The source cannot take it back while the target holds it. */
+    tpmstate_released *before = released;
     CHECK(tpmstate_reclaim(&released, 100, &store) == TPMSTATE_E_LOCKED);
-    CHECK(released != NULL && store == NULL);
+    CHECK(released == before && store == NULL);
     CHECK(tpmstate_close(target) == TPMSTATE_OK);
     CHECK(tpmstate_reclaim(&released, 1000, &store) == TPMSTATE_OK);
     CHECK(released == NULL && store != NULL);
     CHECK(tpmstate_get(store, "volatilestate", &data, &len) == TPMSTATE_OK);
     tpmstate_blob_free(data, len);
-    CHECK(tpmstate_close(store) == TPMSTATE_OK);
+
+    /* A release with a nested acquisition outstanding is refused, and the
+     * handle stays the same live one. */
+    tpmstate_lock *held = NULL;
+    tpmstate_store *same = store;
+    CHECK(tpmstate_lock_acquire(store, TPMSTATE_LOCK_WRITER, 0, &held) == TPMSTATE_OK);
+    CHECK(tpmstate_release_outgoing(&store, &released) == TPMSTATE_E_USAGE);
+    CHECK(strstr(tpmstate_last_error(), "nested") != NULL);
+    CHECK(store == same && released == NULL);
+    CHECK(tpmstate_info(store, &info) == TPMSTATE_OK);
+    CHECK(tpmstate_lock_release(held) == TPMSTATE_OK);
+
+    /* A reader cannot be released; it stays the same live handle. */
+    CHECK(tpmstate_release_outgoing(&store, &released) == TPMSTATE_OK);
+    tpmstate_store *reader = NULL;
+    tpmstate_released *not_made = NULL;
+    CHECK(tpmstate_open(path, key, 32, TPMSTATE_LOCK_NONE, &reader) == TPMSTATE_OK);
+    tpmstate_store *reader_before = reader;
+    CHECK(tpmstate_release_outgoing(&reader, &not_made) == TPMSTATE_E_USAGE);
+    CHECK(reader == reader_before && not_made == NULL);
+    CHECK(tpmstate_info(reader, &info) == TPMSTATE_OK);
+    CHECK(tpmstate_close(reader) == TPMSTATE_OK);
+
+    /* A target that commits: the source's reclaim finds a newer state,
+     * fails, and keeps the same released handle. */
+    CHECK(tpmstate_claim(path, key, 32, 1000, NULL, 0, NULL, NULL, &target) == TPMSTATE_OK);
+    tpmstate_change newer = {"permall", (const uint8_t *)"newer", 5, 0};
+    CHECK(tpmstate_commit(target, &newer, 1, NULL) == TPMSTATE_OK);
+    CHECK(tpmstate_close(target) == TPMSTATE_OK);
+    before = released;
+    CHECK(tpmstate_reclaim(&released, 1000, &store) == TPMSTATE_E_CORRUPT);
+    CHECK(strstr(tpmstate_last_error(), "changed while released") != NULL);
+    CHECK(released == before && store == NULL);
+    CHECK(tpmstate_released_close(released) == TPMSTATE_OK);
     CHECK(tpmstate_released_close(NULL) == TPMSTATE_OK);
+
+    /* Threads share a handle: a committer and two readers. */
+    CHECK(tpmstate_open(path, key, 32, TPMSTATE_LOCK_WRITER, &store) == TPMSTATE_OK);
+    pthread_t committer, readers[2];
+    pthread_create(&committer, NULL, commit_loop, store);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&readers[i], NULL, read_loop, store);
+    pthread_join(committer, NULL);
+    for (int i = 0; i < 2; i++)
+        pthread_join(readers[i], NULL);
+    CHECK(thread_failures == 0);
+    CHECK(tpmstate_close(store) == TPMSTATE_OK);
+
+    /* A call from a thread-exit destructor, when the library's own
+     * thread-local storage may be gone already: no abort. */
+    pthread_key_t k;
+    pthread_t exiting;
+    pthread_key_create(&k, at_thread_exit);
+    pthread_create(&exiting, NULL, set_key, &k);
+    pthread_join(exiting, NULL);
+    CHECK(destructor_ran == 1);
 
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
