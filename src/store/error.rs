@@ -62,7 +62,7 @@ pub enum StoreError {
         what: String,
     },
     /// The store is encrypted and no key was given.
-    #[error("{}: the store is encrypted: give --key-file or --passphrase-file", path.display())]
+    #[error("{}: the store is encrypted, and no key was given", path.display())]
     KeyMissing {
         /// The image.
         path: PathBuf,
