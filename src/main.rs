@@ -42,12 +42,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("tpmstate: {}", commands::chain(&*e.error));
-            let store_key_missing = e
-                .error
-                .downcast_ref::<tpmstate::StoreError>()
-                .is_some_and(|s| matches!(s, tpmstate::StoreError::KeyMissing { .. }));
-            if store_key_missing {
-                eprintln!("tpmstate: give the store's key with --key-file or --passphrase-file");
+            if let Some(hint) = commands::hint(&*e.error) {
+                eprintln!("tpmstate: {hint}");
             }
             match locking_a_command {
                 true => ExitCode::from(cli::run_locked::OWN_FAILURE),

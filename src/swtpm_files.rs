@@ -95,7 +95,7 @@ pub enum SwtpmFilesError {
         source: BlobError,
     },
     /// A state file is encrypted and no swtpm key was given.
-    #[error("{} is encrypted with swtpm's --key ({bits}-bit key): give swtpm's key or passphrase (--swtpm-key FILE or --swtpm-pwdfile FILE)", path.display())]
+    #[error("{} is encrypted with swtpm's --key ({bits}-bit key), and no swtpm key was given", path.display())]
     NeedKey {
         /// The file.
         path: PathBuf,
@@ -133,7 +133,16 @@ pub enum SwtpmFilesError {
         /// Its length.
         len: usize,
     },
-    /// The store refused (opening, creating or committing).
+    /// The new image could not be made (nothing is left of it).
+    #[error("{}: cannot make the image", image.display())]
+    MakeImage {
+        /// The image an import was making.
+        image: PathBuf,
+        /// Why (naming the temporary file it was built in).
+        #[source]
+        source: StoreError,
+    },
+    /// The store refused (opening or reading).
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -148,14 +157,16 @@ impl SwtpmFilesError {
             }
             SwtpmFilesError::Blob { source, .. } => match source {
                 BlobError::Encrypted(_) => ErrorKind::KeyMissing,
-                BlobError::WrongKey | BlobError::KeyLength { .. } => ErrorKind::WrongKey,
+                BlobError::WrongKey | BlobError::KeyLength { .. } | BlobError::NotEncrypted => {
+                    ErrorKind::WrongKey
+                }
                 _ => ErrorKind::Corrupt,
             },
             SwtpmFilesError::NeedKey { .. } => ErrorKind::KeyMissing,
             SwtpmFilesError::Exists { .. } => ErrorKind::Usage,
             SwtpmFilesError::InUse { .. } => ErrorKind::Locked,
             SwtpmFilesError::TooLarge { .. } => ErrorKind::NoSpace,
-            SwtpmFilesError::Store(e) => e.kind(),
+            SwtpmFilesError::Store(e) | SwtpmFilesError::MakeImage { source: e, .. } => e.kind(),
         }
     }
 }
@@ -258,25 +269,41 @@ pub struct SwtpmDirLock {
 }
 
 impl SwtpmDirLock {
-    /// Takes swtpm's lock on `dir`, if swtpm ever made one there (swtpm
-    /// 0.7.1 creates `.lock` when it starts and never removes it); a
-    /// directory without one has no swtpm running in it.
-    pub fn acquire(dir: &Path) -> Result<SwtpmDirLock, SwtpmFilesError> {
+    /// Takes swtpm's lock on `dir` (`InUse` while a swtpm holds it).
+    /// `create`: make `.lock` if it is missing, as swtpm does when it
+    /// starts, so that two takers exclude each other (for a caller about
+    /// to write there); otherwise a directory without one has no swtpm
+    /// running in it (swtpm 0.7.1 makes it and never removes it) and is
+    /// left unchanged. A directory this process may only read gets a read
+    /// lock, which conflicts with swtpm's write lock just as well.
+    pub fn acquire(dir: &Path, create: bool) -> Result<SwtpmDirLock, SwtpmFilesError> {
         use std::os::fd::AsRawFd;
         let path = dir.join(".lock");
-        let file = match std::fs::OpenOptions::new()
+        let writable = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&path)
-        {
-            Ok(f) => f,
+            .create(create)
+            .mode(0o640)
+            .open(&path);
+        let (file, kind) = match writable {
+            Ok(f) => (f, libc::F_WRLCK),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(SwtpmDirLock { _file: None })
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) => {
+                match std::fs::File::open(&path) {
+                    Ok(f) => (f, libc::F_RDLCK),
+                    // Nobody can have made one: no swtpm runs here.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(SwtpmDirLock { _file: None })
+                    }
+                    Err(e) => return Err(io(&path, "open")(e)),
+                }
             }
             Err(e) => return Err(io(&path, "open")(e)),
         };
         let whole = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
+            l_type: kind as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,
             l_start: 0,
             l_len: 0,
@@ -323,7 +350,10 @@ pub fn import(
     }
     let state = read(location, swtpm_key)?;
     let tmp = sibling(image, "import");
-    let _ = std::fs::remove_file(&tmp);
+    let made = |source| SwtpmFilesError::MakeImage {
+        image: image.to_path_buf(),
+        source,
+    };
     let result = (|| {
         let format = FormatOptions {
             key: opts.key.clone(),
@@ -331,36 +361,50 @@ pub fn import(
             locking: opts.locking,
             force: false,
         };
-        Store::create(&tmp, opts.image, format)?;
+        Store::create(&tmp, opts.image, format).map_err(made)?;
         let open = OpenOptions {
             key: opts.key,
             locking: opts.locking,
             ..OpenOptions::default()
         };
-        let mut store = Store::open(&tmp, open)?;
+        let mut store = Store::open(&tmp, open).map_err(made)?;
         let mut tx = store.transaction();
         for (name, data) in &state.blobs {
-            tx.put(name, data)?;
+            tx.put(name, data).map_err(made)?;
         }
-        let generation = tx.commit()?;
+        let generation = tx.commit().map_err(made)?;
         drop(store);
         // link() refuses a file that appeared meanwhile; the data and the
         // image's metadata are synced by the commit.
-        std::fs::hard_link(&tmp, image).map_err(io(image, "link"))?;
-        sync_parent(image)?;
+        match std::fs::hard_link(&tmp, image) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SwtpmFilesError::Exists {
+                    path: image.to_path_buf(),
+                    hint: "it appeared during the import",
+                })
+            }
+            other => other.map_err(io(image, "link"))?,
+        }
+        // An image whose name may not survive a crash is taken back: a
+        // failed import leaves nothing.
+        sync_parent(image).inspect_err(|_| {
+            let _ = std::fs::remove_file(image);
+        })?;
         Ok(generation)
     })();
     let _ = std::fs::remove_file(&tmp);
     result.map(|g| (state, g))
 }
 
-/// A temporary name beside `path`, for `what`.
+/// A new temporary name beside `path`, for `what`: unpredictable, so that
+/// nobody can plant a file or symlink there first.
 fn sibling(path: &Path, what: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = format!(
-        ".{}.tpmstate-{what}-{}.tmp",
+        ".{}.tpmstate-{what}-{}-{:016x}.tmp",
         name.unwrap_or_default(),
-        std::process::id()
+        std::process::id(),
+        rand::random::<u64>()
     );
     path.with_file_name(tmp)
 }
@@ -382,8 +426,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SwtpmFilesError> {
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp, "create"))?;
@@ -403,7 +446,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), SwtpmFilesError> {
 pub fn encode(
     store: &StoreView,
     swtpm_key: Option<&SwtpmKey>,
-) -> Result<[Option<Vec<u8>>; 3], SwtpmFilesError> {
+) -> Result<[Option<Zeroizing<Vec<u8>>>; 3], SwtpmFilesError> {
     let mut out = [None, None, None];
     for (slot, name) in out.iter_mut().zip(BLOB_NAMES) {
         let Some(data) = store.get(name)? else {
@@ -413,7 +456,7 @@ pub fn encode(
             name: name.to_string(),
             len: data.len(),
         })?;
-        *slot = Some(file);
+        *slot = Some(Zeroizing::new(file));
     }
     if out[0].is_none() {
         return Err(SwtpmFilesError::MissingPermall {
@@ -435,6 +478,8 @@ pub fn export(
     let hint = "give --force to replace it";
     match location {
         Location::Dir(dir) => {
+            std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+            let _swtpm_lock = SwtpmDirLock::acquire(dir, true)?;
             let paths = BLOB_NAMES.map(|n| dir.join(file_name(n)));
             if let (false, Some(p)) = (force, paths.iter().find(|p| p.exists())) {
                 return Err(SwtpmFilesError::Exists {
@@ -442,7 +487,6 @@ pub fn export(
                     hint,
                 });
             }
-            std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
             for (path, file) in paths.iter().zip(&files) {
                 match file {
                     Some(bytes) => write_durably(path, bytes)?,
@@ -464,12 +508,12 @@ pub fn export(
                     hint,
                 });
             }
-            let bytes = linear::build([0, 1, 2].map(|i| files[i].as_deref())).ok_or(
-                SwtpmFilesError::TooLarge {
+            let bytes = linear::build([0, 1, 2].map(|i| files[i].as_deref().map(|v| &v[..])))
+                .map(Zeroizing::new)
+                .ok_or(SwtpmFilesError::TooLarge {
                     name: "the linear file".into(),
-                    len: files.iter().flatten().map(Vec::len).sum(),
-                },
-            )?;
+                    len: files.iter().flatten().map(|f| f.len()).sum(),
+                })?;
             write_durably(path, &bytes)
         }
     }

@@ -221,3 +221,87 @@ fn libvirts_swtpm_setup_then_swtpm_socket_imports_once_and_serves_the_same_ek() 
         "the moved files stay as they are"
     );
 }
+
+/// tpmstate-emu on state directory `state` (`--tpmstate dir=`), on TCP.
+fn start_on_dir(state: &Path, log: &Path) -> Result<Emu, String> {
+    let port = port_pair();
+    let mut cmd = Command::new(common::emu::emu_bin());
+    cmd.args(common::emu::tcp_args(port))
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()))
+        .arg("--log")
+        .arg(format!("file={}", log.display()));
+    Emu::spawn(cmd, port, log.to_path_buf())
+}
+
+#[test]
+fn swtpm_files_beside_the_image_move_aside_only_when_they_hold_the_images_state() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = scratch();
+    let d = dir.path();
+    let state = d.join("tpm2");
+    std::fs::create_dir(&state).unwrap();
+    let out = Command::new("swtpm_setup")
+        .args(["--tpm2", "--tpm-state"])
+        .arg(&state)
+        .args(["--createek", "--overwrite"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "swtpm_setup: {out:?}");
+    let image = state.join("tpmstate.qcow2");
+    let s = |p: &Path| p.display().to_string();
+    let log = d.join("emu.log");
+
+    // An import cut short before the move: the image and the same files.
+    let (code, _, err) = common::cli(&["import-swtpm", &s(&state), &s(&image)]);
+    assert_eq!(code, 0, "{err}");
+    start_on_dir(&state, &log).expect("starts").stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("hold what"), "{text}");
+    assert!(!state.join("tpm2-00.permall").exists());
+
+    // swtpm ran on the directory after an export: its newer state is not
+    // dropped, and neither is the image's.
+    let (code, _, err) = common::cli(&["export-swtpm", &s(&image), &s(&state)]);
+    assert_eq!(code, 0, "{err}");
+    let port = port_pair();
+    let mut cmd = Command::new("/usr/bin/swtpm");
+    cmd.args(common::emu::tcp_args(port))
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()));
+    let swtpm = Emu::spawn(cmd, port, d.join("swtpm.log")).unwrap();
+    swtpm.tpm2_ok(
+        "tpm2_nvdefine",
+        &[
+            "0x1500030",
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "ownerread|ownerwrite",
+        ],
+    );
+    swtpm.stop();
+    let image_before = std::fs::read(&image).unwrap();
+    let permall_before = std::fs::read(state.join("tpm2-00.permall")).unwrap();
+    let err = start_on_dir(&state, &log)
+        .err()
+        .expect("the start is refused");
+    assert!(
+        err.contains("refusing to choose") && err.contains("tpm2-00.permall"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        image_before,
+        "the image is untouched"
+    );
+    assert_eq!(
+        std::fs::read(state.join("tpm2-00.permall")).unwrap(),
+        permall_before,
+        "swtpm's file stays where it is"
+    );
+}

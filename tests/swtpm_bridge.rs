@@ -303,16 +303,14 @@ fn a_linear_file_under_a_256_bit_hex_key_round_trips() {
     });
 }
 
-/// The files of `dir`, by name, with their bytes.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+/// The files of `dir`, by name, with their bytes' SHA-256.
+fn snapshot(dir: &Path) -> Vec<(String, String)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, hex::encode(common::sha(&e.path())))
         })
         .collect();
     v.sort();
@@ -471,19 +469,20 @@ fn an_import_never_replaces_an_existing_image_and_an_export_no_swtpm_files() {
         "--force",
     ]);
     assert_eq!(got, 0, "{err}");
-    let permall = |dir: &Path| std::fs::read(dir.join("tpm2-00.permall")).unwrap();
+    let exported = hex::encode(common::sha(&state.join("tpm2-00.permall")));
+    let old = &before
+        .iter()
+        .find(|(n, _)| n == "tpm2-00.permall")
+        .unwrap()
+        .1;
     assert_eq!(
-        permall(&state),
-        before
-            .iter()
-            .find(|(n, _)| n == "tpm2-00.permall")
-            .unwrap()
-            .1
+        &exported, old,
+        "the state imported, exported again, is byte for byte swtpm's"
     );
 }
 
 #[test]
-fn nothing_imports_a_directory_a_running_swtpm_uses() {
+fn nothing_imports_or_exports_a_directory_a_running_swtpm_uses() {
     if !swtpm_prerequisites() {
         return;
     }
@@ -514,6 +513,23 @@ fn nothing_imports_a_directory_a_running_swtpm_uses() {
     assert!(err.contains("swtpm process"), "{err}");
     assert!(state.join("tpm2-00.permall").exists(), "swtpm's files stay");
     assert!(!state.join("tpmstate.qcow2").exists());
+
+    // Nor does an export write under it.
+    let other = d.join("other.qcow2");
+    let (got, _, err) = cli(&["create", path_str(&other)]);
+    assert_eq!(got, 0, "{err}");
+    std::fs::write(d.join("p"), b"state").unwrap();
+    let (got, _, err) = cli(&["put", path_str(&other), "permall", path_str(&d.join("p"))]);
+    assert_eq!(got, 0, "{err}");
+    let before = snapshot(&state);
+    let (got, _, err) = cli(&[
+        "export-swtpm",
+        path_str(&other),
+        path_str(&state),
+        "--force",
+    ]);
+    assert_eq!(got, 6, "{err}");
+    assert_eq!(snapshot(&state), before);
     swtpm.stop();
 
     let (got, _, err) = cli(&["import-swtpm", path_str(&state), path_str(&image)]);

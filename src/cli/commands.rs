@@ -66,6 +66,27 @@ pub fn io(path: &Path, source: std::io::Error) -> Failure {
 
 pub use tpmstate::kind::chain;
 
+/// The option that supplies what an error says is missing, for the
+/// library's errors that do not name the CLI's options.
+pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use tpmstate::swtpm_files::SwtpmFilesError;
+    let store_key = |s: &tpmstate::StoreError| matches!(s, tpmstate::StoreError::KeyMissing { .. });
+    if e.downcast_ref::<tpmstate::StoreError>()
+        .is_some_and(store_key)
+    {
+        return Some("give the store's key with --key-file or --passphrase-file");
+    }
+    match e.downcast_ref::<SwtpmFilesError>()? {
+        SwtpmFilesError::NeedKey { .. } => {
+            Some("give swtpm's key with --swtpm-key FILE or --swtpm-pwdfile FILE")
+        }
+        SwtpmFilesError::Store(s) if store_key(s) => {
+            Some("give the store's key with --key-file or --passphrase-file")
+        }
+        _ => None,
+    }
+}
+
 fn locking(l: LockingArg) -> Locking {
     match l {
         LockingArg::Auto => Locking::Auto,

@@ -138,7 +138,7 @@ pub fn import(
         locking,
     };
     let _swtpm_lock = match &location {
-        Location::Dir(dir) => Some(SwtpmDirLock::acquire(dir)?),
+        Location::Dir(dir) => Some(SwtpmDirLock::acquire(dir, false)?),
         Location::Linear(_) => None,
     };
     let (state, generation) = swtpm_files::import(&location, secret.as_ref(), image, opts)?;

@@ -69,9 +69,15 @@ pub fn load_migration_key(opt: &KeyOption) -> Result<SwtpmKey, String> {
 /// passphrase's key length is its `mode=`.
 fn load_swtpm(opt: &KeyOption, option: &str) -> Result<SwtpmSecret, String> {
     match opt {
-        KeyOption::Key { from, .. } => {
-            let raw = raw_key(opt, option)?;
-            SwtpmKey::new(&raw)
+        KeyOption::Key {
+            from,
+            hex,
+            bits256,
+            remove,
+        } => {
+            let data = read(from, *remove)?;
+            let bits = if *bits256 { 256 } else { 128 };
+            SwtpmKey::from_key_file(&data, *hex, Some(bits))
                 .map(SwtpmSecret::Key)
                 .map_err(|e| format!("{option} {}: {e}", describe(from)))
         }
@@ -92,46 +98,6 @@ fn load_swtpm(opt: &KeyOption, option: &str) -> Result<SwtpmSecret, String> {
             })
         }
     }
-}
-
-/// The 16 or 32 key bytes of a `file=`/`fd=` key, hex or binary.
-fn raw_key(opt: &KeyOption, option: &str) -> Result<Zeroizing<Vec<u8>>, String> {
-    let KeyOption::Key {
-        from,
-        hex,
-        bits256,
-        remove,
-    } = opt
-    else {
-        return Err(format!("{option}: not a key"));
-    };
-    let data = read(from, *remove)?;
-    let want = if *bits256 { 32 } else { 16 };
-    let raw =
-        match hex {
-            true => {
-                let text = std::str::from_utf8(&data).map(str::trim).unwrap_or("");
-                let text = text.strip_prefix("0x").unwrap_or(text);
-                Zeroizing::new(hex::decode(text).map_err(|_| {
-                    format!("{option} {}: not a hex key (format=hex)", describe(from))
-                })?)
-            }
-            false => data,
-        };
-    if raw.len() != want {
-        return Err(format!(
-            "{option} {}: a {} key has {want} bytes ({} hex digits), found {}",
-            describe(from),
-            if *bits256 {
-                "mode=aes-256-cbc"
-            } else {
-                "mode=aes-cbc"
-            },
-            want * 2,
-            raw.len()
-        ));
-    }
-    Ok(raw)
 }
 
 fn describe(from: &Secret) -> String {

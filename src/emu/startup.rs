@@ -75,6 +75,8 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         let (image, mode) = (&cfg.image, cfg.image_mode);
         crate::swtpm_dir::adopt(dir, image, key.clone(), swtpm_key.as_ref(), mode, &log)?;
     }
+    // swtpm's form of the key served the import only.
+    drop(swtpm_key);
     let migration_key = cfg
         .migration_key
         .as_ref()

@@ -3,9 +3,11 @@
 //! D and no image yet imports them first (all in one commit; the image
 //! appears only whole), then moves them into `D/swtpm-imported/`, where
 //! neither swtpm nor tpmstate-emu reads them, so no stale copy of the TPM
-//! can be started later. A start that finds both (a crash between the two
-//! steps, or swtpm run on D since) keeps the image and moves the files
-//! aside too, saying so in the log. Both happen under swtpm's own lock on
+//! can be started later. A start that finds both moves the files aside
+//! only if they hold exactly the image's blobs (a crash between the two
+//! steps); other files (swtpm ran on D since, or swtpm_setup made a new
+//! TPM there) stop the start, naming both: neither state is dropped
+//! silently. Both happen under swtpm's own lock on
 //! D (`D/.lock`), so a swtpm still running there stops the start. A
 //! migration's target (`--migration incoming`) imports nothing: its state
 //! comes from the source, which may still be using the files.
@@ -15,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tpmstate::swtpm::key::SwtpmSecret;
 use tpmstate::swtpm_files::BLOB_NAMES;
 use tpmstate::swtpm_files::{self, ImportOptions, Location, SwtpmDirLock, SwtpmFilesError};
-use tpmstate::KeySource;
+use tpmstate::{KeySource, OpenOptions, ReadOnlyStore};
 
 /// The image's name inside the state directory.
 pub const IMAGE_NAME: &str = "tpmstate.qcow2";
@@ -41,17 +43,21 @@ pub fn adopt(
     mode: u32,
     log: &Log,
 ) -> Result<(), String> {
+    if swtpm_files_in(dir).is_empty() {
+        return Ok(());
+    }
+    let _swtpm_lock = SwtpmDirLock::acquire(dir, true).map_err(|e| tpmstate::kind::chain(&e))?;
+    // Under the lock, look again: another start may have moved them.
     let found = swtpm_files_in(dir);
     if found.is_empty() {
         return Ok(());
     }
-    let _swtpm_lock = SwtpmDirLock::acquire(dir).map_err(|e| tpmstate::kind::chain(&e))?;
+    let location = Location::Dir(dir.to_path_buf());
     if std::fs::symlink_metadata(image).is_err() {
         let opts = ImportOptions {
             key,
             ..Default::default()
         };
-        let location = Location::Dir(dir.to_path_buf());
         match swtpm_files::import(&location, secret, image, opts) {
             Ok((state, generation)) => {
                 use std::os::unix::fs::PermissionsExt;
@@ -65,23 +71,65 @@ pub fn adopt(
                     image.display()
                 ));
             }
-            // Another start imported it meanwhile: use its image.
-            Err(SwtpmFilesError::Exists { .. }) => {}
             Err(e) => {
+                let hint = match e {
+                    SwtpmFilesError::NeedKey { .. } => " (give --key as swtpm was given it)",
+                    _ => "",
+                };
                 return Err(format!(
-                    "importing swtpm's state from {}: {}",
+                    "importing swtpm's state from {}: {}{hint}",
                     dir.display(),
                     tpmstate::kind::chain(&e)
-                ))
+                ));
             }
         }
     } else {
+        same_as_image(&location, image, key, secret, &found)?;
         log.info(&format!(
-            "{} exists and holds the TPM; swtpm's files beside it are not read",
+            "swtpm's files in {} hold what {} holds (an import cut short before they moved)",
+            dir.display(),
             image.display()
         ));
     }
     move_aside(dir, &found, log)
+}
+
+/// Checks that swtpm's files beside an image hold exactly the image's
+/// blobs: the leftovers of an import cut short before the move. Anything
+/// else is another TPM state (swtpm ran on the directory since, or
+/// swtpm_setup made a new TPM there), and neither may be dropped silently.
+fn same_as_image(
+    location: &Location,
+    image: &Path,
+    key: Option<KeySource>,
+    secret: Option<&SwtpmSecret>,
+    found: &[PathBuf],
+) -> Result<(), String> {
+    let chain = |e: &dyn std::error::Error| tpmstate::kind::chain(e);
+    let differ = |why: String| {
+        let names: Vec<_> = found.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "{} holds the TPM, and swtpm's state files beside it ({}) hold another state ({why}): \
+             refusing to choose one. To keep the image, move those files away; to use swtpm's \
+             state, move the image away and start again (the files are then imported)",
+            image.display(),
+            names.join(", ")
+        )
+    };
+    let state = swtpm_files::read(location, secret).map_err(|e| differ(chain(&e)))?;
+    let opts = OpenOptions {
+        key,
+        ..Default::default()
+    };
+    let store = ReadOnlyStore::open(image, opts).map_err(|e| chain(&e))?;
+    for (name, data) in &state.blobs {
+        match store.get(name).map_err(|e| chain(&e))? {
+            Some(ours) if ours[..] == data[..] => {}
+            Some(_) => return Err(differ(format!("its {name} differs"))),
+            None => return Err(differ(format!("the image has no {name}"))),
+        }
+    }
+    Ok(())
 }
 
 /// Moves `files` into `dir/swtpm-imported/` (a name already there is kept

@@ -56,6 +56,9 @@ pub enum BlobError {
     /// plaintext: the key is right and the bytes were changed.
     #[error("state blob: its HMAC does not verify, though the key decrypts it: the data or the HMAC was changed")]
     Corrupt,
+    /// Plain, though a key was given (swtpm with `--key` refuses it too).
+    #[error("state blob is not encrypted, but a key was given for it (swtpm would refuse it too)")]
+    NotEncrypted,
     /// Encrypted with a key of another length than the one given.
     #[error(
         "state blob is encrypted with a {blob_bits}-bit key; the key given has {key_bits} bits"
@@ -68,11 +71,15 @@ pub enum BlobError {
     },
 }
 
-/// The libtpms blob inside a swtpm blob (either form), borrowed.
+/// The libtpms blob inside a swtpm blob (either form), borrowed. A
+/// version-1 blob holds the data itself, with no TLVs.
 pub fn unwrap(blob: &[u8]) -> Result<&[u8], BlobError> {
     let (flags, body) = header(blob)?;
     if flags & (FLAG_ENCRYPTED | FLAG_MIGRATION_ENCRYPTED) != 0 {
         return Err(BlobError::Encrypted(flags));
+    }
+    if blob[0] == 1 {
+        return Ok(body);
     }
     match flags & FLAG_MIGRATION_DATA {
         0 => find_tlv(body, TAG_DATA),
@@ -105,7 +112,8 @@ pub fn state_file_key_bits(file: &[u8]) -> Result<Option<u32>, BlobError> {
 
 /// The libtpms blob in a swtpm state file (`tpm2-00.permall`, ...), plain
 /// or encrypted with swtpm's state key (`--key`). A plain file read with a
-/// key is taken as it is, as swtpm takes it.
+/// key is refused, as swtpm refuses it; so is an encrypted version-1 file
+/// (swtpm's format before 0.2).
 pub fn unwrap_state_file(
     file: &[u8],
     key: Option<&SwtpmKey>,
@@ -117,8 +125,12 @@ pub fn unwrap_state_file(
         )));
     }
     match (flags & FLAG_ENCRYPTED != 0, key) {
-        (false, _) => unwrap(file).map(|d| Zeroizing::new(d.to_vec())),
+        (false, None) => unwrap(file).map(|d| Zeroizing::new(d.to_vec())),
+        (false, Some(_)) => Err(BlobError::NotEncrypted),
         (true, None) => Err(BlobError::Encrypted(flags)),
+        (true, Some(_)) if file[0] == 1 => Err(BlobError::BadHeader(
+            "an encrypted version-1 file (swtpm before 0.2): not supported".into(),
+        )),
         (true, Some(key)) => {
             let blob_bits = match flags & FLAG_ENCRYPTED_256BIT_KEY {
                 0 => 128,
@@ -180,15 +192,16 @@ fn header(blob: &[u8]) -> Result<(u16, &[u8]), BlobError> {
     let hdrsize = usize::from(u16::from_be_bytes([blob[2], blob[3]]));
     let flags = u16::from_be_bytes([blob[4], blob[5]]);
     let totlen = u32::from_be_bytes([blob[6], blob[7], blob[8], blob[9]]);
-    if min_version > 2 || version == 0 {
+    // swtpm 0.7.1 reads versions 1 and 2 (and crashes on a higher one
+    // that claims to be readable as 1 or 2), with a 10-byte header only.
+    if !(1..=2).contains(&version) || min_version > version {
         return Err(BlobError::BadHeader(format!(
-            "version {version} (needs at least {min_version}); this emulator reads version 2"
+            "version {version} (readable as {min_version}); swtpm's versions are 1 and 2"
         )));
     }
-    if hdrsize < HEADER_LEN || hdrsize > blob.len() {
+    if hdrsize != HEADER_LEN {
         return Err(BlobError::BadHeader(format!(
-            "header size {hdrsize} in a blob of {} bytes",
-            blob.len()
+            "header size {hdrsize}; swtpm's header has {HEADER_LEN} bytes"
         )));
     }
     if usize::try_from(totlen).map_or(true, |t| t > blob.len()) {
@@ -207,7 +220,12 @@ fn header(blob: &[u8]) -> Result<(u16, &[u8]), BlobError> {
 }
 
 /// The value of the first TLV tagged `tag` in `stream`.
-pub(super) fn find_tlv(mut stream: &[u8], tag: u16) -> Result<&[u8], BlobError> {
+pub(super) fn find_tlv(stream: &[u8], tag: u16) -> Result<&[u8], BlobError> {
+    find_tlv_opt(stream, tag)?.ok_or_else(|| BlobError::BadTlv(format!("no TLV with tag {tag}")))
+}
+
+/// The value of the first TLV tagged `tag` in `stream`, if there is one.
+pub(super) fn find_tlv_opt(mut stream: &[u8], tag: u16) -> Result<Option<&[u8]>, BlobError> {
     while !stream.is_empty() {
         if stream.len() < TLV_HEADER {
             return Err(BlobError::BadTlv(format!(
@@ -222,11 +240,11 @@ pub(super) fn find_tlv(mut stream: &[u8], tag: u16) -> Result<&[u8], BlobError> 
             BlobError::BadTlv(format!("TLV {t} claims {len} bytes, {} remain", rest.len()))
         })?;
         if t == tag {
-            return Ok(value);
+            return Ok(Some(value));
         }
         stream = &rest[len..];
     }
-    Err(BlobError::BadTlv(format!("no TLV with tag {tag}")))
+    Ok(None)
 }
 
 /// Wraps a libtpms blob for GET_STATEBLOB: `TLV4{TLV1{data}}`, flag 0x04,
@@ -335,9 +353,10 @@ mod tests {
             })
         );
         // Every byte after the first ciphertext block, HMAC included, but
-        // the IV's first 16 bytes: they decrypt the first block, so a change
-        // there reads as another key (the IV TLV comes last).
-        let iv_used = file.len() - 32..file.len() - 16;
+        // the IV TLV's header and its first 16 bytes: they decrypt the
+        // first block, so a change there reads as another key (the IV TLV
+        // comes last).
+        let iv_used = file.len() - 32 - 6..file.len() - 16;
         for i in (HEADER_LEN + 6 + 16..file.len()).filter(|i| !iv_used.contains(i)) {
             let mut bad = file.clone();
             bad[i] ^= 0x10;
@@ -347,5 +366,25 @@ mod tests {
                 "byte {i}: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn headers_swtpm_refuses_are_refused_and_version_1_is_raw_data() {
+        let v1 = [&[1, 1, 0, 10, 0, 0, 0, 0, 0, 13][..], b"raw"].concat();
+        assert_eq!(unwrap(&v1).unwrap(), b"raw");
+        let mut v3 = wrap_state_file(b"abc", None).unwrap();
+        v3[0] = 3;
+        assert!(matches!(unwrap(&v3), Err(BlobError::BadHeader(m)) if m.contains("version 3")));
+        let mut long_header = wrap_state_file(b"abc", None).unwrap();
+        long_header[3] = 12;
+        assert!(
+            matches!(unwrap(&long_header), Err(BlobError::BadHeader(m)) if m.contains("size 12"))
+        );
+        let key = SwtpmKey::new(&[1u8; 16]).unwrap();
+        let plain = wrap_state_file(b"abc", None).unwrap();
+        assert_eq!(
+            unwrap_state_file(&plain, Some(&key)),
+            Err(BlobError::NotEncrypted)
+        );
     }
 }

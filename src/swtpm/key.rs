@@ -22,7 +22,7 @@ use aes::cipher::block_padding::NoPadding;
 use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256, Sha512};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Header flag: the state key has 256 bits.
 pub const FLAG_ENCRYPTED_256BIT_KEY: u16 = 0x08;
@@ -158,11 +158,13 @@ impl SwtpmKey {
     pub fn from_key_file(data: &[u8], hex: bool, bits: Option<u32>) -> Result<SwtpmKey, String> {
         let raw = match hex {
             true => {
-                let text = std::str::from_utf8(data).map(str::trim).unwrap_or("");
+                let not_hex = || {
+                    "not a hex key (format=hex, the default); for 16 or 32 raw bytes give format=binary"
+                        .to_string()
+                };
+                let text = std::str::from_utf8(data).map_err(|_| not_hex())?.trim();
                 let text = text.strip_prefix("0x").unwrap_or(text);
-                Zeroizing::new(
-                    hex::decode(text).map_err(|_| "not a hex key (format=hex)".to_string())?,
-                )
+                Zeroizing::new(hex::decode(text).map_err(|_| not_hex())?)
             }
             false => Zeroizing::new(data.to_vec()),
         };
@@ -187,7 +189,11 @@ impl SwtpmKey {
         let len = if bits256 { 32 } else { 16 };
         let mut key = Zeroizing::new(vec![0u8; len]);
         match kdf {
-            Kdf::Sha512 => key.copy_from_slice(&Sha512::digest(passphrase)[..len]),
+            Kdf::Sha512 => {
+                let mut digest = Sha512::digest(passphrase);
+                key.copy_from_slice(&digest[..len]);
+                digest[..].zeroize();
+            }
             Kdf::Pbkdf2 => pbkdf2_sha512(passphrase, b"swtpm", 1000, &mut key),
         }
         SwtpmKey(key)
@@ -275,7 +281,8 @@ impl SwtpmKey {
     /// the start of a libtpms blob, the key is right and a byte after it
     /// (or the HMAC) was changed; another key yields noise there, which
     /// looks like a libtpms header about once in 2^31 tries. A change to
-    /// the IV or the first block also reads as another key.
+    /// the IV (its TLV or its first 16 bytes) or the first block also reads
+    /// as another key.
     fn classify_mismatch(&self, purpose: Purpose, iv: &[u8; 16], ciphertext: &[u8]) -> BlobError {
         let Some(block) = ciphertext.get(..16) else {
             return BlobError::WrongKey;
@@ -340,12 +347,16 @@ impl SwtpmKey {
         let (data_tag, iv_tag) = purpose.tags();
         let ciphertext = super::blob::find_tlv(body, data_tag)?;
         let mac = super::blob::find_tlv(body, TAG_HMAC)?;
-        let iv = super::blob::find_tlv(body, iv_tag)?;
-        if iv.len() < 16 {
+        // swtpm before 0.4 wrote no IV: a zero IV, and an HMAC over the
+        // ciphertext alone (swtpm 0.7.1 still reads such files).
+        let iv = super::blob::find_tlv_opt(body, iv_tag)?.unwrap_or(&[]);
+        if !iv.is_empty() && iv.len() < 16 {
             return Err(BlobError::BadTlv(format!("an IV of {} bytes", iv.len())));
         }
         let mut first = [0u8; 16];
-        first.copy_from_slice(&iv[..16]);
+        if !iv.is_empty() {
+            first.copy_from_slice(&iv[..16]);
+        }
         if self.hmac(ciphertext, iv).verify_slice(mac).is_err() {
             return Err(self.classify_mismatch(purpose, &first, ciphertext));
         }
@@ -377,6 +388,9 @@ fn pbkdf2_sha512(password: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) {
             t.iter_mut().zip(u.iter()).for_each(|(a, b)| *a ^= b);
         }
         chunk.copy_from_slice(&t[..chunk.len()]);
+        // Both hold derived key material.
+        t[..].zeroize();
+        u[..].zeroize();
     }
 }
 
@@ -416,5 +430,24 @@ mod tests {
                 Err(BlobError::Encrypted(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_state_file_without_an_iv_opens_as_swtpm_0_7_reads_it() {
+        // swtpm before 0.4: a zero IV, an HMAC over the ciphertext alone.
+        let key = SwtpmKey::new(&[3u8; 16]).unwrap();
+        let ciphertext = key.encrypt(&[0u8; 16], b"old state");
+        let mac = key.hmac(&ciphertext, &[]).finalize().into_bytes();
+        let mut body = Vec::new();
+        for (tag, value) in [(TAG_ENCRYPTED_DATA, &ciphertext[..]), (TAG_HMAC, &mac[..])] {
+            body.extend_from_slice(&tag.to_be_bytes());
+            body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            body.extend_from_slice(value);
+        }
+        let mut file = vec![2, 1, 0, 10, 0, 1];
+        file.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+        file.extend_from_slice(&body);
+        let data = super::super::blob::unwrap_state_file(&file, Some(&key)).unwrap();
+        assert_eq!(&data[..], b"old state");
     }
 }
