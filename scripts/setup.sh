@@ -10,7 +10,9 @@
 set -euo pipefail
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 # ldconfig lives in /sbin, which a user's PATH may lack.
-have_lib() { PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep -q "$1"; }
+# grep reads all of ldconfig's output (no -q): with pipefail, an early exit
+# would kill ldconfig with SIGPIPE and fail the check for a library present.
+have_lib() { PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep "$1" >/dev/null; }
 need=()
 command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 && command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
 have_lib libtpms.so.0 || need+=(libtpms0)
