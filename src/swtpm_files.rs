@@ -205,25 +205,34 @@ pub fn decode(
     let mut blobs = Vec::new();
     for (name, bytes) in BLOB_NAMES.iter().zip(files) {
         let Some(bytes) = bytes else { continue };
-        let bad = |source| SwtpmFilesError::Blob {
-            path: path_of(name),
-            source,
-        };
-        let key = match (secret, blob::state_file_key_bits(bytes).map_err(bad)?) {
-            (Some(s), Some(bits)) => Some(s.key_for(bits)),
-            (Some(s), None) => Some(s.key()),
-            (None, Some(bits)) => {
-                return Err(SwtpmFilesError::NeedKey {
-                    path: path_of(name),
-                    bits,
-                })
-            }
-            (None, None) => None,
-        };
-        let data = blob::unwrap_state_file(bytes, key.as_ref()).map_err(bad)?;
-        blobs.push((*name, data));
+        blobs.push((*name, decode_one(bytes, secret, &path_of(name))?));
     }
     Ok(SwtpmState { blobs })
+}
+
+/// Decodes one swtpm state file's bytes (`path` names it in errors), with
+/// `secret` if it is encrypted.
+pub fn decode_one(
+    bytes: &[u8],
+    secret: Option<&SwtpmSecret>,
+    path: &Path,
+) -> Result<Zeroizing<Vec<u8>>, SwtpmFilesError> {
+    let bad = |source| SwtpmFilesError::Blob {
+        path: path.to_path_buf(),
+        source,
+    };
+    let key = match (secret, blob::state_file_key_bits(bytes).map_err(bad)?) {
+        (Some(s), Some(bits)) => Some(s.key_for(bits)),
+        (Some(s), None) => Some(s.key()),
+        (None, Some(bits)) => {
+            return Err(SwtpmFilesError::NeedKey {
+                path: path.to_path_buf(),
+                bits,
+            })
+        }
+        (None, None) => None,
+    };
+    blob::unwrap_state_file(bytes, key.as_ref()).map_err(bad)
 }
 
 /// Reads and checks the swtpm state at `location`.
@@ -279,11 +288,14 @@ impl SwtpmDirLock {
     pub fn acquire(dir: &Path, create: bool) -> Result<SwtpmDirLock, SwtpmFilesError> {
         use std::os::fd::AsRawFd;
         let path = dir.join(".lock");
+        // Never through a symlink (swtpm opens it with O_NOFOLLOW too): a
+        // planted one would make this create or lock a file elsewhere.
         let writable = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(create)
             .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path);
         let (file, kind) = match writable {
             Ok(f) => (f, libc::F_WRLCK),
@@ -291,7 +303,11 @@ impl SwtpmDirLock {
                 return Ok(SwtpmDirLock { _file: None })
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) => {
-                match std::fs::File::open(&path) {
+                let read_only = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path);
+                match read_only {
                     Ok(f) => (f, libc::F_RDLCK),
                     // Nobody can have made one: no swtpm runs here.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -396,6 +412,23 @@ pub fn import(
     result.map(|g| (state, g))
 }
 
+/// Removes the temporary files an import or export of `name` in `dir`
+/// left when it was killed (`.NAME.tpmstate-*.tmp`). Call it only under
+/// [`SwtpmDirLock`], which every writer of them holds.
+pub fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tpmstate-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if file.starts_with(&prefix) && file.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A new temporary name beside `path`, for `what`: unpredictable, so that
 /// nobody can plant a file or symlink there first.
 fn sibling(path: &Path, what: &str) -> PathBuf {
@@ -480,6 +513,9 @@ pub fn export(
         Location::Dir(dir) => {
             std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
             let _swtpm_lock = SwtpmDirLock::acquire(dir, true)?;
+            for name in BLOB_NAMES {
+                remove_stale_temporaries(dir, &file_name(name));
+            }
             let paths = BLOB_NAMES.map(|n| dir.join(file_name(n)));
             if let (false, Some(p)) = (force, paths.iter().find(|p| p.exists())) {
                 return Err(SwtpmFilesError::Exists {

@@ -535,3 +535,30 @@ fn nothing_imports_or_exports_a_directory_a_running_swtpm_uses() {
     let (got, _, err) = cli(&["import-swtpm", path_str(&state), path_str(&image)]);
     assert_eq!(got, 0, "once swtpm has stopped: {err}");
 }
+
+#[test]
+fn swtpms_lock_file_is_never_followed_through_a_symlink() {
+    let dir = scratch();
+    let d = dir.path();
+    let image = d.join("tpm.qcow2");
+    std::fs::write(d.join("p"), b"state").unwrap();
+    for args in [
+        vec!["create", path_str(&image)],
+        vec!["put", path_str(&image), "permall", path_str(&d.join("p"))],
+    ] {
+        let (got, _, err) = cli(&args);
+        assert_eq!(got, 0, "{err}");
+    }
+    let out = d.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = d.join("victim");
+    std::os::unix::fs::symlink(&victim, out.join(".lock")).unwrap();
+    let (got, _, err) = cli(&["export-swtpm", path_str(&image), path_str(&out)]);
+    assert_eq!(got, 8, "{err}");
+    assert!(err.contains(".lock"), "{err}");
+    assert!(
+        !victim.exists(),
+        "nothing is created where the symlink points"
+    );
+    assert!(!out.join("tpm2-00.permall").exists());
+}

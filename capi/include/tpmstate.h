@@ -285,7 +285,8 @@ int tpmstate_open(const char *path,
 /*
  Reads blob name: *data receives a copy of its content and *len its
  length, to be freed with tpmstate_blob_free() (an empty blob gives a
- NULL *data and 0). A missing blob is TPMSTATE_E_NO_SUCH_BLOB.
+ NULL *data and 0, as does a failure). A missing blob is
+ TPMSTATE_E_NO_SUCH_BLOB.
 
  # Safety
  store is a live handle; name a NUL-terminated string; data and

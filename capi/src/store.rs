@@ -143,7 +143,8 @@ pub unsafe extern "C" fn tpmstate_open(
 
 /// Reads blob name: *data receives a copy of its content and *len its
 /// length, to be freed with tpmstate_blob_free() (an empty blob gives a
-/// NULL *data and 0). A missing blob is TPMSTATE_E_NO_SUCH_BLOB.
+/// NULL *data and 0, as does a failure). A missing blob is
+/// TPMSTATE_E_NO_SUCH_BLOB.
 ///
 /// # Safety
 /// store is a live handle; name a NUL-terminated string; data and
@@ -156,8 +157,13 @@ pub unsafe extern "C" fn tpmstate_get(
     len: *mut usize,
 ) -> c_int {
     call(|| {
-        // SAFETY: the caller promises `data` NULL or writable.
-        unsafe { clear(data) };
+        // SAFETY: the caller promises `data` and `len` NULL or writable.
+        unsafe {
+            clear(data);
+            if !len.is_null() {
+                len.write(0);
+            }
+        }
         if store.is_null() || data.is_null() || len.is_null() {
             return Err(Fail::usage("store, data and len must not be NULL"));
         }
@@ -286,14 +292,16 @@ pub unsafe extern "C" fn tpmstate_lock_acquire(
         let store = unsafe { &*store };
         let mode = lock_mode(mode)?;
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
-        let guard = store.with(|h| match h {
-            Handle::Writer(s) => Ok(s.acquire_nested(mode, timeout)?),
+        // Counted under the handle's mutex, so that a release on another
+        // thread sees it.
+        let lock = store.with(|h| match h {
+            Handle::Writer(s) => Ok(store.nested(s.acquire_nested(mode, timeout)?)),
             Handle::Reader(_) => Err(Fail::usage(
                 "nested locks need a writer handle (TPMSTATE_LOCK_WRITER or _EXCLUSIVE)",
             )),
         })?;
         // SAFETY: not NULL (checked); the caller promises it writable.
-        unsafe { put(out, store.nested(guard), "out") }
+        unsafe { put(out, lock, "out") }
     })
 }
 

@@ -70,21 +70,17 @@ pub use tpmstate::kind::chain;
 /// library's errors that do not name the CLI's options.
 pub fn hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use tpmstate::swtpm_files::SwtpmFilesError;
-    let store_key = |s: &tpmstate::StoreError| matches!(s, tpmstate::StoreError::KeyMissing { .. });
-    if e.downcast_ref::<tpmstate::StoreError>()
-        .is_some_and(store_key)
-    {
-        return Some("give the store's key with --key-file or --passphrase-file");
-    }
-    match e.downcast_ref::<SwtpmFilesError>()? {
-        SwtpmFilesError::NeedKey { .. } => {
-            Some("give swtpm's key with --swtpm-key FILE or --swtpm-pwdfile FILE")
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(tpmstate::StoreError::KeyMissing { .. }) = c.downcast_ref() {
+            return Some("give the store's key with --key-file or --passphrase-file");
         }
-        SwtpmFilesError::Store(s) if store_key(s) => {
-            Some("give the store's key with --key-file or --passphrase-file")
+        if let Some(SwtpmFilesError::NeedKey { .. }) = c.downcast_ref() {
+            return Some("give swtpm's key with --swtpm-key FILE or --swtpm-pwdfile FILE");
         }
-        _ => None,
+        cause = c.source();
     }
+    None
 }
 
 fn locking(l: LockingArg) -> Locking {

@@ -193,7 +193,12 @@ fn open_image(cfg: &Config, key: Option<KeySource>, log: &Log) -> Result<ImageHa
         }
         other => other,
     }
-    .map_err(|e| crate::chain(&e))?;
+    .map_err(|e| match e {
+        StoreError::KeyMissing { .. } => {
+            format!("{} (give its key with --key)", crate::chain(&e))
+        }
+        e => crate::chain(&e),
+    })?;
     if store.has_held_state() && !store.contains("permall") {
         return Err(format!(
             "{} has held TPM state, but its permall blob is gone: refusing to make a new TPM \

@@ -25,11 +25,15 @@ pub const IMAGE_NAME: &str = "tpmstate.qcow2";
 pub const IMPORTED_DIR: &str = "swtpm-imported";
 
 /// swtpm's state files present in `dir`.
-fn swtpm_files_in(dir: &Path) -> Vec<PathBuf> {
+/// swtpm's state files present in `dir`, by blob name, `permall` last: it
+/// is moved last, so a move cut short leaves it, and a next start compares
+/// what is left with the image.
+fn swtpm_files_in(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     BLOB_NAMES
         .iter()
-        .map(|n| dir.join(swtpm_files::file_name(n)))
-        .filter(|p| p.exists())
+        .rev()
+        .map(|n| (*n, dir.join(swtpm_files::file_name(n))))
+        .filter(|(_, p)| p.exists())
         .collect()
 }
 
@@ -47,6 +51,9 @@ pub fn adopt(
         return Ok(());
     }
     let _swtpm_lock = SwtpmDirLock::acquire(dir, true).map_err(|e| tpmstate::kind::chain(&e))?;
+    // What an import killed part-way left (never a whole image: that is
+    // linked into place only when complete).
+    swtpm_files::remove_stale_temporaries(dir, IMAGE_NAME);
     // Under the lock, look again: another start may have moved them.
     let found = swtpm_files_in(dir);
     if found.is_empty() {
@@ -84,7 +91,7 @@ pub fn adopt(
             }
         }
     } else {
-        same_as_image(&location, image, key, secret, &found)?;
+        same_as_image(&found, image, key, secret)?;
         log.info(&format!(
             "swtpm's files in {} hold what {} holds (an import cut short before they moved)",
             dir.display(),
@@ -99,15 +106,14 @@ pub fn adopt(
 /// else is another TPM state (swtpm ran on the directory since, or
 /// swtpm_setup made a new TPM there), and neither may be dropped silently.
 fn same_as_image(
-    location: &Location,
+    found: &[(&str, PathBuf)],
     image: &Path,
     key: Option<KeySource>,
     secret: Option<&SwtpmSecret>,
-    found: &[PathBuf],
 ) -> Result<(), String> {
     let chain = |e: &dyn std::error::Error| tpmstate::kind::chain(e);
     let differ = |why: String| {
-        let names: Vec<_> = found.iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<_> = found.iter().map(|(_, p)| p.display().to_string()).collect();
         format!(
             "{} holds the TPM, and swtpm's state files beside it ({}) hold another state ({why}): \
              refusing to choose one. To keep the image, move those files away; to use swtpm's \
@@ -116,13 +122,20 @@ fn same_as_image(
             names.join(", ")
         )
     };
-    let state = swtpm_files::read(location, secret).map_err(|e| differ(chain(&e)))?;
     let opts = OpenOptions {
         key,
         ..Default::default()
     };
     let store = ReadOnlyStore::open(image, opts).map_err(|e| chain(&e))?;
-    for (name, data) in &state.blobs {
+    for (name, path) in found {
+        let bytes = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let data = match swtpm_files::decode_one(&bytes, secret, path) {
+            Ok(d) => d,
+            Err(e @ SwtpmFilesError::NeedKey { .. }) => {
+                return Err(format!("{} (give --key as swtpm was given it)", chain(&e)))
+            }
+            Err(e) => return Err(differ(chain(&e))),
+        };
         match store.get(name).map_err(|e| chain(&e))? {
             Some(ours) if ours[..] == data[..] => {}
             Some(_) => return Err(differ(format!("its {name} differs"))),
@@ -134,7 +147,7 @@ fn same_as_image(
 
 /// Moves `files` into `dir/swtpm-imported/` (a name already there is kept
 /// and the newcomer gets a numbered one: nothing is overwritten).
-fn move_aside(dir: &Path, files: &[PathBuf], log: &Log) -> Result<(), String> {
+fn move_aside(dir: &Path, files: &[(&str, PathBuf)], log: &Log) -> Result<(), String> {
     let aside = dir.join(IMPORTED_DIR);
     match std::fs::create_dir(&aside) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
@@ -142,7 +155,7 @@ fn move_aside(dir: &Path, files: &[PathBuf], log: &Log) -> Result<(), String> {
         }
         _ => {}
     }
-    for file in files {
+    for (_, file) in files {
         let Some(name) = file.file_name() else {
             continue;
         };

@@ -100,6 +100,9 @@ pub fn unwrap_with(blob: &[u8], key: Option<&SwtpmKey>) -> Result<Zeroizing<Vec<
 /// The length in bits of the state key a state file is encrypted with
 /// (its `ENCRYPTED_256BIT_KEY` flag), `None` if it is not encrypted.
 pub fn state_file_key_bits(file: &[u8]) -> Result<Option<u32>, BlobError> {
+    if is_headerless(file) {
+        return Ok(None);
+    }
     let (flags, _) = header(file)?;
     Ok(
         match (flags & FLAG_ENCRYPTED, flags & FLAG_ENCRYPTED_256BIT_KEY) {
@@ -111,13 +114,20 @@ pub fn state_file_key_bits(file: &[u8]) -> Result<Option<u32>, BlobError> {
 }
 
 /// The libtpms blob in a swtpm state file (`tpm2-00.permall`, ...), plain
-/// or encrypted with swtpm's state key (`--key`). A plain file read with a
-/// key is refused, as swtpm refuses it; so is an encrypted version-1 file
-/// (swtpm's format before 0.2).
+/// or encrypted with swtpm's state key (`--key`), or a headerless one from
+/// swtpm before its blob header (the libtpms blob itself). A plain file read
+/// with a key is refused, as swtpm refuses it; so is an encrypted version-1
+/// file.
 pub fn unwrap_state_file(
     file: &[u8],
     key: Option<&SwtpmKey>,
 ) -> Result<Zeroizing<Vec<u8>>, BlobError> {
+    if is_headerless(file) {
+        return match key {
+            None => Ok(Zeroizing::new(file.to_vec())),
+            Some(_) => Err(BlobError::NotEncrypted),
+        };
+    }
     let (flags, body) = header(file)?;
     if flags & (FLAG_MIGRATION_ENCRYPTED | FLAG_MIGRATION_DATA) != 0 {
         return Err(BlobError::BadHeader(format!(
@@ -181,6 +191,13 @@ pub fn is_libtpms_header(data: &[u8]) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether `file` is a state file from swtpm before its blob header: the
+/// libtpms blob itself, which swtpm 0.7.1 still reads (it takes a file
+/// whose header does not check as plain data).
+fn is_headerless(file: &[u8]) -> bool {
+    header(file).is_err() && is_libtpms_header(file)
 }
 
 /// The header's flags and what follows it, checked.
@@ -386,5 +403,18 @@ mod tests {
             unwrap_state_file(&plain, Some(&key)),
             Err(BlobError::NotEncrypted)
         );
+    }
+
+    #[test]
+    fn a_headerless_state_file_is_the_libtpms_blob_itself() {
+        let old = permall_like();
+        assert_eq!(&unwrap_state_file(&old, None).unwrap()[..], &old[..]);
+        assert_eq!(state_file_key_bits(&old), Ok(None));
+        let key = SwtpmKey::new(&[1u8; 16]).unwrap();
+        assert_eq!(
+            unwrap_state_file(&old, Some(&key)),
+            Err(BlobError::NotEncrypted)
+        );
+        assert!(unwrap_state_file(b"neither a header nor libtpms", None).is_err());
     }
 }

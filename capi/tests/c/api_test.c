@@ -140,7 +140,9 @@ int main(int argc, char **argv)
     CHECK(tpmstate_get(store, "permall", &data, &len) == TPMSTATE_OK);
     CHECK(len == sizeof permall && data && memcmp(data, permall, len) == 0);
     tpmstate_blob_free(data, len);
+    len = 777;
     CHECK(tpmstate_get(store, "nothing", &data, &len) == TPMSTATE_E_NO_SUCH_BLOB);
+    CHECK(data == NULL && len == 0);
     tpmstate_change removal = {"savestate", NULL, 0, 1};
     CHECK(tpmstate_commit(store, &removal, 1, NULL) == TPMSTATE_OK);
     CHECK(tpmstate_get(store, "savestate", &data, &len) == TPMSTATE_E_NO_SUCH_BLOB);
