@@ -7,10 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Where cargo put this crate's libraries (beside the test's `deps/`).
+/// Where cargo put this crate's libraries: `deps/` beside the test when
+/// `cargo test` built them (a `cargo build` also copies them one level up).
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    let deps = exe.parent().unwrap();
+    match deps.join("libtpmstate_c.so").exists() {
+        true => deps.to_path_buf(),
+        false => deps.parent().unwrap().to_path_buf(),
+    }
 }
 
 fn tool_here(tool: &str) -> bool {

@@ -68,21 +68,21 @@ pub enum ModeArg {
 
 const SWTPM_KEYS: &str = "\
 swtpm's state keys, as swtpm's --key takes them:
-  --swtpm-key FILE[,format=hex|binary][,mode=aes-cbc|aes-256-cbc]
-      a key file: 32 or 64 hex digits (format=hex, the default) or 16 or 32
-      raw bytes; mode= checks its length
-  --swtpm-pwdfile FILE[,kdf=pbkdf2|sha512][,mode=aes-cbc|aes-256-cbc]
-      a passphrase file (its whole contents); an import takes the key length
-      from the files, an export uses mode= (default aes-cbc, as swtpm)";
+--swtpm-key FILE[,format=hex|binary][,mode=aes-cbc|aes-256-cbc]
+    a key file: 32 or 64 hex digits (format=hex, the default) or 16 or 32
+    raw bytes; mode= checks its length
+--swtpm-pwdfile FILE[,kdf=pbkdf2|sha512][,mode=aes-cbc|aes-256-cbc]
+    a passphrase file (its whole contents); an import takes the key length
+    from the files, an export uses mode= (default aes-cbc, as swtpm)";
 
 /// swtpm's own key for its state files (`--key` of swtpm).
 #[derive(Args, Debug, Clone, Default)]
 pub struct SwtpmKeyArgs {
-    /// swtpm's key file: FILE[,format=hex|binary][,mode=aes-cbc|aes-256-cbc].
-    #[arg(long, value_name = "FILE[,...]", conflicts_with = "swtpm_pwdfile")]
+    /// swtpm's key file (its parameters below).
+    #[arg(long, value_name = "FILE[,..]", conflicts_with = "swtpm_pwdfile")]
     pub swtpm_key: Option<String>,
-    /// swtpm's passphrase file: FILE[,kdf=pbkdf2|sha512][,mode=aes-cbc|aes-256-cbc].
-    #[arg(long, value_name = "FILE[,...]")]
+    /// swtpm's passphrase file (its parameters below).
+    #[arg(long, value_name = "FILE[,..]")]
     pub swtpm_pwdfile: Option<String>,
 }
 
