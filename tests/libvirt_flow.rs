@@ -7,7 +7,7 @@
 //! no longer where swtpm would read them.
 
 mod common;
-use common::emu::{emulator_prerequisites, port_pair, rc, read_response, Emu};
+use common::emu::{port_pair, rc, read_response, swtpm_setup_prerequisites, Emu};
 use common::{assert_qemu_check_clean, scratch};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -18,20 +18,6 @@ use std::time::{Duration, Instant};
 
 /// The EK certificate's NV index (RSA 2048), which swtpm_setup writes.
 const EK_CERT: u32 = 0x01c0_0002;
-
-fn prerequisites() -> bool {
-    if !emulator_prerequisites() {
-        return false;
-    }
-    let here = Command::new("swtpm_setup")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !here && std::env::var_os("CI").is_some() {
-        panic!("swtpm-tools is not installed (scripts/setup.sh installs it)");
-    }
-    here
-}
 
 /// A directory whose `swtpm` is the wrapper, ahead of the system's, with
 /// TPMSTATE_EMU naming the emulator built for this test.
@@ -149,7 +135,7 @@ fn libvirt_start(dir: &Path, state: &Path, path: &str, pass: &Path) -> Vec<u8> {
 
 #[test]
 fn libvirts_swtpm_setup_then_swtpm_socket_imports_once_and_serves_the_same_ek() {
-    if !prerequisites() {
+    if !swtpm_setup_prerequisites() {
         return;
     }
     let dir = scratch();
@@ -236,7 +222,7 @@ fn start_on_dir(state: &Path, log: &Path) -> Result<Emu, String> {
 
 #[test]
 fn swtpm_files_beside_the_image_move_aside_only_when_they_hold_the_images_state() {
-    if !prerequisites() {
+    if !swtpm_setup_prerequisites() {
         return;
     }
     let dir = scratch();

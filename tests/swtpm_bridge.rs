@@ -6,7 +6,7 @@
 //! serves it again.
 
 mod common;
-use common::emu::{emulator_prerequisites, port_pair, tcp_args, Emu};
+use common::emu::{port_pair, swtpm_setup_prerequisites, tcp_args, Emu};
 use common::{assert_qemu_check_clean, cli, path_str, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,20 +22,6 @@ struct Facts {
     nv_data: Vec<u8>,
     counter: Vec<u8>,
     persistent_key: String,
-}
-
-fn swtpm_prerequisites() -> bool {
-    if !emulator_prerequisites() {
-        return false;
-    }
-    let here = Command::new("swtpm_setup")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !here && std::env::var_os("CI").is_some() {
-        panic!("swtpm-tools is not installed (scripts/setup.sh installs it)");
-    }
-    here
 }
 
 /// swtpm 0.7.1 on `state` (a directory, or `file://FILE`) with swtpm's
@@ -143,7 +129,7 @@ struct Case<'a> {
 }
 
 fn round_trip(case: Case) {
-    if !swtpm_prerequisites() {
+    if !swtpm_setup_prerequisites() {
         return;
     }
     let dir = scratch();
@@ -319,7 +305,7 @@ fn snapshot(dir: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn every_corruption_of_a_swtpm_file_has_its_own_error_and_creates_nothing() {
-    if !swtpm_prerequisites() {
+    if !swtpm_setup_prerequisites() {
         return;
     }
     let dir = scratch();
@@ -429,7 +415,7 @@ fn every_corruption_of_a_swtpm_file_has_its_own_error_and_creates_nothing() {
 
 #[test]
 fn an_import_never_replaces_an_existing_image_and_an_export_no_swtpm_files() {
-    if !swtpm_prerequisites() {
+    if !swtpm_setup_prerequisites() {
         return;
     }
     let dir = scratch();
@@ -483,7 +469,7 @@ fn an_import_never_replaces_an_existing_image_and_an_export_no_swtpm_files() {
 
 #[test]
 fn nothing_imports_or_exports_a_directory_a_running_swtpm_uses() {
-    if !swtpm_prerequisites() {
+    if !swtpm_setup_prerequisites() {
         return;
     }
     let dir = scratch();

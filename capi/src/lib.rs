@@ -202,6 +202,21 @@ pub(crate) unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, F
         .map_err(|_| Fail::usage(format!("{what} is not UTF-8")))
 }
 
+/// Frees a handle C gives back (NULL: nothing), as one call.
+///
+/// # Safety
+/// `p` is NULL or came from `Box::into_raw` in this library, is freed
+/// once, and no other call on it is in progress.
+pub(crate) unsafe fn free<T>(p: *mut T) -> c_int {
+    call(|| {
+        if !p.is_null() {
+            // SAFETY: the caller's promise: a live box, freed once.
+            drop(unsafe { Box::from_raw(p) });
+        }
+        Ok(())
+    })
+}
+
 /// The file path at `p`: bytes, as Linux paths are.
 ///
 /// # Safety

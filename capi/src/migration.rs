@@ -126,13 +126,8 @@ pub unsafe extern "C" fn tpmstate_reclaim(
 /// once, with no other call on it in progress.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_released_close(released: *mut tpmstate_released) -> c_int {
-    call(|| {
-        if !released.is_null() {
-            // SAFETY: the caller promises a live handle, closed once.
-            drop(unsafe { Box::from_raw(released) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's promise (above), passed on.
+    unsafe { crate::free(released) }
 }
 
 /// A migration target's claim of the image at path: waits up to

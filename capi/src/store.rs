@@ -311,13 +311,8 @@ pub unsafe extern "C" fn tpmstate_lock_acquire(
 /// lock comes from tpmstate_lock_acquire() and is released once.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_lock_release(lock: *mut tpmstate_lock) -> c_int {
-    call(|| {
-        if !lock.is_null() {
-            // SAFETY: the caller promises a live acquisition, released once.
-            drop(unsafe { Box::from_raw(lock) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's promise (above), passed on.
+    unsafe { crate::free(lock) }
 }
 
 /// Fills *info with the handle's generation, blob count, bytes,
@@ -364,11 +359,6 @@ pub unsafe extern "C" fn tpmstate_info(
 /// call on it in progress.
 #[no_mangle]
 pub unsafe extern "C" fn tpmstate_close(store: *mut tpmstate_store) -> c_int {
-    call(|| {
-        if !store.is_null() {
-            // SAFETY: the caller promises a live handle, closed once.
-            drop(unsafe { Box::from_raw(store) });
-        }
-        Ok(())
-    })
+    // SAFETY: the caller's promise (above), passed on.
+    unsafe { crate::free(store) }
 }

@@ -30,6 +30,22 @@ pub fn emulator_prerequisites() -> bool {
     false
 }
 
+/// Whether swtpm_setup (swtpm-tools) is here too, beside the emulator's
+/// prerequisites; like them, missing in CI is a failure.
+pub fn swtpm_setup_prerequisites() -> bool {
+    if !emulator_prerequisites() {
+        return false;
+    }
+    let here = Command::new("swtpm_setup")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !here && std::env::var_os("CI").is_some() {
+        panic!("swtpm-tools is not installed (scripts/setup.sh installs it)");
+    }
+    here
+}
+
 /// Where the dynamic linker finds `soname` (`ldconfig -p`; ldconfig is in
 /// /sbin, which a user's PATH may lack).
 pub fn library_path(soname: &str) -> Option<String> {
