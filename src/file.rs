@@ -86,7 +86,11 @@ pub fn open_regular(path: &Path, writable: bool) -> Result<File, FileError> {
         .write(writable)
         .custom_flags(OFlag::O_NONBLOCK.bits())
         .open(path)
-        .map_err(io("open"))?;
+        .map_err(|e| match e.raw_os_error() {
+            // No file at the end of the links: nothing that could be an image.
+            Some(libc::ELOOP) => not_regular("a loop of symbolic links"),
+            _ => io("open")(e),
+        })?;
     // The path may have been replaced between the two looks: fstat decides.
     let meta = file.metadata().map_err(io("stat"))?;
     if let Some(what) = describe(meta.file_type()) {

@@ -375,19 +375,30 @@ impl Qcow2Disk {
         let cs = h.cluster_size();
         let file_len = file_len(&self.path, &self.file)?;
         let clusters = h.size.div_ceil(cs);
-        let mapped = self.qcow2_session(|dev| {
+        let (mapped, compressed) = self.qcow2_session(|dev| {
             futures::executor::block_on(async {
                 let mut out = Vec::new();
                 for c in 0..clusters {
                     let m = dev.get_mapping(c * cs).await?;
                     match (m.source, m.cluster_offset) {
                         (MappingSource::DataFile, Some(host)) => out.push((host, m.copied)),
+                        (MappingSource::Compressed, _) => return Ok((out, Some(c))),
                         _ => break,
                     }
                 }
-                Ok(out)
+                Ok((out, None))
             })
         })?;
+        if let Some(c) = compressed {
+            // Read as unallocated, the store would look absent or cut short.
+            return Err(ImageError::Unsupported {
+                path: self.path.clone(),
+                feature: format!(
+                    "compressed clusters in the store area (guest cluster {c}; \
+                     qemu-img convert -c makes them): convert the image again without -c"
+                ),
+            });
+        }
         let corrupt = |reason: String| ImageError::Corrupt {
             path: self.path.clone(),
             reason,
