@@ -130,6 +130,7 @@ fn check_all_crash_points_from(
             CrashPlan::DurableOnly,
             CrashPlan::AllWritten,
             CrashPlan::Random(seed ^ crash_at),
+            CrashPlan::TornSectors(seed ^ crash_at),
         ] {
             let after = crashed.after_crash(plan);
             let mut store =
@@ -326,6 +327,7 @@ fn crash_anywhere_in_a_rekey_leaves_the_old_key_or_the_new_one_never_both_or_nei
                 CrashPlan::DurableOnly,
                 CrashPlan::AllWritten,
                 CrashPlan::Random(crash_at),
+                CrashPlan::TornSectors(crash_at),
             ] {
                 let after = crashed.after_crash(plan);
                 let at = format!("{what}, crash at op {crash_at} of {total} ({plan:?})");
@@ -596,6 +598,7 @@ fn crash_anywhere_in_a_compacting_commit_leaves_the_old_layout_or_the_new_one() 
                 CrashPlan::DurableOnly,
                 CrashPlan::AllWritten,
                 CrashPlan::Random(crash_at),
+                CrashPlan::TornSectors(crash_at),
             ] {
                 let after = crashed.after_crash(plan);
                 let reopened = Store::open_disk(Box::new(after), mem(), None).unwrap();

@@ -22,6 +22,10 @@ pub enum CrashPlan {
     AllWritten,
     /// A random subset of sectors of the pending writes, in random order.
     Random(u64),
+    /// As `Random`, on a device that promises no atomic sector write: a
+    /// sector that lands may land in part, some of its bytes new and the
+    /// rest old (in runs of 8 bytes, at random).
+    TornSectors(u64),
 }
 
 /// The crash-simulating disk. See the module documentation.
@@ -99,7 +103,8 @@ impl CrashDisk {
                     image[*off as usize..*off as usize + data.len()].copy_from_slice(data);
                 }
             }
-            CrashPlan::Random(seed) => {
+            CrashPlan::Random(seed) | CrashPlan::TornSectors(seed) => {
+                let torn = matches!(plan, CrashPlan::TornSectors(_));
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                 let mut sectors: Vec<(usize, &[u8])> = Vec::new();
                 for (off, data) in &self.pending {
@@ -114,8 +119,20 @@ impl CrashDisk {
                 }
                 let keep = rng.gen_range(0..=100u32);
                 for (off, chunk) in sectors {
-                    if rng.gen_range(0..100u32) < keep {
+                    if rng.gen_range(0..100u32) >= keep {
+                        continue;
+                    }
+                    if !torn || rng.gen_range(0..3u32) > 0 {
                         image[off..off + chunk.len()].copy_from_slice(chunk);
+                        continue;
+                    }
+                    // Some 8-byte runs of the sector new, the rest old.
+                    let share = rng.gen_range(1..8u32);
+                    for (i, run) in chunk.chunks(8).enumerate() {
+                        if rng.gen_range(0..8u32) < share {
+                            let at = off + i * 8;
+                            image[at..at + run.len()].copy_from_slice(run);
+                        }
                     }
                 }
             }
