@@ -124,6 +124,12 @@ impl ImageError {
         use ErrorKind as K;
         match self {
             ImageError::File(e) => e.kind(),
+            // A full file system (or quota) is no room, not a broken disk.
+            ImageError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                K::NoSpace
+            }
             ImageError::Io { .. } => K::Io,
             #[cfg(any(test, feature = "testing"))]
             ImageError::Crashed => K::Io,
