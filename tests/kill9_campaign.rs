@@ -90,9 +90,10 @@ fn kill9_campaign_child() {
         "claim" => loop {
             // The source's side first: a kill may have cut its commit, and
             // a claim is strict; a restart settles it with the next commit.
+            // Each step that commits is announced once it returned.
             let mut source = Store::open(image, opts(key(0))).unwrap();
-            commit(&mut source, false);
-            drop(release_outgoing(source).unwrap());
+            println!("done {}", commit(&mut source, false));
+            println!("done {}", release_outgoing(source).unwrap().generation());
             let incoming = Incoming::open_deferred(image, Locking::Auto).unwrap();
             let claim = ClaimOptions {
                 key: Some(key(0)),
@@ -103,7 +104,7 @@ fn kill9_campaign_child() {
             };
             let mut store = incoming.claim(claim).unwrap();
             store.downgrade_to_writer().unwrap();
-            commit(&mut store, false);
+            println!("done {}", commit(&mut store, false));
             let released = release_outgoing(store).unwrap();
             println!("done {}", released.generation());
         },
