@@ -69,6 +69,9 @@ pub struct Qcow2Disk {
     header: Qcow2Header,
     /// Host offset of each guest cluster of the allocated prefix.
     host: Vec<u64>,
+    /// The file length the mapping and the metadata need: a shorter file
+    /// was truncated under the store.
+    needed_len: u64,
     /// The same file opened for writes that bypass the page cache.
     direct: DirectFile,
 }
@@ -139,6 +142,7 @@ impl Qcow2Disk {
             file,
             header,
             host: Vec::new(),
+            needed_len: 0,
             direct: DirectFile::default(),
         };
         disk.remap()?;
@@ -395,7 +399,8 @@ impl Qcow2Disk {
                 path: self.path.clone(),
                 feature: format!(
                     "compressed clusters in the store area (guest cluster {c}; \
-                     qemu-img convert -c makes them): convert the image again without -c"
+                     qemu-img convert -c makes them): convert the image again with \
+                     qemu-img convert -S 0 -O qcow2, which keeps the store area allocated"
                 ),
             });
         }
@@ -425,6 +430,9 @@ impl Qcow2Disk {
             }
             host.push(off);
         }
+        let data_end = self.host_end(&host, cs);
+        let metadata_end = metadata.iter().max().map_or(0, |c| (c + 1) * cs);
+        self.needed_len = data_end.max(metadata_end);
         self.host = host;
         Ok(())
     }
@@ -507,6 +515,29 @@ impl Qcow2Disk {
             Ok(Err(msg)) => Err(fail(msg)),
             Err(_) => Err(fail("qcow2-rs panicked on this image".into())),
         }
+    }
+
+    /// The end of the last data cluster in `host`.
+    fn host_end(&self, host: &[u64], cs: u64) -> u64 {
+        host.iter().max().map_or(0, |h| h + cs)
+    }
+
+    /// Fails if the file is now shorter than the store needs: truncated
+    /// under a running store, a write would land in a hole and a sync
+    /// would acknowledge a commit whose image no longer opens.
+    fn check_not_shrunk(&self) -> Result<(), ImageError> {
+        let len = file_len(&self.path, &self.file)?;
+        if len < self.needed_len {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "the image file shrank to {len} bytes under the store, which needs {}: \
+                     truncated while in use?",
+                    self.needed_len
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn host_ranges(
@@ -597,6 +628,7 @@ impl Disk for Qcow2Disk {
     /// cache, because direct writes wait for the device one by one, while
     /// `fdatasync` writes several dirty ranges back together.
     fn write_parts(&mut self, parts: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        self.check_not_shrunk()?;
         if let [(offset, data)] = parts {
             let single = {
                 let mut ranges = self.host_ranges(*offset, data.len())?;
@@ -624,7 +656,9 @@ impl Disk for Qcow2Disk {
     fn sync(&mut self) -> Result<(), ImageError> {
         self.file
             .sync_data()
-            .map_err(io_err(&self.path, "fdatasync"))
+            .map_err(io_err(&self.path, "fdatasync"))?;
+        // Truncated between the writes and the sync: not acknowledged.
+        self.check_not_shrunk()
     }
 
     fn max_len(&self) -> u64 {
