@@ -355,3 +355,38 @@ fn read_errors_and_torn_sectors_at_open_are_reported_never_served() {
         }
     }
 }
+
+#[test]
+fn every_fault_at_every_call_of_a_format_is_reported_and_leaves_no_half_store() {
+    let key = KeySource::Key(Key::from_bytes(&[9u8; 32]).unwrap());
+    for key in [None, Some(key)] {
+        let count = SharedDisk::new(CrashDisk::new(AREA, MAX_AREA));
+        let mut probe = FaultDisk::new(count.clone());
+        Store::format_disk(&mut probe, mem(), AREA, key.as_ref()).unwrap();
+        let n = probe.ops;
+        assert!(n >= 2, "a format writes and syncs: {n}");
+        for at in 0..n {
+            for fault in [Fault::Eio, Fault::Enospc, Fault::Short] {
+                let shared = SharedDisk::new(CrashDisk::new(AREA, MAX_AREA));
+                let mut faulty = FaultDisk::new(shared.clone());
+                faulty.fault = Some((at, fault));
+                let what = format!("{fault:?} at call {at}");
+                let result = Store::format_disk(&mut faulty, mem(), AREA, key.as_ref());
+                assert!(result.is_err(), "{what}: the format reported no error");
+                for plan in [CrashPlan::DurableOnly, CrashPlan::AllWritten] {
+                    let image = shared.with(|d| d.after_crash(plan));
+                    // No store yet, or the whole empty one: never half of one.
+                    match Store::open_disk(Box::new(image), mem(), key.as_ref()) {
+                        Ok(s) => assert_eq!(s.names().count(), 0, "{what}, {plan:?}"),
+                        Err(e) => assert_eq!(
+                            e.kind(),
+                            tpmstate::ErrorKind::NotAStore,
+                            "{what}, {plan:?}: {}",
+                            tpmstate::kind::chain(&e)
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}
