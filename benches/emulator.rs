@@ -14,6 +14,8 @@
 
 #[path = "../tests/common/emu.rs"]
 mod emu;
+#[path = "plot.rs"]
+mod plot;
 
 use emu::*;
 use std::io::Write;
@@ -242,6 +244,28 @@ fn main() {
         us(raw.pct(0.99))
     );
 
+    // With TPMSTATE_PLOT_DIR: NV_Increment throughput and p99 per emulator.
+    for (file, title, unit, value) in [
+        (
+            "emulator-ops.svg",
+            "TPM2_NV_Increment per second (higher is better)",
+            "ops/s",
+            &(|r: &Row| r.nv.ops_per_s()) as &dyn Fn(&Row) -> f64,
+        ),
+        (
+            "emulator-p99.svg",
+            "TPM2_NV_Increment p99 latency (lower is better)",
+            "us",
+            &(|r: &Row| us(r.nv.pct(0.99))) as &dyn Fn(&Row) -> f64,
+        ),
+    ] {
+        if let Some(path) = plot::target(file) {
+            let bars: Vec<(String, f64)> =
+                rows.iter().map(|r| (r.name.clone(), value(r))).collect();
+            std::fs::write(&path, plot::bars(title, unit, &bars)).unwrap();
+            println!("wrote {}", path.display());
+        }
+    }
     let find = |prefix: &str| rows.iter().find(|r| r.name.starts_with(prefix));
     let ours = find("tpmstate-emu, durable").unwrap();
     let enc = find("tpmstate-emu, durable, encrypted").unwrap();
