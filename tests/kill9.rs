@@ -6,9 +6,7 @@
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 use tpmstate::{KeySource, OpenOptions, ReadOnlyStore, Store};
 
@@ -87,25 +85,9 @@ fn store_survives_100_sigkills_during_commits() {
     let mut known = 2u64;
     let mut advanced = 0;
     for round in 0..100 {
-        let mut child = child_test("kill9_child_commit_loop", CHILD_ENV, &image)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut last = None;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((_, g)) = line.split_once("committed ") {
-                    last = g.parse::<u64>().ok();
-                }
-            }
-            last
-        });
-        std::thread::sleep(Duration::from_micros(rng.gen_range(2_000..60_000)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let announced = reader.join().unwrap().unwrap_or(known);
+        let child = child_test("kill9_child_commit_loop", CHILD_ENV, &image);
+        let delay = Duration::from_micros(rng.gen_range(2_000..60_000));
+        let announced = kill_after(child, delay, "committed").unwrap_or(known);
         // As a process restarting after a crash opens it: the commit being
         // written when the kill came may be served as torn.
         let opts = OpenOptions {

@@ -23,9 +23,7 @@
 mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 use tpmstate::migration::{release_outgoing, ClaimOptions, Incoming};
 use tpmstate::store::FormatOptions;
@@ -159,28 +157,12 @@ fn campaign(mode: &str, kills: u64, seed: u64) {
             prepare(&image, mode);
             floor = 2;
         }
-        let mut child = child_test("kill9_campaign_child", CHILD_ENV, &image)
-            .env(MODE_ENV, mode)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut last = None;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((_, g)) = line.split_once("done ") {
-                    last = g.parse::<u64>().ok();
-                }
-            }
-            last
-        });
+        let mut child = child_test("kill9_campaign_child", CHILD_ENV, &image);
+        child.env(MODE_ENV, mode);
         // Growth commits write megabytes: give them time to return too.
         let longest = if mode == "growth" { 400_000 } else { 120_000 };
-        std::thread::sleep(Duration::from_micros(rng.gen_range(5_000..longest)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let announced = reader.join().unwrap();
+        let delay = Duration::from_micros(rng.gen_range(5_000..longest));
+        let announced = kill_after(child, delay, "done");
         let at = format!("{mode} round {round}");
         assert_qemu_check_clean(&image);
         let mut errors = Vec::new();

@@ -121,6 +121,36 @@ pub fn child_test(name: &str, env: &str, value: &Path) -> Command {
     c
 }
 
+/// Runs `child` (a [`child_test`] command), kills it with SIGKILL after
+/// `delay`, and returns the last number it announced on a stdout line
+/// `... {word} N` before it died.
+pub fn kill_after(mut child: Command, delay: std::time::Duration, word: &str) -> Option<u64> {
+    use std::io::BufRead;
+    let mut child = child
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let word = format!("{word} ");
+    let reader = std::thread::spawn(move || {
+        let mut last = None;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some((_, n)) = line.split_once(&word) {
+                last = n.parse::<u64>().ok();
+            }
+        }
+        last
+    });
+    std::thread::sleep(delay);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap()
+}
+
 /// `tpmstate create IMAGE --key-file KEY` then `put IMAGE permall BLOB` with that key.
 pub fn create_encrypted_with_permall(image: &Path, key: &Path, blob: &Path) {
     let (i, k) = (path_str(image), path_str(key));
