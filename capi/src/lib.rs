@@ -235,16 +235,18 @@ pub(crate) unsafe fn path<'a>(p: *const c_char) -> Result<&'a std::path::Path, F
     Ok(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
 }
 
-/// Sets the out-pointer `out`, if not NULL, to NULL: a failed call leaves
-/// no stale value there.
+/// Readies the out-pointer `out`: refuses a NULL one, and sets it to NULL
+/// first, so that a failed call leaves no stale value there.
 ///
 /// # Safety
 /// `out` is NULL or valid for a write of a pointer.
-pub(crate) unsafe fn clear<T>(out: *mut *mut T) {
-    if !out.is_null() {
-        // SAFETY: not NULL (checked); the caller promises it writable.
-        unsafe { out.write(std::ptr::null_mut()) };
+pub(crate) unsafe fn reset_out<T>(out: *mut *mut T) -> Result<(), Fail> {
+    if out.is_null() {
+        return Err(Fail::usage("out is NULL"));
     }
+    // SAFETY: not NULL (checked); the caller promises it writable.
+    unsafe { out.write(std::ptr::null_mut()) };
+    Ok(())
 }
 
 /// The `len` bytes at `p` (NULL only with `len` 0), named `what` in errors.

@@ -4,7 +4,7 @@
 //! (with a callback of its own) before it accepts it.
 
 use crate::handle::{tpmstate_released, tpmstate_store, Handle};
-use crate::{call, clear, put, store_key, text, Fail, TPMSTATE_E_DAMAGED, TPMSTATE_E_REFUSED};
+use crate::{call, put, reset_out, store_key, text, Fail, TPMSTATE_E_DAMAGED, TPMSTATE_E_REFUSED};
 use std::ffi::{c_char, c_int, c_void};
 use std::time::Duration;
 use tpmstate::migration::{self, ClaimOptions, Incoming};
@@ -39,11 +39,11 @@ pub unsafe extern "C" fn tpmstate_release_outgoing(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller promises `out` NULL or writable.
-        unsafe { clear(out) };
+        unsafe { reset_out(out)? };
         // SAFETY: `store` is checked for NULL before it is read; the
         // caller promises `*store` a live handle.
-        if out.is_null() || store.is_null() || unsafe { (*store).is_null() } {
-            return Err(Fail::usage("store, *store and out must not be NULL"));
+        if store.is_null() || unsafe { (*store).is_null() } {
+            return Err(Fail::usage("store and *store must not be NULL"));
         }
         // SAFETY: not NULL (checked); a live handle (the caller's promise).
         let handle = unsafe { &**store };
@@ -89,10 +89,10 @@ pub unsafe extern "C" fn tpmstate_reclaim(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller promises `out` NULL or writable.
-        unsafe { clear(out) };
+        unsafe { reset_out(out)? };
         // SAFETY: `released` is checked for NULL before it is read.
-        if out.is_null() || released.is_null() || unsafe { (*released).is_null() } {
-            return Err(Fail::usage("released, *released and out must not be NULL"));
+        if released.is_null() || unsafe { (*released).is_null() } {
+            return Err(Fail::usage("released and *released must not be NULL"));
         }
         // SAFETY: not NULL (checked); a live handle (the caller's promise).
         let handle = unsafe { &**released };
@@ -157,10 +157,7 @@ pub unsafe extern "C" fn tpmstate_claim(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller promises `out` NULL or writable.
-        unsafe { clear(out) };
-        if out.is_null() {
-            return Err(Fail::usage("out is NULL"));
-        }
+        unsafe { reset_out(out)? };
         // SAFETY: the caller's promises, passed on.
         let (path, key, names) = unsafe {
             (

@@ -2,7 +2,7 @@
 //! counted lock acquisitions, info, close.
 
 use crate::handle::{tpmstate_lock, tpmstate_store, Handle};
-use crate::{bytes, call, clear, put, store_key, text, Fail};
+use crate::{bytes, call, put, reset_out, store_key, text, Fail};
 use crate::{TPMSTATE_E_NO_SUCH_BLOB, TPMSTATE_LOCK_EXCLUSIVE, TPMSTATE_LOCK_NONE};
 use crate::{TPMSTATE_LOCK_SHARED, TPMSTATE_LOCK_WRITER};
 use std::ffi::{c_char, c_int};
@@ -109,10 +109,7 @@ pub unsafe extern "C" fn tpmstate_open(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller promises `out` NULL or writable.
-        unsafe { clear(out) };
-        if out.is_null() {
-            return Err(Fail::usage("out is NULL"));
-        }
+        unsafe { reset_out(out)? };
         // SAFETY: the caller's promises, passed on.
         let (path, key) = unsafe { (crate::path(path)?, store_key(key, key_len)?) };
         let opts = OpenOptions {
@@ -157,15 +154,17 @@ pub unsafe extern "C" fn tpmstate_get(
     len: *mut usize,
 ) -> c_int {
     call(|| {
-        // SAFETY: the caller promises `data` and `len` NULL or writable.
-        unsafe {
-            clear(data);
-            if !len.is_null() {
-                len.write(0);
-            }
+        if len.is_null() {
+            return Err(Fail::usage("len is NULL"));
         }
-        if store.is_null() || data.is_null() || len.is_null() {
-            return Err(Fail::usage("store, data and len must not be NULL"));
+        // SAFETY: the caller promises `data` and `len` NULL or writable;
+        // `len` is not NULL (checked).
+        unsafe {
+            len.write(0);
+            reset_out(data)?;
+        }
+        if store.is_null() {
+            return Err(Fail::usage("store is NULL"));
         }
         // SAFETY: not NULL (checked); the caller promises a live handle
         // and a NUL-terminated name.
@@ -284,9 +283,9 @@ pub unsafe extern "C" fn tpmstate_lock_acquire(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller promises `out` NULL or writable.
-        unsafe { clear(out) };
-        if store.is_null() || out.is_null() {
-            return Err(Fail::usage("store and out must not be NULL"));
+        unsafe { reset_out(out)? };
+        if store.is_null() {
+            return Err(Fail::usage("store is NULL"));
         }
         // SAFETY: not NULL (checked); the caller promises a live handle.
         let store = unsafe { &*store };
