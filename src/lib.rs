@@ -28,6 +28,7 @@ pub mod image;
 pub mod kind;
 pub mod lock;
 pub mod migration;
+pub mod snapshot_ctl;
 pub mod store;
 pub mod swtpm;
 pub mod swtpm_files;

@@ -7,6 +7,7 @@ mod cli {
     pub mod commands;
     pub mod report;
     pub mod run_locked;
+    pub mod snapshot;
     pub mod swtpm;
 }
 use cli::commands;

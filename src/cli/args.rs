@@ -330,6 +330,13 @@ pub enum Command {
         #[arg(long, value_name = "MS", default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Internal snapshots of the image (qcow2 snapshots qemu-img lists and
+    /// applies): list, create, apply, delete. While tpmstate-emu holds the
+    /// image, list, create and delete go through it, between two commits.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Import a swtpm state directory (or file://FILE) into a new image, in one commit.
     #[command(after_help = SWTPM_KEYS)]
     ImportSwtpm {
@@ -368,5 +375,37 @@ pub enum Command {
         /// Commits per measurement.
         #[arg(long, default_value_t = 1000)]
         iterations: u32,
+    },
+}
+
+/// What `tpmstate snapshot` does.
+#[derive(Subcommand, Debug)]
+pub enum SnapshotAction {
+    /// List the image's internal snapshots (shared lock, or through the emulator).
+    List {
+        /// The image.
+        image: PathBuf,
+    },
+    /// Take a snapshot of the image's current state (writer lock, or through the emulator).
+    Create {
+        /// The image.
+        image: PathBuf,
+        /// The new snapshot's name.
+        name: String,
+    },
+    /// Make a snapshot the image's state: the TPM state goes back to it
+    /// (exclusive lock: the VM must be off).
+    Apply {
+        /// The image.
+        image: PathBuf,
+        /// The snapshot's name or ID.
+        name: String,
+    },
+    /// Delete a snapshot (writer lock, or through the emulator).
+    Delete {
+        /// The image.
+        image: PathBuf,
+        /// The snapshot's name or ID.
+        name: String,
     },
 }

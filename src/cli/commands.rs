@@ -44,7 +44,8 @@ failure_from!(
     tpmstate::StoreError,
     tpmstate::migration::MigrationError,
     tpmstate::lock::LockError,
-    tpmstate::crypto::CryptoError
+    tpmstate::crypto::CryptoError,
+    tpmstate::snapshot_ctl::CtlError
 );
 
 pub fn usage(msg: String) -> Failure {
@@ -478,6 +479,7 @@ pub fn run(cli: Cli) -> Result<u8, Failure> {
                 );
             }
         }
+        Command::Snapshot { action } => super::snapshot::run(action, lk)?,
         Command::DumpHeaders { image } => dump_headers(&image)?,
         Command::Lock {
             image,

@@ -38,7 +38,7 @@ fn modified(path: &Path) -> Option<String> {
 }
 
 /// A Unix time as `YYYY-MM-DD HH:MM:SS UTC` (the civil-from-days algorithm).
-fn utc(secs: u64) -> String {
+pub fn utc(secs: u64) -> String {
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let z = days + 719_468;
     let era = z.div_euclid(146_097);

@@ -15,6 +15,7 @@ mod libtpms;
 mod log;
 mod nvram;
 mod server;
+mod snapshots;
 mod startup;
 mod swtpm_dir;
 mod tpm;

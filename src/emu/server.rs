@@ -7,6 +7,7 @@ use crate::channel::{Conn, Listener, Opened};
 use crate::control;
 use crate::image::HANDOVER_WAIT;
 use crate::log::Log;
+use crate::snapshots::SnapshotSocket;
 use crate::tpm::Tpm;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::fd::AsFd;
@@ -66,6 +67,8 @@ pub struct Server {
     /// The data channel is a connection handed over (`--server fd=`): its
     /// end is the emulator's, as in swtpm.
     data_fd_ends: bool,
+    /// Where `tpmstate snapshot` reaches this emulator.
+    snapshots: SnapshotSocket,
 }
 
 /// What the server is built from.
@@ -111,6 +114,7 @@ impl Server {
             data_pending: Vec::new(),
             data_fd_ends,
             ctrl_started: Instant::now(),
+            snapshots: SnapshotSocket::default(),
         }
     }
 
@@ -144,7 +148,9 @@ impl Server {
             Data,
             CtrlListener,
             Ctrl,
+            Snapshots,
         }
+        self.snapshots.follow(self.tpm.host().image(), &self.log);
         let mut srcs = vec![Src::Signal];
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         let mut add = |fd, src| {
@@ -160,6 +166,9 @@ impl Server {
             (Some(c), _) => add(c.as_fd(), Src::Ctrl),
             (None, Some(l)) => add(l.as_fd(), Src::CtrlListener),
             (None, None) => {}
+        }
+        if let Some(fd) = self.snapshots.fd() {
+            add(fd, Src::Snapshots);
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::Error::EINTR) => return Ok(None),
@@ -186,6 +195,11 @@ impl Server {
                 }
                 Src::Data => self.serve_data(),
                 Src::Ctrl => self.serve_ctrl(),
+                Src::Snapshots => {
+                    let log = self.log.clone();
+                    self.snapshots.serve(self.tpm.host().image(), &log);
+                    self.check_failed()
+                }
             };
             if exit.is_some() {
                 return Ok(exit);

@@ -11,11 +11,13 @@ mod qcow2;
 mod qcow2_alloc;
 pub mod qcow2_header;
 pub mod qcow2_leaks;
+pub mod qcow2_snapshots;
 #[cfg(any(test, feature = "testing"))]
 mod sim;
 
 pub use direct::PageBuf;
 pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};
+pub use qcow2_snapshots::SnapshotEntry;
 #[cfg(any(test, feature = "testing"))]
 pub use sim::{CrashDisk, CrashPlan, SharedDisk};
 
@@ -45,6 +47,29 @@ pub trait Disk: Send + Sync {
     /// Makes at least `min_len` bytes allocated, durably, before it returns.
     /// Fails with [`ImageError::CapacityLimit`] when the image cannot hold that much.
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError>;
+    /// The image's internal snapshots (a disk without them has none).
+    fn snapshots(&self) -> Result<Vec<SnapshotEntry>, ImageError> {
+        Ok(Vec::new())
+    }
+    /// Creates, deletes or applies an internal snapshot, durably.
+    fn change_snapshot(&mut self, op: SnapshotOp<'_>) -> Result<(), ImageError> {
+        let _ = op;
+        Err(ImageError::Unsupported {
+            path: PathBuf::new(),
+            feature: "internal snapshots on a disk that is not a qcow2 image".into(),
+        })
+    }
+}
+
+/// A change to an image's internal snapshots, by name (or QEMU's numeric ID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOp<'a> {
+    /// Takes a snapshot of the active image under this new name.
+    Create(&'a str),
+    /// Deletes the snapshot.
+    Delete(&'a str),
+    /// Makes the snapshot's state the active image's (the VM must be off).
+    Apply(&'a str),
 }
 
 /// Errors of the image layer. Every variant names the file it is about.
@@ -100,6 +125,16 @@ pub enum ImageError {
         /// Bytes the image can hold.
         max: u64,
     },
+    /// A snapshot operation that cannot be done as asked.
+    #[error("{path}: snapshot {name:?}: {reason}")]
+    Snapshot {
+        /// The image file.
+        path: PathBuf,
+        /// The snapshot name given.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// An access outside the allocated area (a bug in the caller, reported, not a panic).
     #[error("{path}: access at {offset}+{len} beyond the allocated area of {area} bytes")]
     OutOfBounds {
@@ -137,6 +172,7 @@ impl ImageError {
             ImageError::Unsupported { .. } => K::Unsupported,
             ImageError::Corrupt { .. } | ImageError::OutOfBounds { .. } => K::Corrupt,
             ImageError::CapacityLimit { .. } => K::NoSpace,
+            ImageError::Snapshot { .. } => K::Usage,
         }
     }
 }

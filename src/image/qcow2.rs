@@ -11,10 +11,11 @@
 //! on the commit path.
 
 use super::direct::{self, DirectFile};
-use super::qcow2_alloc;
+use super::qcow2_alloc::{self, Fill, Request, SnapshotChange};
 use super::qcow2_header::{self, HeaderProblem, Qcow2Header, MAX_HEADER_BYTES};
 use super::qcow2_leaks::{self, Doubt, Scan};
-use super::{Disk, ImageError};
+use super::qcow2_snapshots::{self, SnapshotEntry};
+use super::{Disk, ImageError, SnapshotOp};
 use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
 use qcow2_rs::error::Qcow2Result;
 use qcow2_rs::meta::MappingSource;
@@ -63,12 +64,25 @@ pub struct Qcow2Facts {
 }
 
 /// A qcow2 image whose allocated prefix serves as the store's area.
+///
+/// The prefix may reach clusters an internal snapshot shares, or clusters
+/// only the backing file holds: reads follow them, and the first write makes
+/// the whole prefix the active image's own first ([`Qcow2Disk::make_own`]).
 pub struct Qcow2Disk {
     path: PathBuf,
     file: Arc<File>,
     header: Qcow2Header,
-    /// Host offset of each guest cluster of the allocated prefix.
+    /// Host offset of each guest cluster of the allocated prefix;
+    /// [`FROM_BACKING`] for a cluster read from the backing file.
     host: Vec<u64>,
+    /// Bytes of the prefix that can be read (the backing file's may end
+    /// inside one of this image's clusters).
+    readable: u64,
+    /// The backing file, for an overlay.
+    backing: Option<Box<Qcow2Disk>>,
+    /// Every cluster of the prefix is known to have exactly one reference
+    /// (checked by a survey, not trusted from the COPIED flags).
+    own: bool,
     /// The file length the mapping and the metadata need: a shorter file
     /// was truncated under the store.
     needed_len: u64,
@@ -84,6 +98,13 @@ impl std::fmt::Debug for Qcow2Disk {
             .finish()
     }
 }
+
+/// The host offset recorded for a prefix cluster the backing file holds
+/// (no data cluster can sit at offset 0, the header's).
+const FROM_BACKING: u64 = 0;
+/// Longest backing chain followed (QEMU allows more; an NVRAM overlay
+/// chain is short, and a loop must end).
+const MAX_BACKING_DEPTH: usize = 16;
 
 /// qcow2-rs's I/O engine over our descriptor.
 struct FdIo(Arc<File>);
@@ -136,17 +157,40 @@ impl Qcow2Disk {
     /// Validates the qcow2 image behind `file` (opened once by the caller, who
     /// holds its locks) and maps its allocated prefix.
     pub(crate) fn open(path: &Path, file: Arc<File>) -> Result<Self, ImageError> {
+        Qcow2Disk::open_in_chain(path, file, 0)
+    }
+
+    fn open_in_chain(path: &Path, file: Arc<File>, depth: usize) -> Result<Self, ImageError> {
         let header = read_header(path, &file)?;
+        let backing = match &header.backing {
+            None => None,
+            Some(b) => Some(Box::new(open_backing(path, b, depth)?)),
+        };
         let mut disk = Qcow2Disk {
             path: path.to_path_buf(),
             file,
             header,
             host: Vec::new(),
+            readable: 0,
+            backing,
+            own: false,
             needed_len: 0,
             direct: DirectFile::default(),
         };
         disk.remap()?;
         Ok(disk)
+    }
+
+    /// The backing files of this overlay, nearest first, with their
+    /// descriptors (opened read-only), for the caller to lock.
+    pub fn backing_files(&self) -> Vec<(&Path, &Arc<File>)> {
+        let mut out = Vec::new();
+        let mut next = self.backing.as_deref();
+        while let Some(b) = next {
+            out.push((b.path.as_path(), &b.file));
+            next = b.backing.as_deref();
+        }
+        out
     }
 
     /// Writes a new, empty qcow2 image to `path`, which must not exist.
@@ -217,11 +261,115 @@ impl Qcow2Disk {
         self.header.size
     }
 
-    /// Allocates `[0, len)` and fills it with zeros, through qcow2-rs, durably.
-    /// Used when a store is formatted: afterwards every cluster of the area is
-    /// allocated in qcow2 and in the host file system, so commits only overwrite.
+    /// Allocates `[0, len)` and fills it with zeros, durably. Used when a
+    /// store is formatted: afterwards every cluster of the area is allocated
+    /// in qcow2 and in the host file system, so commits only overwrite.
+    /// Clusters a snapshot shares are replaced, never zeroed.
     pub fn zero_fill(&mut self, len: u64) -> Result<(), ImageError> {
-        self.allocate(0, len)
+        self.check_capacity(len)?;
+        self.change(Request {
+            zero: 0..len,
+            ..Request::default()
+        })
+    }
+
+    /// Makes every cluster of the allocated prefix the active image's own,
+    /// durably, unless a survey finds they are: copies the clusters an
+    /// internal snapshot shares, and copies up the clusters only the backing
+    /// file holds, in one crash-safe metadata change (see [`qcow2_alloc`]).
+    /// Writes call it first; the holder of the write lock may call it earlier.
+    pub fn make_own(&mut self) -> Result<(), ImageError> {
+        if !self.own {
+            self.change(self.own_request())?;
+            self.own = true;
+        }
+        Ok(())
+    }
+
+    /// A request that makes the allocated prefix own, to build on.
+    fn own_request(&self) -> Request {
+        Request {
+            own_to: self.size(),
+            backing_to: self.backing.as_ref().map_or(0, |b| b.size()),
+            ..Request::default()
+        }
+    }
+
+    /// The image's internal snapshots, read from the file now.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotEntry>, ImageError> {
+        let header = read_header(&self.path, &self.file)?;
+        if header.nb_snapshots == 0 {
+            return Ok(Vec::new());
+        }
+        let file_len = file_len(&self.path, &self.file)?;
+        let file = &self.file;
+        let read = &mut |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at);
+        let table = qcow2_snapshots::read_table(
+            header.snapshots_offset,
+            header.nb_snapshots,
+            file_len,
+            read,
+        )
+        .map_err(io_err(&self.path, "read"))?;
+        match table {
+            Ok((entries, _)) => Ok(entries),
+            Err(doubt) => Err(self.corrupt(doubt.to_string())),
+        }
+    }
+
+    /// Creates, deletes or applies an internal snapshot, durably, in one
+    /// crash-safe metadata change. A new snapshot shares nothing with the
+    /// active image afterwards (the store area is copied in the same change),
+    /// so the next commit is an ordinary one. Applying leaves the active image
+    /// sharing the snapshot's clusters until its first write.
+    pub fn change_snapshot(&mut self, op: SnapshotOp<'_>) -> Result<(), ImageError> {
+        let existing = self.snapshots()?;
+        let find = |name: &str| {
+            existing
+                .iter()
+                .position(|s| s.id == name)
+                .or_else(|| existing.iter().position(|s| s.name == name))
+                .ok_or_else(|| self.snapshot_error(name, "no such snapshot"))
+        };
+        let mut req = self.own_request();
+        req.snapshot = Some(match op {
+            SnapshotOp::Create(name) => {
+                if name.is_empty() || name.len() > qcow2_snapshots::MAX_NAME_BYTES {
+                    return Err(self.snapshot_error(name, "a name must be 1 to 1024 bytes"));
+                }
+                if existing.iter().any(|s| s.name == name) {
+                    return Err(self.snapshot_error(name, "a snapshot of that name exists"));
+                }
+                SnapshotChange::Create {
+                    id: qcow2_snapshots::next_id(&existing),
+                    name: name.to_string(),
+                }
+            }
+            SnapshotOp::Delete(name) => SnapshotChange::Delete(find(name)?),
+            SnapshotOp::Apply(name) => {
+                req.own_to = 0;
+                SnapshotChange::Apply(find(name)?)
+            }
+        });
+        let applying = req.own_to == 0;
+        self.change(req)?;
+        self.own = !applying;
+        Ok(())
+    }
+
+    fn snapshot_error(&self, name: &str, reason: &str) -> ImageError {
+        ImageError::Snapshot {
+            path: self.path.clone(),
+            name: name.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn corrupt(&self, reason: String) -> ImageError {
+        ImageError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        }
     }
 
     /// Looks for clusters an earlier crash leaked (see [`qcow2_leaks`]); reads only.
@@ -268,7 +416,7 @@ impl Qcow2Disk {
         Ok(scan.leaked())
     }
 
-    fn allocate(&mut self, from: u64, to: u64) -> Result<(), ImageError> {
+    fn check_capacity(&self, to: u64) -> Result<(), ImageError> {
         if to > self.header.size {
             return Err(ImageError::CapacityLimit {
                 path: self.path.clone(),
@@ -276,10 +424,16 @@ impl Qcow2Disk {
                 max: self.header.size,
             });
         }
+        Ok(())
+    }
+
+    /// Plans and carries out `req`, then maps the prefix again.
+    fn change(&mut self, req: Request) -> Result<(), ImageError> {
         // The tables may have moved since this disk was opened.
         self.header = read_header(&self.path, &self.file)?;
-        match self.plan_allocation(from, to)? {
-            Ok(plan) => self.apply(&plan)?,
+        match self.plan(&req)? {
+            Ok(Some(plan)) => self.apply(&plan)?,
+            Ok(None) => return Ok(()),
             // qcow2-rs could allocate here, but its refcount-first order
             // leaks clusters on a crash, and in a corrupt image it could make
             // things worse: refuse, touching nothing.
@@ -287,59 +441,46 @@ impl Qcow2Disk {
                 return Err(ImageError::Unsupported {
                     path: self.path.clone(),
                     feature: format!(
-                        "{feature}: tpmstate cannot allocate in it safely \
-                         (copy it with qemu-img convert -O qcow2)"
+                        "{feature}: tpmstate cannot change its metadata safely \
+                         (qemu-img convert -O qcow2 makes a copy it can change)"
                     ),
                 })
             }
-            Err(Doubt::Corrupt(reason)) => {
-                return Err(ImageError::Corrupt {
-                    path: self.path.clone(),
-                    reason,
-                })
-            }
+            Err(Doubt::Corrupt(reason)) => return Err(self.corrupt(reason)),
         }
         self.header = read_header(&self.path, &self.file)?;
         self.remap()
     }
 
-    /// Plans allocating `[from, to)` without a crash window (see
-    /// [`qcow2_alloc`]); `Err` says why this image cannot be planned for.
-    fn plan_allocation(
-        &self,
-        from: u64,
-        to: u64,
-    ) -> Result<Result<qcow2_alloc::Plan, Doubt>, ImageError> {
+    /// Plans `req` without a crash window (see [`qcow2_alloc`]); `Err`
+    /// (inside) says why this image cannot be planned for.
+    fn plan(&self, req: &Request) -> Result<Result<Option<qcow2_alloc::Plan>, Doubt>, ImageError> {
         let file_len = file_len(&self.path, &self.file)?;
         let file = &self.file;
         let read = &mut |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at);
         let planned = match qcow2_leaks::survey(&self.header, file_len, read) {
-            Ok(Ok(survey)) => qcow2_alloc::plan(&self.header, survey.referenced, from, to, read),
+            Ok(Ok(survey)) => qcow2_alloc::plan(&self.header, survey, req, read),
             Ok(Err(doubt)) => Ok(Err(doubt)),
             Err(e) => Err(e),
         };
         planned.map_err(io_err(&self.path, "read"))
     }
 
-    /// Carries out an allocation plan: new metadata and zeroed data, one sync,
-    /// the header switch, a second sync (see [`qcow2_alloc`]).
+    /// Carries out a plan: the data clusters and the new metadata, one
+    /// sync, the header switch, a second sync (see [`qcow2_alloc`]).
     fn apply(&mut self, plan: &qcow2_alloc::Plan) -> Result<(), ImageError> {
-        let write = |at: u64, bytes: &[u8]| {
+        let cs = self.header.cluster_size() as usize;
+        let mut buf = vec![0u8; cs];
+        for &(at, fill) in &plan.data {
+            self.fill(&mut buf, fill)?;
             self.file
-                .write_all_at(bytes, at)
-                .map_err(io_err(&self.path, "write"))
-        };
-        let zeros = vec![0u8; 1 << 20];
-        for &(start, len) in &plan.zeros {
-            let mut at = start;
-            while at < start + len {
-                let n = (start + len - at).min(zeros.len() as u64);
-                write(at, &zeros[..n as usize])?;
-                at += n;
-            }
+                .write_all_at(&buf, at)
+                .map_err(io_err(&self.path, "write"))?;
         }
         for (at, bytes) in &plan.tables {
-            write(*at, bytes)?;
+            self.file
+                .write_all_at(bytes, *at)
+                .map_err(io_err(&self.path, "write"))?;
         }
         let sync = || {
             self.file
@@ -347,8 +488,30 @@ impl Qcow2Disk {
                 .map_err(io_err(&self.path, "fdatasync"))
         };
         sync()?;
-        write(qcow2_alloc::SWITCH_AT, &plan.switch)?;
+        self.file
+            .write_all_at(&plan.switch, qcow2_alloc::SWITCH_AT)
+            .map_err(io_err(&self.path, "write"))?;
         sync()
+    }
+
+    /// Fills `buf` (one cluster) with what `fill` says.
+    fn fill(&self, buf: &mut [u8], fill: Fill) -> Result<(), ImageError> {
+        match fill {
+            Fill::Zeros => buf.fill(0),
+            Fill::Host(from) => self
+                .file
+                .read_exact_at(buf, from)
+                .map_err(io_err(&self.path, "read"))?,
+            Fill::Backing(guest) => {
+                let Some(backing) = &self.backing else {
+                    return Err(self.corrupt("a copy-up without a backing file".into()));
+                };
+                let n = backing.readable.saturating_sub(guest).min(buf.len() as u64) as usize;
+                buf[n..].fill(0);
+                backing.read_at(guest, &mut buf[..n])?;
+            }
+        }
+        Ok(())
     }
 
     /// The guest offset of the first cluster below `to` that holds data but
@@ -379,14 +542,20 @@ impl Qcow2Disk {
         let cs = h.cluster_size();
         let file_len = file_len(&self.path, &self.file)?;
         let clusters = h.size.div_ceil(cs);
+        let from_backing = self.backing.as_ref().map_or(0, |b| b.readable);
         let (mapped, compressed) = self.qcow2_session(|dev| {
             futures::executor::block_on(async {
                 let mut out = Vec::new();
                 for c in 0..clusters {
                     let m = dev.get_mapping(c * cs).await?;
                     match (m.source, m.cluster_offset) {
-                        (MappingSource::DataFile, Some(host)) => out.push((host, m.copied)),
+                        (MappingSource::DataFile, Some(host)) => out.push(Some(host)),
                         (MappingSource::Compressed, _) => return Ok((out, Some(c))),
+                        (MappingSource::Backing | MappingSource::Unallocated, _)
+                            if c * cs < from_backing =>
+                        {
+                            out.push(None)
+                        }
                         _ => break,
                     }
                 }
@@ -411,17 +580,17 @@ impl Qcow2Disk {
         let metadata = self.metadata_clusters(file_len)?;
         let mut seen = HashSet::new();
         let mut host = Vec::with_capacity(mapped.len());
-        for (i, (off, copied)) in mapped.into_iter().enumerate() {
+        let mut readable = (mapped.len() as u64 * cs).min(h.size);
+        for (i, off) in mapped.into_iter().enumerate() {
+            let Some(off) = off else {
+                readable = readable.min(from_backing);
+                host.push(FROM_BACKING);
+                continue;
+            };
             if off % cs != 0 || off < cs || off.checked_add(cs).is_none_or(|e| e > file_len) {
                 return Err(corrupt(format!(
                     "guest cluster {i} maps to bad host offset {off:#x}"
                 )));
-            }
-            if !copied {
-                return Err(ImageError::Unsupported {
-                    path: self.path.clone(),
-                    feature: format!("guest cluster {i} is shared (refcount > 1)"),
-                });
             }
             if metadata.contains(&(off / cs)) || !seen.insert(off) {
                 return Err(corrupt(format!(
@@ -434,6 +603,7 @@ impl Qcow2Disk {
         let metadata_end = metadata.iter().max().map_or(0, |c| (c + 1) * cs);
         self.needed_len = data_end.max(metadata_end);
         self.host = host;
+        self.readable = readable;
         Ok(())
     }
 
@@ -517,7 +687,7 @@ impl Qcow2Disk {
         }
     }
 
-    /// The end of the last data cluster in `host`.
+    /// The end of the last data cluster in `host` (this file's own).
     fn host_end(&self, host: &[u64], cs: u64) -> u64 {
         host.iter().max().map_or(0, |h| h + cs)
     }
@@ -544,7 +714,7 @@ impl Qcow2Disk {
         &self,
         offset: u64,
         len: usize,
-    ) -> Result<impl Iterator<Item = (u64, usize, usize)> + '_, ImageError> {
+    ) -> Result<impl Iterator<Item = (Option<u64>, usize, usize)> + '_, ImageError> {
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|e| e > self.size()) {
             return Err(ImageError::OutOfBounds {
@@ -562,6 +732,11 @@ impl Qcow2Disk {
             }
             let start = pos;
             let guest = offset + pos as u64;
+            if self.host[(guest / cs) as usize] == FROM_BACKING {
+                // One cluster at a time from the backing file.
+                pos += ((cs - guest % cs) as usize).min(len - pos);
+                return Some((None, start, pos - start));
+            }
             let host = self.host[(guest / cs) as usize] + guest % cs;
             // Clusters that follow each other in the file too make one range
             // (one syscall): preallocated areas usually are contiguous.
@@ -573,9 +748,40 @@ impl Qcow2Disk {
                 }
                 pos += ((cs - in_cluster) as usize).min(len - pos);
             }
-            Some((host, start, pos - start))
+            Some((Some(host), start, pos - start))
         }))
     }
+}
+
+/// Opens the backing file `b` of the overlay at `overlay`, read-only. A
+/// relative name is relative to the overlay's directory, as in QEMU.
+fn open_backing(
+    overlay: &Path,
+    b: &qcow2_header::BackingRef,
+    depth: usize,
+) -> Result<Qcow2Disk, ImageError> {
+    let unsupported = |feature: String| ImageError::Unsupported {
+        path: overlay.to_path_buf(),
+        feature,
+    };
+    if let Some(format) = b.format.as_deref().filter(|f| *f != "qcow2") {
+        return Err(unsupported(format!(
+            "backing file {} of format {format} (tpmstate follows qcow2 backing files only)",
+            b.name
+        )));
+    }
+    if depth >= MAX_BACKING_DEPTH {
+        return Err(unsupported(format!(
+            "a backing chain deeper than {MAX_BACKING_DEPTH} images (or a loop)"
+        )));
+    }
+    let name = Path::new(&b.name);
+    let path = match overlay.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name.to_path_buf(),
+    };
+    let file = crate::file::open_regular(&path, false)?;
+    Qcow2Disk::open_in_chain(&path, Arc::new(file), depth + 1)
 }
 
 fn file_len(path: &Path, file: &File) -> Result<u64, ImageError> {
@@ -607,15 +813,25 @@ impl Disk for Qcow2Disk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let len = buf.len();
         for (host, pos, n) in self.host_ranges(offset, len)? {
-            self.file
-                .read_exact_at(&mut buf[pos..pos + n], host)
-                .map_err(io_err(&self.path, "read"))?;
+            let part = &mut buf[pos..pos + n];
+            match (host, &self.backing) {
+                (Some(host), _) => self
+                    .file
+                    .read_exact_at(part, host)
+                    .map_err(io_err(&self.path, "read"))?,
+                (None, Some(backing)) => backing.read_at(offset + pos as u64, part)?,
+                (None, None) => return Err(self.corrupt("a cluster mapped to no file".into())),
+            }
         }
         Ok(())
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.make_own()?;
         for (host, pos, n) in self.host_ranges(offset, data.len())? {
+            let Some(host) = host else {
+                return Err(self.corrupt("a cluster still in the backing file".into()));
+            };
             self.file
                 .write_all_at(&data[pos..pos + n], host)
                 .map_err(io_err(&self.path, "write"))?;
@@ -628,12 +844,13 @@ impl Disk for Qcow2Disk {
     /// cache, because direct writes wait for the device one by one, while
     /// `fdatasync` writes several dirty ranges back together.
     fn write_parts(&mut self, parts: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        self.make_own()?;
         self.check_not_shrunk()?;
         if let [(offset, data)] = parts {
             let single = {
                 let mut ranges = self.host_ranges(*offset, data.len())?;
                 match (ranges.next(), ranges.next()) {
-                    (Some((host, _, _)), None) => Some(host),
+                    (Some((host, _, _)), None) => host,
                     _ => None,
                 }
             };
@@ -666,15 +883,27 @@ impl Disk for Qcow2Disk {
     }
 
     fn size(&self) -> u64 {
-        (self.host.len() as u64 * self.header.cluster_size()).min(self.header.size)
+        self.readable
     }
 
     fn grow(&mut self, min_len: u64) -> Result<(), ImageError> {
         if min_len <= self.size() {
             return Ok(());
         }
-        let from = self.size();
-        self.allocate(from, min_len)
+        self.check_capacity(min_len)?;
+        let mut req = self.own_request();
+        req.zero = self.size()..min_len;
+        self.change(req)?;
+        self.own = true;
+        Ok(())
+    }
+
+    fn snapshots(&self) -> Result<Vec<SnapshotEntry>, ImageError> {
+        Qcow2Disk::snapshots(self)
+    }
+
+    fn change_snapshot(&mut self, op: SnapshotOp<'_>) -> Result<(), ImageError> {
+        Qcow2Disk::change_snapshot(self, op)
     }
 }
 
@@ -763,6 +992,17 @@ mod tests {
         assert_eq!(code, 0, "{report}");
     }
 
+    /// Every write a plan makes before its switch, as `(offset, bytes)`.
+    fn plan_writes(disk: &Qcow2Disk, plan: &qcow2_alloc::Plan) -> Vec<(u64, Vec<u8>)> {
+        let mut writes = plan.tables.clone();
+        for &(at, fill) in &plan.data {
+            let mut buf = vec![0u8; disk.header.cluster_size() as usize];
+            disk.fill(&mut buf, fill).unwrap();
+            writes.push((at, buf));
+        }
+        writes
+    }
+
     /// Power loss during an allocation, simulated: any subset of the sectors
     /// written before the first sync reaches the disk, or all of them and the
     /// header switch do. `qemu-img check` must find no leak and no error in
@@ -788,15 +1028,11 @@ mod tests {
             let mut disk = open(&base);
             disk.zero_fill(1 << 20).unwrap();
             let old_size = disk.size();
-            let plan = disk
-                .plan_allocation(old_size, old_size + (2 << 20))
-                .unwrap()
-                .unwrap();
+            let mut req = disk.own_request();
+            req.zero = old_size..old_size + (2 << 20);
+            let plan = disk.plan(&req).unwrap().unwrap().unwrap();
+            let writes = plan_writes(&disk, &plan);
             drop(disk);
-            let mut writes: Vec<(u64, Vec<u8>)> = plan.tables.clone();
-            for &(at, len) in &plan.zeros {
-                writes.push((at, vec![0; len as usize]));
-            }
             let crashed = dir.path().join("crashed.qcow2");
             let c = crashed.to_str().unwrap();
             for trial in 0..10 {

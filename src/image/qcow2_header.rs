@@ -29,6 +29,11 @@ const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Header extension of persistent dirty bitmaps (their directory and tables
 /// live in clusters of their own).
 const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Header extension naming the backing file's format.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// QEMU's limits: snapshots per image, and bytes of a backing file name.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+const MAX_BACKING_NAME: u32 = 1023;
 
 /// The header fields tpmstate uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +59,21 @@ pub struct Qcow2Header {
     /// The image may reference clusters from tables tpmstate does not parse:
     /// it has a bitmaps extension, or its extension list is unreadable.
     pub foreign_tables: bool,
+    /// Internal snapshots in the snapshot table.
+    pub nb_snapshots: u32,
+    /// Host offset of the snapshot table (0 when there are none).
+    pub snapshots_offset: u64,
+    /// The backing file this image is an overlay of, if any.
+    pub backing: Option<BackingRef>,
+}
+
+/// The backing file an overlay names in its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The file name as written (relative names are relative to the overlay's directory).
+    pub name: String,
+    /// The format named by the backing-format extension, if there is one.
+    pub format: Option<String>,
 }
 
 impl Qcow2Header {
@@ -140,19 +160,15 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
             1u64 << cluster_bits
         )));
     }
-    if backing_file_offset != 0 {
-        return Err(Unsupported(
-            "backing file (run qemu-img convert to flatten it)".into(),
-        ));
-    }
     if crypt_method != 0 {
         return Err(Unsupported(
             "qcow2 encryption (tpmstate encrypts blobs itself; use an unencrypted image)".into(),
         ));
     }
-    if nb_snapshots != 0 {
-        return Err(Unsupported(format!(
-            "{nb_snapshots} internal snapshot(s) (delete them with qemu-img snapshot -d)"
+    let snapshots_offset = be64(buf, 64);
+    if nb_snapshots > MAX_SNAPSHOTS {
+        return Err(Corrupt(format!(
+            "{nb_snapshots} snapshots (QEMU allows {MAX_SNAPSHOTS})"
         )));
     }
     if incompatible & INCOMPAT_DIRTY != 0 {
@@ -201,7 +217,9 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
     let aligned = |off: u64| off.is_multiple_of(cs);
     if !aligned(l1_table_offset)
         || !aligned(refcount_table_offset)
+        || !aligned(snapshots_offset)
         || l1_table_offset == 0 && l1_size != 0
+        || snapshots_offset == 0 && nb_snapshots != 0
     {
         return Err(Corrupt("metadata table offset not cluster aligned".into()));
     }
@@ -236,6 +254,15 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
     let ext_area = &buf[..buf.len().min(cs as usize)];
     let foreign_tables =
         extension_list_has(ext_area, header_length as usize, EXT_BITMAPS).unwrap_or(true);
+    let backing = match backing_file_offset {
+        0 => None,
+        at => Some(BackingRef {
+            name: backing_name(ext_area, at, be32(buf, 16))?,
+            format: extension(ext_area, header_length as usize, EXT_BACKING_FORMAT)
+                .flatten()
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
+        }),
+    };
     Ok(Qcow2Header {
         version,
         cluster_bits,
@@ -247,22 +274,48 @@ pub fn parse(buf: &[u8], file_len: u64) -> Result<Qcow2Header, HeaderProblem> {
         refcount_order,
         compatible_features: compatible,
         foreign_tables,
+        nb_snapshots,
+        snapshots_offset,
+        backing,
     })
+}
+
+/// The backing file name of `len` bytes at header offset `at`.
+fn backing_name(header: &[u8], at: u64, len: u32) -> Result<String, HeaderProblem> {
+    let bad = |why: &str| HeaderProblem::Corrupt(format!("backing file name {why}"));
+    if len == 0 || len > MAX_BACKING_NAME {
+        return Err(bad(&format!("of {len} bytes")));
+    }
+    let bytes = usize::try_from(at)
+        .ok()
+        .and_then(|at| header.get(at..at.checked_add(len as usize)?))
+        .ok_or_else(|| bad("lies outside the header cluster"))?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| HeaderProblem::Unsupported("a backing file name that is not UTF-8".into()))
 }
 
 /// Whether the header extension list starting at `at` holds `magic`; `None`
 /// when the list runs off the header cluster (then nobody can tell).
-fn extension_list_has(buf: &[u8], mut at: usize, magic: u32) -> Option<bool> {
+fn extension_list_has(buf: &[u8], at: usize, magic: u32) -> Option<bool> {
+    extension(buf, at, magic).map(|found| found.is_some())
+}
+
+/// The data of header extension `magic` in the list starting at `at`
+/// (`Some(None)`: not in the list; `None`: the list runs off the header
+/// cluster, so nobody can tell).
+fn extension(buf: &[u8], mut at: usize, magic: u32) -> Option<Option<&[u8]>> {
     loop {
         if at.checked_add(8)? > buf.len() {
             return None;
         }
         let (m, len) = (be32(buf, at), be32(buf, at + 4) as usize);
         if m == 0 {
-            return Some(false);
+            return Some(None);
         }
         if m == magic {
-            return Some(true);
+            return buf
+                .get(at + 8..at.checked_add(8)?.checked_add(len)?)
+                .map(Some);
         }
         at = at
             .checked_add(8)?

@@ -8,16 +8,19 @@
 //! lazy-refcounts image after a crash. tpmstate's own allocations
 //! ([`super::qcow2_alloc`]) leave none, and use the same survey.
 //!
-//! The scan marks every cluster the image references (header cluster, L1
+//! The scan counts every reference the image holds (header cluster, L1
+//! tables of the active image and of every internal snapshot, the snapshot
 //! table, refcount table, refcount blocks, L2 tables, data clusters) and
-//! compares that with the refcounts, like `qemu-img check`. It only reports
-//! leaks when it understands the whole image. With compressed clusters, tables
-//! it does not parse (bitmaps), a cluster referenced twice, or a referenced
-//! cluster whose refcount is not 1 (real corruption, which is not ours to
+//! compares the counts with the refcounts, like `qemu-img check`. It only
+//! reports leaks when it understands the whole image. With compressed
+//! clusters, tables it does not parse (bitmaps), metadata referenced twice, a
+//! cluster used as two kinds of cluster, or a referenced cluster whose
+//! refcount differs from its count (real corruption, which is not ours to
 //! repair), it reports [`Scan::Unsure`] and the image is left alone. This
 //! module reads; the caller writes.
 
 use super::qcow2_header::Qcow2Header;
+use super::qcow2_snapshots::{read_table, SnapshotEntry};
 
 /// Bits 9-55 of L1 and L2 entries: the host offset.
 pub(crate) const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -25,9 +28,9 @@ pub(crate) const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub(crate) const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// L2 entry flag of a compressed cluster (its offset field is laid out differently).
 pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
-/// Images with more clusters than this are not scanned (the count table would
-/// take more than 64 MiB); an NVRAM image has a few hundred.
-const MAX_SCANNED_CLUSTERS: u64 = 64 << 20;
+/// Images with more clusters than this are not scanned (the count tables
+/// would take more than 80 MiB); an NVRAM image has a few hundred.
+const MAX_SCANNED_CLUSTERS: u64 = 16 << 20;
 
 /// What a scan found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,11 +91,20 @@ impl std::fmt::Display for Doubt {
 
 /// What a survey of an image it fully understands found.
 pub(crate) struct Survey {
-    /// For each host cluster up to the end of the file: does the image reference it?
-    pub referenced: Vec<bool>,
+    /// For each host cluster up to the end of the file: how many references
+    /// the image holds to it, counted as its refcount must be (1 for
+    /// metadata; for an L2 table or a data cluster, one per L1 table, the
+    /// active one or a snapshot's, that reaches it).
+    pub counts: Vec<u32>,
     /// Clusters counted as used that nothing references.
     pub leaks: Vec<LeakedEntries>,
+    /// The internal snapshots.
+    pub snapshots: Vec<SnapshotEntry>,
 }
+
+/// L2 tables a survey reads at most (one read per L1 entry, per snapshot):
+/// bounds the work a hostile snapshot table can cause.
+const MAX_L2_VISITS: u32 = 1 << 17;
 
 /// Marks what the image references and compares it with the refcounts; `Err`
 /// says why the image is not fully understood.
@@ -101,62 +113,102 @@ pub(crate) fn survey(
     file_len: u64,
     read: &mut ReadAt<'_>,
 ) -> std::io::Result<Result<Survey, Doubt>> {
-    let unsupported = |why: String| Ok(Err(Doubt::Unsupported(why)));
-    let corrupt = |why: String| Ok(Err(Doubt::Corrupt(why)));
     if h.foreign_tables {
-        return unsupported("the image has tables tpmstate does not parse (bitmaps)".into());
+        return Ok(Err(Doubt::Unsupported(
+            "the image has tables tpmstate does not parse (bitmaps)".into(),
+        )));
     }
     let cs = h.cluster_size();
     let clusters = file_len.div_ceil(cs);
     if clusters > MAX_SCANNED_CLUSTERS {
-        return unsupported(format!("{clusters} clusters are too many to scan"));
+        return Ok(Err(Doubt::Unsupported(format!(
+            "{clusters} clusters are too many to scan"
+        ))));
     }
     let mut refs = References {
         cs,
-        referenced: vec![false; clusters as usize],
+        counts: vec![0; clusters as usize],
+        kinds: vec![Use::Free; clusters as usize],
+        visits: 0,
     };
-    let fixed = h.metadata_ranges();
-    for (start, len) in fixed.into_iter().filter(|&(_, len)| len > 0) {
-        if let Err(why) = refs.add(start, len) {
-            return corrupt(why);
-        }
-    }
-    let mut l1 = vec![0u8; u64::from(h.l1_size) as usize * 8];
-    read(h.l1_table_offset, &mut l1)?;
-    let mut l2 = vec![0u8; cs as usize];
-    for l2_at in table_offsets(&l1, TABLE_OFFSET_MASK) {
-        if let Err(why) = refs.add(l2_at, cs) {
-            return corrupt(why);
-        }
-        read(l2_at, &mut l2)?;
-        for entry in entries(&l2) {
-            if entry & L2_COMPRESSED != 0 {
-                return unsupported("the image has compressed clusters".into());
-            }
-            let data_at = entry & TABLE_OFFSET_MASK;
-            if data_at != 0 {
-                if let Err(why) = refs.add(data_at, cs) {
-                    return corrupt(why);
-                }
-            }
-        }
-    }
+    let snapshots = match referenced_by(h, file_len, &mut refs, read)? {
+        Ok(snapshots) => snapshots,
+        Err(doubt) => return Ok(Err(doubt)),
+    };
     let mut reftable = vec![0u8; h.refcount_table_clusters as usize * cs as usize];
     read(h.refcount_table_offset, &mut reftable)?;
     let blocks: Vec<u64> = entries(&reftable)
         .map(|e| e & REFTABLE_OFFSET_MASK)
         .collect();
     for &block_at in blocks.iter().filter(|&&b| b != 0) {
-        if let Err(why) = refs.add(block_at, cs) {
+        if let Err(why) = refs.add_meta(block_at, cs) {
+            return Ok(Err(Doubt::Corrupt(why)));
+        }
+    }
+    match compare(h, &refs.counts, &blocks, read)? {
+        Ok(leaks) => Ok(Ok(Survey {
+            counts: refs.counts,
+            leaks,
+            snapshots,
+        })),
+        Err(doubt) => Ok(Err(doubt)),
+    }
+}
+
+/// Counts the references of the header, the tables of the active image and
+/// of every snapshot, and the snapshot table; returns the snapshots.
+fn referenced_by(
+    h: &Qcow2Header,
+    file_len: u64,
+    refs: &mut References,
+    read: &mut ReadAt<'_>,
+) -> std::io::Result<Result<Vec<SnapshotEntry>, Doubt>> {
+    let corrupt = |why: String| Ok(Err(Doubt::Corrupt(why)));
+    // The header cluster and the refcount table (the L1 table is walked below).
+    let [header, _, reftable] = h.metadata_ranges();
+    for (start, len) in [header, reftable] {
+        if let Err(why) = refs.add_meta(start, len) {
             return corrupt(why);
         }
     }
+    let (snapshots, table_len) = if h.nb_snapshots == 0 {
+        (Vec::new(), 0)
+    } else {
+        match read_table(h.snapshots_offset, h.nb_snapshots, file_len, read)? {
+            Ok(table) => table,
+            Err(doubt) => return Ok(Err(doubt)),
+        }
+    };
+    if table_len > 0 {
+        if let Err(why) = refs.add_meta(h.snapshots_offset, table_len) {
+            return corrupt(why);
+        }
+    }
+    if let Err(doubt) = refs.walk_l1(h.l1_table_offset, h.l1_size, read)? {
+        return Ok(Err(doubt));
+    }
+    for s in &snapshots {
+        if let Err(doubt) = refs.walk_l1(s.l1_table_offset, s.l1_size, read)? {
+            return Ok(Err(doubt));
+        }
+    }
+    Ok(Ok(snapshots))
+}
 
+/// Compares the counted references with the refcount blocks at `blocks`:
+/// the leaked clusters, or why the image is inconsistent.
+fn compare(
+    h: &Qcow2Header,
+    counts: &[u32],
+    blocks: &[u64],
+    read: &mut ReadAt<'_>,
+) -> std::io::Result<Result<Vec<LeakedEntries>, Doubt>> {
+    let cs = h.cluster_size();
     let bits = 1u32 << h.refcount_order;
     let per_block = (cs * 8 / u64::from(bits)) as usize;
     let mut block = vec![0u8; cs as usize];
     let mut leaks = Vec::new();
-    for (i, referenced) in refs.referenced.chunks(per_block).enumerate() {
+    for (i, counted) in counts.chunks(per_block).enumerate() {
         let block_at = blocks.get(i).copied().unwrap_or(0);
         if block_at == 0 {
             block.fill(0);
@@ -164,15 +216,15 @@ pub(crate) fn survey(
             read(block_at, &mut block)?;
         }
         let mut leaked = Vec::new();
-        for (j, &referenced) in referenced.iter().enumerate() {
+        for (j, &count) in counted.iter().enumerate() {
             let refcount = refcount(&block, j, bits);
-            if !referenced && refcount > 0 {
+            if count == 0 && refcount > 0 {
                 leaked.push(j);
-            } else if referenced && refcount != 1 {
+            } else if refcount != u64::from(count) {
                 let cluster = i * per_block + j;
-                return corrupt(format!(
-                    "cluster {cluster} is referenced but has refcount {refcount}"
-                ));
+                return Ok(Err(Doubt::Corrupt(format!(
+                    "cluster {cluster} is referenced {count} time(s) but has refcount {refcount}"
+                ))));
             }
         }
         if !leaked.is_empty() {
@@ -182,38 +234,112 @@ pub(crate) fn survey(
             });
         }
     }
-    Ok(Ok(Survey {
-        referenced: refs.referenced,
-        leaks,
-    }))
+    Ok(Ok(leaks))
 }
 
-/// Which host clusters are referenced. tpmstate refuses images with shared
-/// clusters (snapshots), so a second reference to a cluster ends the scan; that
-/// also bounds the tables it reads by the clusters in the file.
+/// What a host cluster holds, as far as the references tell.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Free,
+    /// Header, an L1 table, the refcount or snapshot table, a refcount block.
+    Metadata,
+    L2,
+    Data,
+}
+
+/// The references to each host cluster. Metadata is referenced once; L2
+/// tables and data clusters once per L1 table that reaches them. A cluster
+/// used two ways ends the survey; that also bounds the tables it reads by
+/// the clusters in the file.
 struct References {
     cs: u64,
-    referenced: Vec<bool>,
+    counts: Vec<u32>,
+    kinds: Vec<Use>,
+    visits: u32,
 }
 
 impl References {
-    /// Marks every cluster in `[start, start + len)` referenced, once.
-    fn add(&mut self, start: u64, len: u64) -> Result<(), String> {
+    /// The clusters holding `[start, start + len)`, checked to lie in the file.
+    fn clusters(&self, start: u64, len: u64) -> Result<std::ops::Range<u64>, String> {
         if !start.is_multiple_of(self.cs) {
             return Err(format!("a table points at unaligned offset {start:#x}"));
         }
-        let first = start / self.cs;
         let end = start
             .checked_add(len)
             .map(|e| e.div_ceil(self.cs))
-            .filter(|&e| e <= self.referenced.len() as u64)
+            .filter(|&e| e <= self.counts.len() as u64)
             .ok_or_else(|| format!("a table points beyond the end of the file at {start:#x}"))?;
-        for c in first..end {
-            if std::mem::replace(&mut self.referenced[c as usize], true) {
+        Ok(start / self.cs..end)
+    }
+
+    /// Marks every cluster in `[start, start + len)` as metadata, once.
+    fn add_meta(&mut self, start: u64, len: u64) -> Result<(), String> {
+        for c in self.clusters(start, len)? {
+            if self.kinds[c as usize] != Use::Free {
                 return Err(format!("cluster {c} is referenced twice"));
             }
+            self.kinds[c as usize] = Use::Metadata;
+            self.counts[c as usize] = 1;
         }
         Ok(())
+    }
+
+    /// Counts one more reference to the L2 table or data cluster at `start`.
+    fn add(&mut self, start: u64, kind: Use) -> Result<(), String> {
+        for c in self.clusters(start, self.cs)? {
+            let seen = &mut self.kinds[c as usize];
+            if *seen != Use::Free && *seen != kind {
+                return Err(format!("cluster {c} is used as two kinds of cluster"));
+            }
+            *seen = kind;
+            self.counts[c as usize] = self.counts[c as usize].saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// Counts what the L1 table at `offset` reaches: the table itself, its
+    /// L2 tables and their data clusters. The active image's L1 table may
+    /// share no cluster; a snapshot's L1 table is its own too.
+    fn walk_l1(
+        &mut self,
+        offset: u64,
+        size: u32,
+        read: &mut ReadAt<'_>,
+    ) -> std::io::Result<Result<(), Doubt>> {
+        let corrupt = |why: String| Ok(Err(Doubt::Corrupt(why)));
+        if u64::from(size) * 8 > super::qcow2_header::MAX_L1_BYTES {
+            return corrupt(format!("an L1 table of {size} entries"));
+        }
+        if let Err(why) = self.add_meta(offset, u64::from(size) * 8) {
+            return corrupt(why);
+        }
+        let mut l1 = vec![0u8; size as usize * 8];
+        read(offset, &mut l1)?;
+        let mut l2 = vec![0u8; self.cs as usize];
+        for l2_at in table_offsets(&l1, TABLE_OFFSET_MASK) {
+            self.visits += 1;
+            if self.visits > MAX_L2_VISITS {
+                return Ok(Err(Doubt::Unsupported("too many L2 tables to scan".into())));
+            }
+            if let Err(why) = self.add(l2_at, Use::L2) {
+                return corrupt(why);
+            }
+            read(l2_at, &mut l2)?;
+            for entry in entries(&l2) {
+                if entry & L2_COMPRESSED != 0 {
+                    return Ok(Err(Doubt::Unsupported(
+                        "the image has compressed clusters".into(),
+                    )));
+                }
+                let data_at = entry & TABLE_OFFSET_MASK;
+                if data_at != 0 {
+                    if let Err(why) = self.add(data_at, Use::Data) {
+                        return corrupt(why);
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
     }
 }
 

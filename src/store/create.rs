@@ -96,6 +96,7 @@ impl Store {
         let (lock, _warning) = ImageLock::new(path, file.clone(), opts.locking)?;
         let _guard = lock.acquire(LockMode::Exclusive, None)?;
         let mut disk = Qcow2Disk::open(path, file)?;
+        let _backing = super::handle::lock_backing_files(&disk, opts.locking)?;
         let area =
             opts.area.unwrap_or(DEFAULT_AREA.min(disk.max_len())) / format::BLOCK * format::BLOCK;
         if !opts.force {

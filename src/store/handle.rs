@@ -52,7 +52,7 @@ use crate::crypto::KeySource;
 #[cfg(any(test, feature = "testing"))]
 use crate::image::Disk;
 use crate::image::{PageBuf, Qcow2Disk};
-use crate::lock::{ImageLock, LockGuard, LockMode};
+use crate::lock::{ImageLock, LockGuard, LockMode, Locking};
 use std::ops::Deref;
 use std::path::Path;
 use std::time::Duration;
@@ -63,6 +63,33 @@ pub(super) struct HeldLock {
     pub(super) lock: ImageLock,
     pub(super) guard: LockGuard,
     pub(super) warning: Option<String>,
+    /// Shared locks on the backing files of an overlay, held as long.
+    pub(super) backing: Vec<BackingLock>,
+}
+
+/// A shared lock on a backing file: readers welcome, writers and resizes kept out.
+pub(super) struct BackingLock {
+    _lock: ImageLock,
+    _guard: LockGuard,
+}
+
+/// Takes a shared lock on each backing file of `disk`, as QEMU does on the
+/// backing files of an image it opens: the overlay reads through them, so
+/// nothing may write them meanwhile.
+pub(super) fn lock_backing_files(
+    disk: &Qcow2Disk,
+    locking: Locking,
+) -> Result<Vec<BackingLock>, StoreError> {
+    let mut locks = Vec::new();
+    for (path, file) in disk.backing_files() {
+        let (lock, _warning) = ImageLock::new(path, file.clone(), locking)?;
+        let guard = lock.acquire(LockMode::Shared, None)?;
+        locks.push(BackingLock {
+            _lock: lock,
+            _guard: guard,
+        });
+    }
+    Ok(locks)
 }
 
 impl HeldLock {
@@ -75,6 +102,7 @@ impl HeldLock {
             lock,
             guard,
             warning: None,
+            backing: Vec::new(),
         })
     }
 }
@@ -92,8 +120,10 @@ fn open_image(
     let (lock, warning) = ImageLock::new(path, file.clone(), opts.locking)?;
     let guard = lock.acquire(mode, opts.lock_timeout)?;
     let mut disk = Qcow2Disk::open(path, file)?;
+    let backing = lock_backing_files(&disk, opts.locking)?;
     if writable {
         disk.reclaim_leaks()?;
+        disk.make_own()?;
     }
     let facts = disk.facts();
     let view = StoreView::load(Box::new(disk), path, opts.key.as_ref(), Some(facts))?;
@@ -104,6 +134,7 @@ fn open_image(
             lock,
             guard,
             warning,
+            backing,
         },
     ))
 }
@@ -243,11 +274,13 @@ impl Store {
             lock,
             guard,
             warning,
+            backing,
         } = self.lock;
         drop(guard);
         let carried = super::handover::Carried {
             poisoned: self.poisoned,
             scrub_pending: self.scrub_pending,
+            backing,
         };
         super::Released::new(self.view, lock, warning, carried)
     }

@@ -31,6 +31,9 @@ pub struct Released {
 pub(super) struct Carried {
     pub(super) poisoned: bool,
     pub(super) scrub_pending: bool,
+    /// The shared locks on an overlay's backing files, kept while released
+    /// (the handle still reads through them).
+    pub(super) backing: Vec<super::handle::BackingLock>,
 }
 
 impl std::fmt::Debug for Released {
@@ -136,6 +139,7 @@ impl Released {
                 lock,
                 guard,
                 warning,
+                backing: carried.backing,
             },
         );
         store.poisoned = carried.poisoned;
@@ -164,6 +168,7 @@ pub struct Unclaimed {
     file: Arc<File>,
     lock: ImageLock,
     warning: Option<String>,
+    locking: Locking,
 }
 
 impl Unclaimed {
@@ -176,6 +181,7 @@ impl Unclaimed {
             file,
             lock,
             warning,
+            locking,
         })
     }
 
@@ -197,6 +203,7 @@ impl Unclaimed {
     ) -> Result<Store, StoreError> {
         let guard = self.lock.acquire(LockMode::Exclusive, Some(timeout))?;
         let disk = Qcow2Disk::open(&self.path, self.file)?;
+        let backing = super::handle::lock_backing_files(&disk, self.locking)?;
         let facts = disk.facts();
         let view = StoreView::load(Box::new(disk), &self.path, key, Some(facts))?;
         if let Some(r) = view.slots.iter().find(|r| !r.sound) {
@@ -218,6 +225,7 @@ impl Unclaimed {
             lock: self.lock,
             guard,
             warning: self.warning,
+            backing,
         };
         Ok(Store::with_lock(view, lock))
     }

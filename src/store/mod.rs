@@ -21,6 +21,7 @@ mod inspect;
 mod layout;
 mod recover;
 mod rekey;
+mod snapshot;
 mod view;
 
 pub use commit::Transaction;

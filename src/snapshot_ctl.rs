@@ -1,0 +1,247 @@
+//! Online snapshots: how `tpmstate snapshot` reaches the emulator that holds
+//! an image's lock (and so keeps `qemu-img snapshot` and the CLI out).
+//!
+//! The emulator listens on an abstract Unix socket named after the image
+//! file's device and inode, `tpmstate-snapshot/<dev>/<inode>`: the CLI finds
+//! it from the image path alone, nothing is left in the file system, and the
+//! name dies with the process. Each connection carries one JSON request and
+//! one JSON reply. The emulator serves it between two TPM commands, so a
+//! snapshot always holds a committed generation. Only the emulator's own
+//! user and root are served (the peer's credentials are checked), since an
+//! abstract socket has no file permissions.
+
+use crate::image::SnapshotEntry;
+use std::io::{Read, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Longest request or reply read.
+const MAX_MESSAGE: u64 = 1 << 20;
+/// How long either side waits for the other's message.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the CLI asks of the emulator.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// The image's snapshots.
+    List,
+    /// Take a snapshot now.
+    Create {
+        /// Its name.
+        name: String,
+    },
+    /// Delete one.
+    Delete {
+        /// Its name or ID.
+        name: String,
+    },
+    /// Apply one (always refused by a running emulator: the VM must be off).
+    Apply {
+        /// Its name or ID.
+        name: String,
+    },
+}
+
+/// The emulator's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    /// The CLI exit code the outcome maps to (0: done).
+    pub exit: u8,
+    /// What happened, for people.
+    pub message: String,
+    /// The image's snapshots, for a list.
+    pub snapshots: Vec<SnapshotSummary>,
+}
+
+/// One snapshot, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotSummary {
+    /// QEMU's numeric ID.
+    pub id: String,
+    /// The name.
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Bytes of saved VM state (0 for a disk-only snapshot).
+    pub vm_state_size: u64,
+}
+
+impl From<&SnapshotEntry> for SnapshotSummary {
+    fn from(s: &SnapshotEntry) -> Self {
+        SnapshotSummary {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            date_sec: s.date_sec,
+            vm_state_size: s.vm_state_size,
+        }
+    }
+}
+
+/// Why the emulator could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// A system call failed.
+    #[error("{}: snapshot socket: {op} failed", path.display())]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The other side sent something that is not a message.
+    #[error("{}: snapshot socket: {reason}", path.display())]
+    Protocol {
+        /// The image.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl CtlError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::Io
+    }
+}
+
+/// The socket address for the image at `image`.
+fn address(image: &Path) -> std::io::Result<SocketAddr> {
+    let m = std::fs::metadata(image)?;
+    let name = format!("tpmstate-snapshot/{:x}/{}", m.dev(), m.ino());
+    SocketAddr::from_abstract_name(name.as_bytes())
+}
+
+/// Listens for snapshot requests on the image at `image` (non-blocking, for
+/// a poll loop). Fails with `AddrInUse` while another process listens.
+pub fn listen(image: &Path) -> std::io::Result<UnixListener> {
+    let listener = UnixListener::bind_addr(&address(image)?)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Asks the process listening for the image at `image`; `Ok(None)` when
+/// nobody listens.
+pub fn ask(image: &Path, request: &Request) -> Result<Option<Reply>, CtlError> {
+    let io = |op| {
+        move |source| CtlError::Io {
+            path: image.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let addr = address(image).map_err(io("stat"))?;
+    let mut conn = match UnixStream::connect_addr(&addr) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+        Err(e) => return Err(io("connect")(e)),
+    };
+    let bytes = serde_json::to_vec(request).map_err(|e| CtlError::Protocol {
+        path: image.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    conn.set_read_timeout(Some(TIMEOUT))
+        .map_err(io("setsockopt"))?;
+    conn.write_all(&bytes).map_err(io("send"))?;
+    conn.shutdown(std::net::Shutdown::Write)
+        .map_err(io("shutdown"))?;
+    let reply = read_message(&mut conn).map_err(io("receive"))?;
+    serde_json::from_slice(&reply)
+        .map(Some)
+        .map_err(|e| CtlError::Protocol {
+            path: image.to_path_buf(),
+            reason: format!("the emulator's reply is not understood: {e}"),
+        })
+}
+
+/// Serves one connection waiting on `listener`: checks the peer is this
+/// process's user or root, reads its request, and sends what `handle`
+/// answers. `Ok(false)`: no connection was waiting.
+pub fn serve_one(
+    listener: &UnixListener,
+    handle: impl FnOnce(Request) -> Reply,
+) -> std::io::Result<bool> {
+    let mut conn = match listener.accept() {
+        Ok((c, _)) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(TIMEOUT))?;
+    conn.set_write_timeout(Some(TIMEOUT))?;
+    let creds = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)?;
+    let reply = if creds.uid() != 0 && creds.uid() != nix::unistd::geteuid().as_raw() {
+        Reply {
+            exit: crate::ErrorKind::Usage.exit_code(),
+            message: "permission denied: only the emulator's user or root may ask".into(),
+            snapshots: Vec::new(),
+        }
+    } else {
+        match serde_json::from_slice(&read_message(&mut conn)?) {
+            Ok(request) => handle(request),
+            Err(e) => Reply {
+                exit: crate::ErrorKind::Usage.exit_code(),
+                message: format!("request not understood: {e}"),
+                snapshots: Vec::new(),
+            },
+        }
+    };
+    let bytes = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    conn.write_all(&bytes)?;
+    Ok(true)
+}
+
+/// Reads until the other side shuts its end (at most [`MAX_MESSAGE`] bytes).
+fn read_message(conn: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    conn.take(MAX_MESSAGE).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reaches_the_listener_for_the_same_file_and_its_reply_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("i");
+        std::fs::write(&image, b"x").unwrap();
+        let listener = listen(&image).unwrap();
+        assert!(listen(&image).is_err(), "one listener per image");
+        let asker = {
+            let image = image.clone();
+            std::thread::spawn(move || {
+                ask(
+                    &image,
+                    &Request::Create {
+                        name: "a\nb\"c".into(),
+                    },
+                )
+            })
+        };
+        let mut served = false;
+        while !served {
+            served = serve_one(&listener, |r| Reply {
+                exit: 0,
+                message: format!("{r:?}"),
+                snapshots: Vec::new(),
+            })
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let reply = asker.join().unwrap().unwrap().unwrap();
+        assert_eq!(reply.message, r#"Create { name: "a\nb\"c" }"#);
+        drop(listener);
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"y").unwrap();
+        assert!(ask(&other, &Request::List).unwrap().is_none());
+    }
+}
