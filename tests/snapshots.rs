@@ -365,3 +365,41 @@ fn kill_9_during_an_unshare_or_a_copy_up_leaves_a_committed_state() {
         "every put finished before its kill: the kills hit nothing"
     );
 }
+
+/// A migration target's claim on a snapshotted image and on an overlay
+/// checks the active state, with the key, and writes nothing: a wrong key
+/// fails the claim and leaves every file byte-identical.
+#[test]
+fn a_claim_validates_the_active_state_of_snapshotted_and_overlay_images_writing_nothing() {
+    let dir = scratch();
+    let d = dir.path();
+    let key = key_file(d, "key", 0x11);
+    let wrong = key_file(d, "wrong", 0x22);
+    let k = ["--key-file", path_str(&key)];
+    let snapped = d.join("snapped.qcow2");
+    assert_eq!(cli(&["create", path_str(&snapped), k[0], k[1]]).0, 0);
+    put(&snapped, b"one", &k);
+    qemu_snapshot("-c", "s1", &snapped);
+    put(&snapped, b"two", &k);
+    qemu_snapshot("-c", "s2", &snapped);
+    let (base, overlay) = base_and_overlay(d, &k);
+    for image in [&snapped, &overlay] {
+        let before = (sha(image), sha(&base));
+        let i = path_str(image);
+        let (code, _, err) = cli(&["validate-incoming", i, "--key-file", path_str(&wrong)]);
+        assert_eq!(code, 5, "{i}: {err}");
+        assert_eq!(
+            (sha(image), sha(&base)),
+            before,
+            "{i}: a failed claim writes nothing"
+        );
+        let (code, _, err) = cli(&["validate-incoming", i, k[0], k[1], "--require", "permall"]);
+        assert_eq!(code, 0, "{i}: {err}");
+        assert_eq!(
+            (sha(image), sha(&base)),
+            before,
+            "{i}: a claim writes nothing"
+        );
+    }
+    assert_eq!(snapshot_names(&snapped), ["s1", "s2"]);
+}
