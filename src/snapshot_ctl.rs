@@ -20,8 +20,13 @@ use std::time::Duration;
 
 /// Longest request or reply read.
 const MAX_MESSAGE: u64 = 1 << 20;
-/// How long either side waits for the other's message.
+/// How long the CLI waits for the emulator's reply.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the emulator waits for a request or for its reply to be taken:
+/// it serves TPM commands on the same thread, so a client that connects
+/// and says nothing may hold the TPM up for no longer than this. The CLI
+/// sends its request as soon as it connects.
+const SERVE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the CLI asks of the emulator.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -147,12 +152,10 @@ pub fn ask(image: &Path, request: &Request) -> Result<Option<Reply>, CtlError> {
         path: image.to_path_buf(),
         reason: e.to_string(),
     })?;
-    conn.set_read_timeout(Some(TIMEOUT))
-        .map_err(io("setsockopt"))?;
     conn.write_all(&bytes).map_err(io("send"))?;
     conn.shutdown(std::net::Shutdown::Write)
         .map_err(io("shutdown"))?;
-    let reply = read_message(&mut conn).map_err(io("receive"))?;
+    let reply = read_message(&mut conn, TIMEOUT).map_err(io("receive"))?;
     serde_json::from_slice(&reply)
         .map(Some)
         .map_err(|e| CtlError::Protocol {
@@ -174,8 +177,7 @@ pub fn serve_one(
         Err(e) => return Err(e),
     };
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(TIMEOUT))?;
-    conn.set_write_timeout(Some(TIMEOUT))?;
+    conn.set_write_timeout(Some(SERVE_TIMEOUT))?;
     let creds = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)?;
     let reply = if creds.uid() != 0 && creds.uid() != nix::unistd::geteuid().as_raw() {
         Reply {
@@ -184,7 +186,7 @@ pub fn serve_one(
             snapshots: Vec::new(),
         }
     } else {
-        match serde_json::from_slice(&read_message(&mut conn)?) {
+        match serde_json::from_slice(&read_message(&mut conn, SERVE_TIMEOUT)?) {
             Ok(request) => handle(request),
             Err(e) => Reply {
                 exit: crate::ErrorKind::Usage.exit_code(),
@@ -198,11 +200,23 @@ pub fn serve_one(
     Ok(true)
 }
 
-/// Reads until the other side shuts its end (at most [`MAX_MESSAGE`] bytes).
-fn read_message(conn: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+/// Reads until the other side shuts its end (at most [`MAX_MESSAGE`]
+/// bytes), within `within` in all.
+fn read_message(conn: &mut UnixStream, within: Duration) -> std::io::Result<Vec<u8>> {
+    let deadline = std::time::Instant::now() + within;
     let mut buf = Vec::new();
-    conn.take(MAX_MESSAGE).read_to_end(&mut buf)?;
-    Ok(buf)
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || buf.len() as u64 > MAX_MESSAGE {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        conn.set_read_timeout(Some(left))?;
+        match conn.read(&mut chunk)? {
+            0 => return Ok(buf),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,5 +257,18 @@ mod tests {
         let other = dir.path().join("other");
         std::fs::write(&other, b"y").unwrap();
         assert!(ask(&other, &Request::List).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_client_that_says_nothing_holds_the_server_for_half_a_second_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("i");
+        std::fs::write(&image, b"x").unwrap();
+        let listener = listen(&image).unwrap();
+        let _silent = UnixStream::connect_addr(&address(&image).unwrap()).unwrap();
+        let started = std::time::Instant::now();
+        let served = serve_one(&listener, |_| Reply::default());
+        assert!(served.is_err(), "{served:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

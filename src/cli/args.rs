@@ -21,7 +21,7 @@ Exit codes:
   4  key missing (the store is encrypted)
   5  wrong key (or a key given for a plaintext store)
   6  locked by another process
-  7  unsupported image feature (snapshots, small clusters, backing file, ...)
+  7  unsupported image feature (small clusters, external data file, raw backing file, ...)
   8  I/O error
   9  no space: the store area (or the image around it) cannot hold the commit
  10  internal error (a bug in tpmstate; nothing was written)

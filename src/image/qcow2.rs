@@ -80,9 +80,10 @@ pub struct Qcow2Disk {
     readable: u64,
     /// The backing file, for an overlay.
     backing: Option<Box<Qcow2Disk>>,
-    /// Every cluster of the prefix is known to have exactly one reference
-    /// (checked by a survey, not trusted from the COPIED flags).
+    /// Every cluster of the prefix is known to have exactly one reference.
     own: bool,
+    /// Every cluster of the prefix is in this file with its COPIED flag set.
+    copied: bool,
     /// The file length the mapping and the metadata need: a shorter file
     /// was truncated under the store.
     needed_len: u64,
@@ -174,6 +175,7 @@ impl Qcow2Disk {
             readable: 0,
             backing,
             own: false,
+            copied: false,
             needed_len: 0,
             direct: DirectFile::default(),
         };
@@ -279,10 +281,14 @@ impl Qcow2Disk {
     /// file holds, in one crash-safe metadata change (see [`qcow2_alloc`]).
     /// Writes call it first; the holder of the write lock may call it earlier.
     pub fn make_own(&mut self) -> Result<(), ImageError> {
-        if !self.own {
+        // Without snapshots nothing shares a cluster, and the COPIED flags
+        // confirm it (images the survey does not understand stay writable).
+        // With snapshots the flags are not trusted: the survey counts.
+        let unshared = self.copied && self.header.nb_snapshots == 0;
+        if !self.own && !unshared {
             self.change(self.own_request())?;
-            self.own = true;
         }
+        self.own = true;
         Ok(())
     }
 
@@ -549,7 +555,7 @@ impl Qcow2Disk {
                 for c in 0..clusters {
                     let m = dev.get_mapping(c * cs).await?;
                     match (m.source, m.cluster_offset) {
-                        (MappingSource::DataFile, Some(host)) => out.push(Some(host)),
+                        (MappingSource::DataFile, Some(host)) => out.push(Some((host, m.copied))),
                         (MappingSource::Compressed, _) => return Ok((out, Some(c))),
                         (MappingSource::Backing | MappingSource::Unallocated, _)
                             if c * cs < from_backing =>
@@ -581,12 +587,15 @@ impl Qcow2Disk {
         let mut seen = HashSet::new();
         let mut host = Vec::with_capacity(mapped.len());
         let mut readable = (mapped.len() as u64 * cs).min(h.size);
+        let mut all_copied = true;
         for (i, off) in mapped.into_iter().enumerate() {
-            let Some(off) = off else {
+            let Some((off, copied)) = off else {
                 readable = readable.min(from_backing);
                 host.push(FROM_BACKING);
+                all_copied = false;
                 continue;
             };
+            all_copied &= copied;
             if off % cs != 0 || off < cs || off.checked_add(cs).is_none_or(|e| e > file_len) {
                 return Err(corrupt(format!(
                     "guest cluster {i} maps to bad host offset {off:#x}"
@@ -604,6 +613,7 @@ impl Qcow2Disk {
         self.needed_len = data_end.max(metadata_end);
         self.host = host;
         self.readable = readable;
+        self.copied = all_copied;
         Ok(())
     }
 
