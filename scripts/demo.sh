@@ -8,7 +8,9 @@
 # wrong key fails while the source keeps running; last, a TPM made by
 # swtpm_setup (as libvirt has it made) imported at the emulator's first
 # start with `--tpmstate dir=`, and exported back to swtpm. qemu-img check
-# after each step. Works wherever cargo puts its build (CARGO_TARGET_DIR).
+# after each step; an online snapshot taken while the emulator runs and
+# applied by qemu-img once it is off.
+# Works wherever cargo puts its build (CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -36,7 +38,7 @@ export TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=$port"
 start_emulator() {
   rm -f emu.pid
   "$E" socket --tpm2 --daemon --server "type=tcp,port=$port" --ctrl "type=tcp,port=$((port + 1))" \
-    --tpmstate "backend-uri=qcow2://$work/nvram.qcow2" --key file=vtpm.key,mode=aes-256-cbc \
+    --tpmstate "backend-uri=qcow2://$work/${1:-nvram.qcow2}" --key file=vtpm.key,mode=aes-256-cbc \
     --flags not-need-init,startup-clear --pid file=emu.pid --log file=emu.log
   for _ in $(seq 100); do [ -s emu.pid ] && return; sleep 0.05; done
   echo "demo: the emulator did not start:" >&2; cat emu.log >&2; exit 1
@@ -81,11 +83,27 @@ echo "acknowledged before the kill: counter=$acked; after the restart the TPM ho
 tpm2_nvread 0x1500016 -C o -s 29 | cmp - secret && echo "NV data: intact"
 tpm2_readpublic -c 0x81000001 >/dev/null && echo "persistent key 0x81000001: intact"
 
+step "a snapshot while the emulator runs (it takes it between two commits), then more NV writes"
+"$T" snapshot create nvram.qcow2 before-increments
+at_snapshot=$(counter)
+for _ in 1 2 3; do tpm2_nvincrement 0x1500017 -C o; done
+echo "NV counter at the snapshot: $at_snapshot; now: $(counter)"
+"$T" snapshot list nvram.qcow2
+
 step "a clean stop (SIGTERM): the state is committed and the lock released"
-pid=$(cat emu.pid); kill -TERM "$pid"
-while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+stop_emulator() { pid=$(cat emu.pid); kill -TERM "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done; }
+stop_emulator
 qemu-img check nvram.qcow2 | head -1
 "$T" check nvram.qcow2 --key-file vtpm.key
+
+step "VM off: qemu-img applies the snapshot (to a copy here); the TPM is back at the snapshot's counter"
+cp nvram.qcow2 reverted.qcow2
+qemu-img snapshot -a before-increments reverted.qcow2
+start_emulator reverted.qcow2
+echo "NV counter in the reverted image: $(counter) (the snapshot's: $at_snapshot)"
+[ "$(counter)" = "$at_snapshot" ]
+stop_emulator
+qemu-img check -q reverted.qcow2 && echo "qemu-img check: clean"
 
 # Live migration: two QEMUs (SeaBIOS, no disk) and two emulators on the one
 # image; QMP over loopback TCP, spoken with bash's /dev/tcp.

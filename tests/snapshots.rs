@@ -403,3 +403,65 @@ fn a_claim_validates_the_active_state_of_snapshotted_and_overlay_images_writing_
     }
     assert_eq!(snapshot_names(&snapped), ["s1", "s2"]);
 }
+
+/// Runs QEMU, stopped before the guest starts, with `image` as a drive and
+/// `extra` arguments, feeding `monitor` to its human monitor; its output.
+fn qemu_stopped(image: &Path, extra: &[&str], monitor: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-nodefaults",
+            "-nographic",
+            "-S",
+            "-machine",
+            "pc,accel=tcg",
+            "-m",
+            "64",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=nvram,format=qcow2",
+            image.display()
+        ))
+        .args(["-monitor", "stdio"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(monitor.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "qemu: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// QEMU's `savevm` on a stopped VM stores its VM state in the image, in a
+/// snapshot whose L1 table reaches past the virtual disk; tpmstate commits
+/// after it, and QEMU still loads that VM state (`-loadvm`, which also takes
+/// the disk back to the snapshot).
+#[test]
+fn a_savevm_snapshot_with_vm_state_survives_commits_and_loads() {
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    assert_eq!(cli(&["create", path_str(&image)]).0, 0);
+    put(&image, b"at-savevm", &[]);
+    qemu_stopped(&image, &[], "savevm s1\nquit\n");
+    let (_, list, _) = qemu_img(&["snapshot", "-l", path_str(&image)]);
+    assert!(!list.contains(" 0 B "), "savevm stored VM state: {list}");
+    put(&image, b"later", &[]);
+    assert_qemu_check_clean(&image);
+    assert_eq!(get(&image, &[]), b"later");
+    let out = qemu_stopped(&image, &["-loadvm", "s1"], "info status\nquit\n");
+    assert!(out.contains("VM status: paused"), "{out}");
+    assert_qemu_check_clean(&image);
+    assert_eq!(get(&image, &[]), b"at-savevm", "loadvm took the disk back");
+    let (code, _, err) = cli(&["snapshot", "delete", path_str(&image), "s1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_qemu_check_clean(&image);
+}
