@@ -16,6 +16,8 @@ pub mod qcow2_snapshots;
 mod sim;
 
 pub use direct::PageBuf;
+#[cfg(any(test, feature = "testing"))]
+pub use qcow2::MetaFault;
 pub use qcow2::{CreateOptions, Qcow2Disk, Qcow2Facts};
 pub use qcow2_snapshots::SnapshotEntry;
 #[cfg(any(test, feature = "testing"))]

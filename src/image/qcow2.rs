@@ -84,6 +84,12 @@ pub struct Qcow2Disk {
     own: bool,
     /// Every cluster of the prefix is in this file with its COPIED flag set.
     copied: bool,
+    /// A metadata change failed part way: the map may be stale, so nothing
+    /// more is written through this disk.
+    broken: bool,
+    /// Faults to inject into metadata I/O (tests only).
+    #[cfg(any(test, feature = "testing"))]
+    faults: MetaFaults,
     /// The file length the mapping and the metadata need: a shorter file
     /// was truncated under the store.
     needed_len: u64,
@@ -106,6 +112,25 @@ const FROM_BACKING: u64 = 0;
 /// Longest backing chain followed (QEMU allows more; an NVRAM overlay
 /// chain is short, and a loop must end).
 const MAX_BACKING_DEPTH: usize = 16;
+
+/// A fault injected into the qcow2 metadata I/O of a change (tests only).
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaFault {
+    /// The call fails with this errno, doing nothing.
+    Errno(i32),
+    /// A write puts down its first half, then fails with ENOSPC (a read or
+    /// sync fails with EIO).
+    ShortWrite,
+}
+
+/// The metadata calls made so far and the fault to inject at one of them.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Default)]
+struct MetaFaults {
+    calls: std::sync::atomic::AtomicUsize,
+    at: Option<(usize, MetaFault)>,
+}
 
 /// qcow2-rs's I/O engine over our descriptor.
 struct FdIo(Arc<File>);
@@ -176,6 +201,9 @@ impl Qcow2Disk {
             backing,
             own: false,
             copied: false,
+            broken: false,
+            #[cfg(any(test, feature = "testing"))]
+            faults: MetaFaults::default(),
             needed_len: 0,
             direct: DirectFile::default(),
         };
@@ -406,19 +434,13 @@ impl Qcow2Disk {
         let bits = 1 << self.header.refcount_order;
         let mut buf = vec![0u8; self.header.cluster_size() as usize];
         for leaked in blocks {
-            self.file
-                .read_exact_at(&mut buf, leaked.block)
-                .map_err(io_err(&self.path, "read"))?;
+            self.meta_read(&mut buf, leaked.block)?;
             for &entry in &leaked.entries {
                 qcow2_leaks::set_refcount(&mut buf, entry, bits, 0);
             }
-            self.file
-                .write_all_at(&buf, leaked.block)
-                .map_err(io_err(&self.path, "write"))?;
+            self.meta_write(&buf, leaked.block)?;
         }
-        self.file
-            .sync_data()
-            .map_err(io_err(&self.path, "fdatasync"))?;
+        self.meta_sync()?;
         Ok(scan.leaked())
     }
 
@@ -435,10 +457,18 @@ impl Qcow2Disk {
 
     /// Plans and carries out `req`, then maps the prefix again.
     fn change(&mut self, req: Request) -> Result<(), ImageError> {
+        self.check_not_broken()?;
         // The tables may have moved since this disk was opened.
         self.header = read_header(&self.path, &self.file)?;
         match self.plan(&req)? {
-            Ok(Some(plan)) => self.apply(&plan)?,
+            Ok(Some(plan)) => {
+                if let Err(e) = self.apply(&plan) {
+                    // Maybe after the switch: the map this disk holds may
+                    // name clusters that are not the active image's any more.
+                    self.broken = true;
+                    return Err(e);
+                }
+            }
             Ok(None) => return Ok(()),
             // qcow2-rs could allocate here, but its refcount-first order
             // leaks clusters on a crash, and in a corrupt image it could make
@@ -479,35 +509,125 @@ impl Qcow2Disk {
         let mut buf = vec![0u8; cs];
         for &(at, fill) in &plan.data {
             self.fill(&mut buf, fill)?;
-            self.file
-                .write_all_at(&buf, at)
-                .map_err(io_err(&self.path, "write"))?;
+            self.meta_write(&buf, at)?;
         }
         for (at, bytes) in &plan.tables {
-            self.file
-                .write_all_at(bytes, *at)
-                .map_err(io_err(&self.path, "write"))?;
+            self.meta_write(bytes, *at)?;
         }
-        let sync = || {
-            self.file
-                .sync_data()
-                .map_err(io_err(&self.path, "fdatasync"))
-        };
-        sync()?;
+        self.meta_sync()?;
+        let mut old = [0u8; qcow2_alloc::SWITCH_LEN];
+        self.meta_read(&mut old, qcow2_alloc::SWITCH_AT)?;
+        if let Err(e) = self.meta_write(&plan.switch, qcow2_alloc::SWITCH_AT) {
+            // A write cut short may have left part of the switch in the page
+            // cache, a header that is neither image: put the old bytes back
+            // before anything writes it out.
+            let _ = self
+                .meta_write(&old, qcow2_alloc::SWITCH_AT)
+                .and_then(|()| self.meta_sync());
+            return Err(e);
+        }
+        self.meta_sync()
+    }
+
+    /// Refuses to write after a metadata change failed part way.
+    fn check_not_broken(&self) -> Result<(), ImageError> {
+        match self.broken {
+            true => Err(ImageError::Io {
+                path: self.path.clone(),
+                op: "write after a failed qcow2 metadata change (reopen the image)",
+                source: std::io::Error::other("the image's map in memory may be stale"),
+            }),
+            false => Ok(()),
+        }
+    }
+
+    /// One write of a metadata change.
+    fn meta_write(&self, bytes: &[u8], at: u64) -> Result<(), ImageError> {
+        #[cfg(any(test, feature = "testing"))]
+        if let Some(fault) = self.injected() {
+            let errno = match fault {
+                MetaFault::Errno(errno) => errno,
+                MetaFault::ShortWrite => {
+                    let _ = self.file.write_all_at(&bytes[..bytes.len() / 2], at);
+                    libc::ENOSPC
+                }
+            };
+            return Err(io_err(&self.path, "write")(
+                std::io::Error::from_raw_os_error(errno),
+            ));
+        }
         self.file
-            .write_all_at(&plan.switch, qcow2_alloc::SWITCH_AT)
-            .map_err(io_err(&self.path, "write"))?;
-        sync()
+            .write_all_at(bytes, at)
+            .map_err(io_err(&self.path, "write"))
+    }
+
+    /// One read of a metadata change.
+    fn meta_read(&self, buf: &mut [u8], at: u64) -> Result<(), ImageError> {
+        #[cfg(any(test, feature = "testing"))]
+        if let Some(fault) = self.injected() {
+            let errno = match fault {
+                MetaFault::Errno(errno) => errno,
+                MetaFault::ShortWrite => libc::EIO,
+            };
+            return Err(io_err(&self.path, "read")(
+                std::io::Error::from_raw_os_error(errno),
+            ));
+        }
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(io_err(&self.path, "read"))
+    }
+
+    /// The sync of a metadata change.
+    fn meta_sync(&self) -> Result<(), ImageError> {
+        #[cfg(any(test, feature = "testing"))]
+        if let Some(fault) = self.injected() {
+            let errno = match fault {
+                MetaFault::Errno(errno) => errno,
+                MetaFault::ShortWrite => libc::EIO,
+            };
+            return Err(io_err(&self.path, "fdatasync")(
+                std::io::Error::from_raw_os_error(errno),
+            ));
+        }
+        self.file
+            .sync_data()
+            .map_err(io_err(&self.path, "fdatasync"))
+    }
+
+    /// Counts one metadata call; the fault to inject at it, if any.
+    #[cfg(any(test, feature = "testing"))]
+    fn injected(&self) -> Option<MetaFault> {
+        let call = self
+            .faults
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.faults.at.filter(|(at, _)| *at == call).map(|(_, f)| f)
+    }
+
+    /// Makes metadata call number `at_call` (counted from 0 from now on:
+    /// each read, write and sync of a change or a leak reclaim) fail with
+    /// `fault` (tests only).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn inject_metadata_fault(&mut self, at_call: usize, fault: MetaFault) {
+        self.faults = MetaFaults {
+            calls: Default::default(),
+            at: Some((at_call, fault)),
+        };
+    }
+
+    /// Metadata calls made since the last [`Qcow2Disk::inject_metadata_fault`]
+    /// (tests only).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn metadata_calls(&self) -> usize {
+        self.faults.calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Fills `buf` (one cluster) with what `fill` says.
     fn fill(&self, buf: &mut [u8], fill: Fill) -> Result<(), ImageError> {
         match fill {
             Fill::Zeros => buf.fill(0),
-            Fill::Host(from) => self
-                .file
-                .read_exact_at(buf, from)
-                .map_err(io_err(&self.path, "read"))?,
+            Fill::Host(from) => self.meta_read(buf, from)?,
             Fill::Backing(guest) => {
                 let Some(backing) = &self.backing else {
                     return Err(self.corrupt("a copy-up without a backing file".into()));
@@ -837,6 +957,7 @@ impl Disk for Qcow2Disk {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.check_not_broken()?;
         self.make_own()?;
         for (host, pos, n) in self.host_ranges(offset, data.len())? {
             let Some(host) = host else {
@@ -854,6 +975,7 @@ impl Disk for Qcow2Disk {
     /// cache, because direct writes wait for the device one by one, while
     /// `fdatasync` writes several dirty ranges back together.
     fn write_parts(&mut self, parts: &[(u64, &[u8])]) -> Result<(), ImageError> {
+        self.check_not_broken()?;
         self.make_own()?;
         self.check_not_shrunk()?;
         if let [(offset, data)] = parts {
