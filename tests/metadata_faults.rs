@@ -200,3 +200,53 @@ fn writes_at(template: &Path, op: &Op, call: usize) -> bool {
     let text = err.to_string();
     text.contains("write failed")
 }
+
+/// EIO at every read a migration target's claim makes: the claim fails
+/// with an I/O error, writes nothing, and lets the image go (an exclusive
+/// lock is free again right after); past the last read it succeeds.
+#[test]
+fn a_read_fault_at_every_read_of_a_claim_fails_it_writes_nothing_and_lets_go() {
+    use tpmstate::lock::{ImageLock, LockMode};
+    use tpmstate::migration::{ClaimOptions, Incoming};
+    use tpmstate::{KeySource, Locking};
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    let key = key_file(dir.path(), "key", 0x42);
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, vec![7u8; 40_000]).unwrap();
+    create_encrypted_with_permall(&image, &key, &blob);
+    let before = sha(&image);
+    let mut reads = 0;
+    loop {
+        assert!(reads < 10_000, "the claim never got past its reads");
+        Qcow2Disk::inject_fault_into_next_open(reads, MetaFault::Errno(libc::EIO));
+        let incoming = Incoming::open_deferred(&image, Locking::Auto).unwrap();
+        let opts = ClaimOptions {
+            key: Some(KeySource::from_key_file(&key).unwrap()),
+            required: vec!["permall".into()],
+            ..ClaimOptions::default()
+        };
+        match incoming.claim(opts) {
+            Ok(store) => {
+                drop(store);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Io, "read {reads}: {e}");
+                assert_eq!(
+                    sha(&image),
+                    before,
+                    "read {reads}: a failed claim writes nothing"
+                );
+                let (lock, _) = ImageLock::open(&image, false, Locking::Auto).unwrap();
+                let _free = lock
+                    .acquire(LockMode::Exclusive, None)
+                    .unwrap_or_else(|e| panic!("read {reads}: the claim let go: {e}"));
+            }
+        }
+        reads += 1;
+    }
+    eprintln!("a claim: {reads} reads, EIO at each");
+    assert!(reads >= 3, "{reads} reads");
+    assert_eq!(sha(&image), before);
+}

@@ -132,6 +132,13 @@ struct MetaFaults {
     at: Option<(usize, MetaFault)>,
 }
 
+#[cfg(any(test, feature = "testing"))]
+thread_local! {
+    /// A fault the next disk opened on this thread injects (tests only).
+    static NEXT_OPEN_FAULT: std::cell::Cell<Option<(usize, MetaFault)>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// qcow2-rs's I/O engine over our descriptor.
 struct FdIo(Arc<File>);
 
@@ -207,8 +214,21 @@ impl Qcow2Disk {
             needed_len: 0,
             direct: DirectFile::default(),
         };
+        #[cfg(any(test, feature = "testing"))]
+        if depth == 0 {
+            disk.faults.at = NEXT_OPEN_FAULT.take();
+        }
         disk.remap()?;
         Ok(disk)
+    }
+
+    /// Makes call number `at_call` of the next image opened on this thread
+    /// (reads of the store area through [`Disk::read_at`], and metadata
+    /// calls) fail with `fault`: for code that opens its own disk, such as
+    /// a claim (tests only).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn inject_fault_into_next_open(at_call: usize, fault: MetaFault) {
+        NEXT_OPEN_FAULT.set(Some((at_call, fault)));
     }
 
     /// The backing files of this overlay, nearest first, with their
@@ -941,6 +961,11 @@ fn read_header(path: &Path, file: &File) -> Result<Qcow2Header, ImageError> {
 
 impl Disk for Qcow2Disk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        #[cfg(any(test, feature = "testing"))]
+        if self.injected().is_some() {
+            let eio = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(io_err(&self.path, "read")(eio));
+        }
         let len = buf.len();
         for (host, pos, n) in self.host_ranges(offset, len)? {
             let part = &mut buf[pos..pos + n];
