@@ -42,6 +42,22 @@ pub trait Disk: Send + Sync {
     }
     /// Makes every earlier write durable (one `fdatasync` on a file).
     fn sync(&mut self) -> Result<(), ImageError>;
+    /// Reads as [`Disk::read_at`] does, past any cache another host's
+    /// writes may have left stale (a shared file system's page cache).
+    fn read_fresh(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.read_at(offset, buf)
+    }
+    /// Whether other hosts may write the image too (it lives on a network
+    /// or cluster file system), so their writes can hide behind this
+    /// host's cache and its locks can be lost to a lease.
+    fn on_shared_storage(&self) -> bool {
+        false
+    }
+    /// Drops what this host caches of the image, so that the reads after a
+    /// lock was taken see what other hosts wrote before it.
+    fn forget_cached(&self) -> Result<(), ImageError> {
+        Ok(())
+    }
     /// Bytes that are allocated and writable in place.
     fn size(&self) -> u64;
     /// The most bytes [`Disk::grow`] can reach (an image's virtual size).

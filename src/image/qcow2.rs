@@ -87,6 +87,9 @@ pub struct Qcow2Disk {
     /// A metadata change failed part way: the map may be stale, so nothing
     /// more is written through this disk.
     broken: bool,
+    /// The file lives on a file system other hosts write too (a network or
+    /// cluster file system, or FUSE), whose page cache can be stale.
+    shared_fs: bool,
     /// Faults to inject into metadata I/O (tests only).
     #[cfg(any(test, feature = "testing"))]
     faults: MetaFaults,
@@ -194,6 +197,12 @@ impl Qcow2Disk {
     }
 
     fn open_in_chain(path: &Path, file: Arc<File>, depth: usize) -> Result<Self, ImageError> {
+        // Opened after the lock was taken: what this host cached of the
+        // file before may predate another host's writes.
+        let shared_fs = shared_file_system(&file);
+        if shared_fs {
+            drop_cached(&file, 0, 0).map_err(io_err(path, "posix_fadvise"))?;
+        }
         let header = read_header(path, &file)?;
         let backing = match &header.backing {
             None => None,
@@ -209,6 +218,7 @@ impl Qcow2Disk {
             own: false,
             copied: false,
             broken: false,
+            shared_fs,
             #[cfg(any(test, feature = "testing"))]
             faults: MetaFaults::default(),
             needed_len: 0,
@@ -903,6 +913,45 @@ impl Qcow2Disk {
     }
 }
 
+/// File systems whose page cache other hosts' writes do not invalidate:
+/// FUSE (GlusterFS, ...), NFS, SMB/CIFS, CephFS, GFS2, OCFS2, 9p, AFS,
+/// Lustre, OrangeFS (`statfs(2)` magic numbers).
+const SHARED_FS_MAGIC: [i64; 11] = [
+    0x6573_5546,
+    0x6969,
+    0xfe53_4d42,
+    0xff53_4d42,
+    0x00c3_6400,
+    0x0116_1970,
+    0x7461_636f,
+    0x0102_1997,
+    0x5346_414f,
+    0x0bd0_0bd0,
+    0x1366_1366,
+];
+
+/// Whether `file` lives on a file system in [`SHARED_FS_MAGIC`] (a failed
+/// `fstatfs` counts as shared: the fresh reads are only slower).
+fn shared_file_system(file: &File) -> bool {
+    nix::sys::statfs::fstatfs(file).map_or(true, |s| {
+        SHARED_FS_MAGIC.contains(&(s.filesystem_type().0 as i64))
+    })
+}
+
+/// Drops this host's cached pages of `len` bytes of `file` at `at` (0: to
+/// the end), so the next read asks the file system (on FUSE, the server).
+fn drop_cached(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    use std::os::fd::AsRawFd;
+    posix_fadvise(
+        file.as_raw_fd(),
+        at as i64,
+        len as i64,
+        PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Opens the backing file `b` of the overlay at `overlay`, read-only. A
 /// relative name is relative to the overlay's directory, as in QEMU.
 fn open_backing(
@@ -1025,6 +1074,29 @@ impl Disk for Qcow2Disk {
         parts
             .iter()
             .try_for_each(|(offset, data)| self.write_at(*offset, data))
+    }
+
+    fn read_fresh(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        if self.shared_fs {
+            for (host, _, n) in self.host_ranges(offset, buf.len())? {
+                if let Some(host) = host {
+                    drop_cached(&self.file, host, n as u64)
+                        .map_err(io_err(&self.path, "posix_fadvise"))?;
+                }
+            }
+        }
+        self.read_at(offset, buf)
+    }
+
+    fn on_shared_storage(&self) -> bool {
+        self.shared_fs
+    }
+
+    fn forget_cached(&self) -> Result<(), ImageError> {
+        if self.shared_fs {
+            drop_cached(&self.file, 0, 0).map_err(io_err(&self.path, "posix_fadvise"))?;
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), ImageError> {

@@ -357,6 +357,12 @@ impl ImageLock {
         }
     }
 
+    /// Whether acquisitions lock the file (false with `locking=off` and for
+    /// a detached lock, which only count).
+    pub fn locks_file(&self) -> bool {
+        self.inner.file.is_some() && self.inner.flavour.is_some()
+    }
+
     /// The strongest mode currently held, if any.
     pub fn held(&self) -> Option<LockMode> {
         self.inner.lock_counts().held

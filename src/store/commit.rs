@@ -237,6 +237,18 @@ impl<'s, 'd> Transaction<'s, 'd> {
                 return Err(e);
             }
         };
+        // A local file system's locks cannot be lost under a holder: the
+        // check is for shared storage and for running without locks.
+        let trusted = store.lock.lock.locks_file() && !store.view.disk.on_shared_storage();
+        let checked = match trusted {
+            true => Ok(()),
+            false => check_unchanged(&store.view),
+        };
+        if let Err(e) = checked {
+            store.write_buf = writes.into_buffer();
+            store.poisoned = true;
+            return Err(e);
+        }
         write(store, writes)?;
         let generation = plan.generation;
         let skipped = std::mem::take(&mut store.view.skipped);
@@ -599,6 +611,40 @@ fn successor(view: &StoreView, plan: &Plan, layout: &Layout, area: u64, dir: Ext
     Allocator::new(area, in_use.chain(pinned))
         .largest_free()
         .unwrap_or(0)
+}
+
+/// Before a commit's writes, on shared storage or without locks: confirms
+/// that nobody committed after the
+/// generation this handle holds. Any successor of it sits in a header slot
+/// or where its header's `next` points, so those three places are read,
+/// past a shared file system's stale cache; one holding a newer generation
+/// of this store that this handle did not skip at open means another
+/// process wrote the image while this one thought it held the lock.
+fn check_unchanged(view: &StoreView) -> Result<(), StoreError> {
+    let current = &view.current.slot;
+    let next = Some(current.next).filter(|&n| n != 0 && !SLOT_OFFSETS.contains(&n));
+    for at in SLOT_OFFSETS.into_iter().chain(next) {
+        let mut buf = [0u8; SLOT_BYTES];
+        if at + SLOT_BYTES as u64 > view.disk.size() {
+            continue;
+        }
+        view.disk.read_fresh(at, &mut buf)?;
+        let Ok(found) = Slot::decode_at(&buf, at) else {
+            continue;
+        };
+        let skipped = view
+            .skipped
+            .iter()
+            .any(|s| s.header_offset == at && s.generation == Some(found.generation));
+        if found.store_id == current.store_id && found.generation > current.generation && !skipped {
+            return Err(StoreError::ImageChanged {
+                path: view.path.clone(),
+                found: found.generation,
+                ours: current.generation,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Step 4: writes every region, then the one sync. After a failed write or

@@ -119,7 +119,13 @@ impl Released {
         };
         let ours = self.view.generation();
         let path = self.view.path.clone();
-        let on_disk = self.view.disk_generation();
+        // What this host cached while released may predate another host's commits.
+        let on_disk = self
+            .view
+            .disk
+            .forget_cached()
+            .map_err(StoreError::from)
+            .and_then(|()| self.view.disk_generation());
         if let Ok(found) = on_disk {
             if found > ours {
                 drop(guard);
