@@ -916,7 +916,7 @@ impl Qcow2Disk {
 /// File systems whose page cache other hosts' writes do not invalidate:
 /// FUSE (GlusterFS, ...), NFS, SMB/CIFS, CephFS, GFS2, OCFS2, 9p, AFS,
 /// Lustre, OrangeFS (`statfs(2)` magic numbers).
-const SHARED_FS_MAGIC: [i64; 11] = [
+const SHARED_FS_MAGIC: [libc::__fsword_t; 11] = [
     0x6573_5546,
     0x6969,
     0xfe53_4d42,
@@ -933,9 +933,8 @@ const SHARED_FS_MAGIC: [i64; 11] = [
 /// Whether `file` lives on a file system in [`SHARED_FS_MAGIC`] (a failed
 /// `fstatfs` counts as shared: the fresh reads are only slower).
 fn shared_file_system(file: &File) -> bool {
-    nix::sys::statfs::fstatfs(file).map_or(true, |s| {
-        SHARED_FS_MAGIC.contains(&(s.filesystem_type().0 as i64))
-    })
+    nix::sys::statfs::fstatfs(file)
+        .map_or(true, |s| SHARED_FS_MAGIC.contains(&s.filesystem_type().0))
 }
 
 /// Drops this host's cached pages of `len` bytes of `file` at `at` (0: to
