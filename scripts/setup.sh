@@ -6,7 +6,9 @@
 #   TCTI, swtpm 0.7.1 (for comparison), and qemu-system-x86 7.2 with
 #   SeaBIOS. Debian's qemu-system-x86 conflicts with a newer qemu-utils, so
 #   qemu-utils is named in the same command, at QEMU's version;
-# - for the C ABI's tests: a C and a C++ compiler, and valgrind.
+# - for the C ABI's tests: a C and a C++ compiler, and valgrind;
+# - for the shared-storage tests: GlusterFS's server and client, and
+#   iproute2 for the network namespaces the tests make.
 set -euo pipefail
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found; install Rust (rustup) first" >&2; exit 1; }
 # ldconfig lives in /sbin, which a user's PATH may lack.
@@ -23,6 +25,9 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86 seabios)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+[ -x /usr/sbin/glusterd ] || need+=(glusterfs-server)
+[ -x /usr/sbin/glusterfs ] || need+=(glusterfs-client)
+[ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -2,13 +2,19 @@
 //! an image's lock (and so keeps `qemu-img snapshot` and the CLI out).
 //!
 //! The emulator listens on an abstract Unix socket named after the image
-//! file's device and inode, `tpmstate-snapshot/<dev>/<inode>`: the CLI finds
-//! it from the image path alone, nothing is left in the file system, and the
-//! name dies with the process. Each connection carries one JSON request and
-//! one JSON reply. The emulator serves it between two TPM commands, so a
-//! snapshot always holds a committed generation. Only the emulator's own
-//! user and root are served (the peer's credentials are checked), since an
-//! abstract socket has no file permissions.
+//! file's device and inode and its own process id,
+//! `tpmstate-snapshot/<dev>/<inode>/<pid>`: nothing is left in the file
+//! system, and the name dies with the process. The CLI finds it from the
+//! image path: it looks up which processes hold the image's lock bytes
+//! (`crate::lock::holders_of`) and connects to each one's name, and takes
+//! an answer only from a peer whose process id (from the kernel, not the
+//! name) is the one that holds the lock, so a process that merely took the
+//! name cannot answer for the image. Each connection carries one JSON
+//! request and one JSON reply. The emulator serves it between two TPM
+//! commands, so a snapshot always holds a committed generation, and waits
+//! at most half a second for a request. Only the emulator's own user and
+//! root are served (the peer's credentials are checked), since an abstract
+//! socket has no file permissions.
 
 use crate::image::SnapshotEntry;
 use std::io::{Read, Write};
@@ -117,23 +123,23 @@ impl CtlError {
     }
 }
 
-/// The socket address for the image at `image`.
-fn address(image: &Path) -> std::io::Result<SocketAddr> {
+/// The socket address process `pid` listens on for the image at `image`.
+fn address(image: &Path, pid: u32) -> std::io::Result<SocketAddr> {
     let m = std::fs::metadata(image)?;
-    let name = format!("tpmstate-snapshot/{:x}/{}", m.dev(), m.ino());
+    let name = format!("tpmstate-snapshot/{:x}/{}/{pid}", m.dev(), m.ino());
     SocketAddr::from_abstract_name(name.as_bytes())
 }
 
 /// Listens for snapshot requests on the image at `image` (non-blocking, for
-/// a poll loop). Fails with `AddrInUse` while another process listens.
+/// a poll loop). Fails with `AddrInUse` if the name is taken.
 pub fn listen(image: &Path) -> std::io::Result<UnixListener> {
-    let listener = UnixListener::bind_addr(&address(image)?)?;
+    let listener = UnixListener::bind_addr(&address(image, std::process::id())?)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
 
-/// Asks the process listening for the image at `image`; `Ok(None)` when
-/// nobody listens.
+/// Asks the process that holds the image at `image` and listens for it;
+/// `Ok(None)` when no holder listens.
 pub fn ask(image: &Path, request: &Request) -> Result<Option<Reply>, CtlError> {
     let io = |op| {
         move |source| CtlError::Io {
@@ -142,12 +148,57 @@ pub fn ask(image: &Path, request: &Request) -> Result<Option<Reply>, CtlError> {
             source,
         }
     };
-    let addr = address(image).map_err(io("stat"))?;
-    let mut conn = match UnixStream::connect_addr(&addr) {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-        Err(e) => return Err(io("connect")(e)),
+    let mut pids: Vec<u32> = crate::lock::holders_of(image)
+        .map_err(|e| CtlError::Protocol {
+            path: image.to_path_buf(),
+            reason: format!(
+                "cannot tell who holds the image: {}",
+                crate::kind::chain(&e)
+            ),
+        })?
+        .iter()
+        .filter_map(|h| u32::try_from(h.pid).ok())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        let addr = address(image, pid).map_err(io("stat"))?;
+        match UnixStream::connect_addr(&addr) {
+            Ok(conn) => return exchange(image, conn, pid, request).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(io("connect")(e)),
+        }
+    }
+    Ok(None)
+}
+
+/// Sends `request` to lock holder `pid` over `conn` and reads its reply,
+/// once the kernel confirms the peer is that process.
+fn exchange(
+    image: &Path,
+    mut conn: UnixStream,
+    pid: u32,
+    request: &Request,
+) -> Result<Reply, CtlError> {
+    let io = |op| {
+        move |source| CtlError::Io {
+            path: image.to_path_buf(),
+            op,
+            source,
+        }
     };
+    let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| io("getsockopt")(e.into()))?;
+    if u32::try_from(peer.pid()).ok() != Some(pid) {
+        return Err(CtlError::Protocol {
+            path: image.to_path_buf(),
+            reason: format!(
+                "process {} answers in the name of process {pid}, which holds the image: \
+                 its answer is not taken",
+                peer.pid()
+            ),
+        });
+    }
     let bytes = serde_json::to_vec(request).map_err(|e| CtlError::Protocol {
         path: image.to_path_buf(),
         reason: e.to_string(),
@@ -156,12 +207,10 @@ pub fn ask(image: &Path, request: &Request) -> Result<Option<Reply>, CtlError> {
     conn.shutdown(std::net::Shutdown::Write)
         .map_err(io("shutdown"))?;
     let reply = read_message(&mut conn, TIMEOUT).map_err(io("receive"))?;
-    serde_json::from_slice(&reply)
-        .map(Some)
-        .map_err(|e| CtlError::Protocol {
-            path: image.to_path_buf(),
-            reason: format!("the emulator's reply is not understood: {e}"),
-        })
+    serde_json::from_slice(&reply).map_err(|e| CtlError::Protocol {
+        path: image.to_path_buf(),
+        reason: format!("the emulator's reply is not understood: {e}"),
+    })
 }
 
 /// Serves one connection waiting on `listener`: checks the peer is this
@@ -229,7 +278,13 @@ mod tests {
         let image = dir.path().join("i");
         std::fs::write(&image, b"x").unwrap();
         let listener = listen(&image).unwrap();
-        assert!(listen(&image).is_err(), "one listener per image");
+        assert!(
+            listen(&image).is_err(),
+            "one listener per image and process"
+        );
+        // The asker only talks to a holder of the image's lock.
+        let (lock, _) = crate::lock::ImageLock::open(&image, false, crate::Locking::Auto).unwrap();
+        let _held = lock.acquire(crate::LockMode::Shared, None).unwrap();
         let asker = {
             let image = image.clone();
             std::thread::spawn(move || {
@@ -265,7 +320,8 @@ mod tests {
         let image = dir.path().join("i");
         std::fs::write(&image, b"x").unwrap();
         let listener = listen(&image).unwrap();
-        let _silent = UnixStream::connect_addr(&address(&image).unwrap()).unwrap();
+        let _silent =
+            UnixStream::connect_addr(&address(&image, std::process::id()).unwrap()).unwrap();
         let started = std::time::Instant::now();
         let served = serve_one(&listener, |_| Reply::default());
         assert!(served.is_err(), "{served:?}");

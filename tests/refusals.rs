@@ -89,6 +89,96 @@ fn refused_files(d: &Path) -> Vec<Refused> {
     ]
 }
 
+/// A small hostile image (2 MiB clusters, 12 MiB) whose active L1 table
+/// names one L2 table `entries - 1` times, with refcounts that agree: a
+/// survey that read the table once per entry would spend minutes on it.
+fn l1_repeating_one_l2(path: &Path, entries: u64) {
+    use std::os::unix::fs::FileExt;
+    let cb = 21u32;
+    let cs = 1u64 << cb;
+    let l1 = cs;
+    let reftable = l1 + (entries * 8).div_ceil(cs) * cs;
+    let (block, l2a) = (reftable + cs, reftable + 2 * cs);
+    let (l2b, data) = (l2a + cs, l2a + 2 * cs);
+    let end = data + 2 * cs;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(end).unwrap();
+    let mut h = Vec::new();
+    for (v, width) in [
+        (0x5146_49fb, 4),
+        (3, 4),
+        (0, 8),
+        (0, 4),
+        (u64::from(cb), 4),
+        (1 << 30, 8),
+        (0, 4),
+        (entries, 4),
+        (l1, 8),
+        (reftable, 8),
+        (1, 4),
+        (0, 4),
+        (0, 8),
+        (0, 8),
+        (0, 8),
+        (0, 8),
+        (4, 4),
+        (104, 4),
+    ] {
+        h.extend_from_slice(&u64::to_be_bytes(v)[8 - width..]);
+    }
+    h.extend_from_slice(&[0; 8]);
+    f.write_all_at(&h, 0).unwrap();
+    let mut table = ((l2a) | 1 << 63).to_be_bytes().to_vec();
+    for _ in 1..entries {
+        table.extend_from_slice(&l2b.to_be_bytes());
+    }
+    f.write_all_at(&table, l1).unwrap();
+    f.write_all_at(&block.to_be_bytes(), reftable).unwrap();
+    f.write_all_at(&(data | 1 << 63).to_be_bytes(), l2a)
+        .unwrap();
+    let repeated: Vec<u8> = (0..cs / 8)
+        .flat_map(|_| (data + cs).to_be_bytes())
+        .collect();
+    f.write_all_at(&repeated, l2b).unwrap();
+    let counts: Vec<u8> = (0..end / cs).flat_map(|_| 1u16.to_be_bytes()).collect();
+    f.write_all_at(&counts, block).unwrap();
+}
+
+/// Writers survey the image's references (for leaks to free, before a
+/// metadata change); a hostile table that names one L2 table 131,071 times
+/// is found out at once, never walked that often (which took minutes): a
+/// format refuses it (exit 3, naming it), a put finds no store in it (exit
+/// 2), and so does a reader. Each under `timeout 10`.
+#[test]
+fn an_l1_table_naming_one_l2_table_again_and_again_is_refused_at_once() {
+    let dir = scratch();
+    let image = dir.path().join("l1-repeats.qcow2");
+    l1_repeating_one_l2(&image, 131_072);
+    let before = sha(&image);
+    let i = path_str(&image).to_string();
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, b"x").unwrap();
+    let b = path_str(&blob).to_string();
+    for (args, code, reason) in [
+        (
+            vec!["format".into(), i.clone(), "--force".into()],
+            3,
+            "names L2 table",
+        ),
+        (
+            vec!["put".into(), i.clone(), "permall".into(), b],
+            2,
+            "no tpmstate store",
+        ),
+        (vec!["info".into(), i.clone()], 2, "no tpmstate store"),
+    ] {
+        let (got, _, err) = bounded(env!("CARGO_BIN_EXE_tpmstate"), &args);
+        assert_eq!(got, code, "{args:?}: {err}");
+        assert!(err.contains(&i) && err.contains(reason), "{args:?}: {err}");
+    }
+    assert_eq!(sha(&image), before);
+}
+
 /// The bytes' hash of a regular file, `None` for anything else.
 /// What a file is, and its bytes' hash for a regular file; for anything
 /// else its type, size and modification time.

@@ -465,3 +465,155 @@ fn a_savevm_snapshot_with_vm_state_survives_commits_and_loads() {
     assert_eq!(code, 0, "{err}");
     assert_qemu_check_clean(&image);
 }
+
+/// A snapshot taken while a writer is released (a migration source that
+/// handed the image over, say) moves the area to new clusters; the writer,
+/// taking the image back, maps it anew: its commit lands in the active
+/// image, and the snapshot keeps its own state.
+#[test]
+fn a_writer_taking_the_image_back_after_a_snapshot_writes_the_active_image() {
+    use tpmstate::{OpenOptions, Store};
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    assert_eq!(cli(&["create", path_str(&image)]).0, 0);
+    let mut store = Store::open(&image, OpenOptions::default()).unwrap();
+    store.put("permall", b"before").unwrap();
+    let released = store.release();
+    let (code, _, err) = cli(&["snapshot", "create", path_str(&image), "while-released"]);
+    assert_eq!(code, 0, "{err}");
+    let mut store = match released.reclaim(Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => panic!("reclaim: {}", e.error()),
+    };
+    store.put("permall", b"after").unwrap();
+    drop(store);
+    assert_qemu_check_clean(&image);
+    assert_eq!(get(&image, &[]), b"after");
+    qemu_snapshot("-a", "while-released", &image);
+    assert_eq!(get(&image, &[]), b"before");
+}
+
+/// A snapshot refused before anything is written (here: 1-bit refcounts
+/// cannot count the second reference to data outside the store area)
+/// leaves the writer as it was: it
+/// commits on, and the image has no snapshot.
+#[test]
+fn a_refused_snapshot_leaves_the_writer_committing() {
+    use tpmstate::{OpenOptions, Store};
+    let dir = scratch();
+    let image = dir.path().join("nvram.qcow2");
+    qemu_img_create(&image, "refcount_bits=1", "4M");
+    assert_eq!(cli(&["format", path_str(&image), "--area", "1M"]).0, 0);
+    // Data outside the store area stays shared with a snapshot.
+    let (code, out, err) = decode(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 1 3M 64k", path_str(&image)])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let mut store = Store::open(&image, OpenOptions::default()).unwrap();
+    store.put("permall", b"one").unwrap();
+    let err = store.create_snapshot("s1").unwrap_err();
+    assert_eq!(err.kind(), tpmstate::ErrorKind::Unsupported, "{err}");
+    store.put("permall", b"two").unwrap();
+    drop(store);
+    assert_qemu_check_clean(&image);
+    assert!(snapshot_names(&image).is_empty());
+    assert_eq!(get(&image, &[]), b"two");
+}
+
+/// Overlays on version 2 (compat=0.10) images, and a chain of two.
+#[test]
+fn version_2_overlays_and_a_chain_of_two_open_and_copy_up() {
+    let dir = scratch();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img_create(&base, "compat=0.10", "4M");
+    assert_eq!(cli(&["format", path_str(&base)]).0, 0);
+    put(&base, b"base-state", &[]);
+    let mut below = base.clone();
+    for (name, compat) in [("mid.qcow2", "0.10"), ("top.qcow2", "1.1")] {
+        let image = d.join(name);
+        let below_name = below.file_name().unwrap().to_str().unwrap().to_string();
+        let opts = format!("compat={compat}");
+        let (code, _, err) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            &below_name,
+            "-F",
+            "qcow2",
+            path_str(&image),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(get(&image, &[]), b"base-state", "{name} reads through");
+        below = image;
+    }
+    let before = (sha(&base), sha(&d.join("mid.qcow2")));
+    put(&below, b"top-state", &[]);
+    assert_eq!(get(&below, &[]), b"top-state");
+    assert_eq!((sha(&base), sha(&d.join("mid.qcow2"))), before);
+    assert_qemu_check_clean(&below);
+}
+
+/// A copy-up copies each of the overlay's clusters whole, with what the
+/// backing file holds past its store area too (here: data written at
+/// 1040 KiB, behind an unallocated cluster, under 64 KiB overlay clusters
+/// over 4 KiB base clusters).
+#[test]
+fn a_copy_up_keeps_backing_data_past_the_store_area() {
+    let dir = scratch();
+    let base = dir.path().join("base.qcow2");
+    qemu_img_create(&base, "cluster_size=4k", "4M");
+    assert_eq!(cli(&["format", path_str(&base), "--area", "1028K"]).0, 0);
+    put(&base, b"base-state", &[]);
+    let (code, out, err) = decode(
+        std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0xab 1040k 4k",
+                path_str(&base),
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let overlay = dir.path().join("overlay.qcow2");
+    let (code, _, err) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&overlay),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    put(&overlay, b"overlay-state", &[]);
+    let (code, out, err) = decode(
+        std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-r",
+                "-c",
+                "read -P 0xab 1040k 4k",
+                path_str(&overlay),
+            ])
+            .output()
+            .unwrap(),
+    );
+    assert!(code == 0 && !out.contains("fail"), "{out}{err}");
+    assert_qemu_check_clean(&overlay);
+}

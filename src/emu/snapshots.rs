@@ -56,6 +56,12 @@ impl SnapshotSocket {
         };
         if let Err(e) = snapshot_ctl::serve_one(listener, |r| answer(image, r, log)) {
             log.error(&format!("{}: snapshot socket: {e}", image.path().display()));
+            if e.kind() != std::io::ErrorKind::TimedOut {
+                // accept() itself failed (out of descriptors?): a listener
+                // left readable would wake the loop at once, again and
+                // again. Listen afresh a second later.
+                self.listener = None;
+            }
         }
     }
 }

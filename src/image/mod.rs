@@ -47,6 +47,11 @@ pub trait Disk: Send + Sync {
     fn read_fresh(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.read_at(offset, buf)
     }
+    /// Reads the image's structure again after its lock was taken back:
+    /// while it was not held, anything may have changed.
+    fn reopen(&mut self) -> Result<(), ImageError> {
+        Ok(())
+    }
     /// Whether other hosts may write the image too (it lives on a network
     /// or cluster file system), so their writes can hide behind this
     /// host's cache and its locks can be lost to a lease.

@@ -241,6 +241,16 @@ impl Qcow2Disk {
         NEXT_OPEN_FAULT.set(Some((at_call, fault)));
     }
 
+    /// Reads the image's metadata again and maps the prefix anew, after the
+    /// lock was taken back: while it was not held, anything may have changed
+    /// (a snapshot taken, the area copied elsewhere, another host's writes).
+    pub fn reopen(&mut self) -> Result<(), ImageError> {
+        self.forget_cached_all()?;
+        self.header = read_header(&self.path, &self.file)?;
+        self.own = false;
+        self.remap()
+    }
+
     /// The backing files of this overlay, nearest first, with their
     /// descriptors (opened read-only), for the caller to lock.
     pub fn backing_files(&self) -> Vec<(&Path, &Arc<File>)> {
@@ -492,12 +502,9 @@ impl Qcow2Disk {
         self.header = read_header(&self.path, &self.file)?;
         match self.plan(&req)? {
             Ok(Some(plan)) => {
-                if let Err(e) = self.apply(&plan) {
-                    // Maybe after the switch: the map this disk holds may
-                    // name clusters that are not the active image's any more.
-                    self.broken = true;
-                    return Err(e);
-                }
+                // A failure before the switch leaves the image (and this
+                // map) as it was; after it, `apply` marks the disk broken.
+                self.apply(&plan)?
             }
             Ok(None) => return Ok(()),
             // qcow2-rs could allocate here, but its refcount-first order
@@ -550,13 +557,19 @@ impl Qcow2Disk {
         if let Err(e) = self.meta_write(&plan.switch, qcow2_alloc::SWITCH_AT) {
             // A write cut short may have left part of the switch in the page
             // cache, a header that is neither image: put the old bytes back
-            // before anything writes it out.
-            let _ = self
+            // before anything writes it out. If that fails too, the header
+            // is unknown, and so is whether this map is still the image's.
+            let restored = self
                 .meta_write(&old, qcow2_alloc::SWITCH_AT)
                 .and_then(|()| self.meta_sync());
+            self.broken = restored.is_err();
             return Err(e);
         }
-        self.meta_sync()
+        // Unsynced, the new header may or may not reach the disk: the map
+        // this disk holds may name clusters the new image gave away.
+        let synced = self.meta_sync();
+        self.broken = synced.is_err();
+        synced
     }
 
     /// Refuses to write after a metadata change failed part way.
@@ -658,14 +671,73 @@ impl Qcow2Disk {
         match fill {
             Fill::Zeros => buf.fill(0),
             Fill::Host(from) => self.meta_read(buf, from)?,
-            Fill::Backing(guest) => {
-                let Some(backing) = &self.backing else {
-                    return Err(self.corrupt("a copy-up without a backing file".into()));
-                };
-                let n = backing.readable.saturating_sub(guest).min(buf.len() as u64) as usize;
-                buf[n..].fill(0);
-                backing.read_at(guest, &mut buf[..n])?;
+            Fill::Backing(guest) => match &self.backing {
+                Some(backing) => backing.read_guest(guest, buf)?,
+                None => return Err(self.corrupt("a copy-up without a backing file".into())),
+            },
+        }
+        Ok(())
+    }
+
+    /// Reads guest bytes at any offset as QEMU would: the allocated prefix
+    /// through the map; past it, each cluster through qcow2's mapping (this
+    /// file's data, the backing file's bytes, or zeros; zeros past the
+    /// virtual size). For a copy-up, which copies whole clusters.
+    fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let cs = self.header.cluster_size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = offset + pos as u64;
+            let n = ((cs - g % cs) as usize).min(buf.len() - pos);
+            let part = &mut buf[pos..pos + n];
+            if g + n as u64 <= self.readable {
+                self.read_at(g, part)?;
+            } else if g >= self.header.size {
+                part.fill(0);
+            } else {
+                self.read_mapped(g, part)?;
             }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `part` (inside one cluster, past the prefix) at guest offset `g`.
+    fn read_mapped(&self, g: u64, part: &mut [u8]) -> Result<(), ImageError> {
+        let cs = self.header.cluster_size();
+        let m =
+            self.qcow2_session(|dev| futures::executor::block_on(dev.get_mapping(g - g % cs)))?;
+        match (m.source, m.cluster_offset) {
+            (MappingSource::DataFile, Some(host)) => self
+                .file
+                .read_exact_at(part, host + g % cs)
+                .map_err(io_err(&self.path, "read")),
+            (MappingSource::Compressed, _) => Err(ImageError::Unsupported {
+                path: self.path.clone(),
+                feature: format!("a compressed cluster at guest offset {g} to copy up"),
+            }),
+            (MappingSource::Backing | MappingSource::Unallocated, _) => match &self.backing {
+                Some(backing) => backing.read_guest(g, part),
+                None => {
+                    part.fill(0);
+                    Ok(())
+                }
+            },
+            _ => {
+                part.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops this host's cached pages of this image and its backing files.
+    fn forget_cached_all(&self) -> Result<(), ImageError> {
+        let mut next = Some(self);
+        while let Some(d) = next {
+            if d.shared_fs {
+                drop_cached(&d.file, 0, 0).map_err(io_err(&d.path, "posix_fadvise"))?;
+            }
+            next = d.backing.as_deref();
         }
         Ok(())
     }
@@ -827,6 +899,13 @@ impl Qcow2Disk {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut buf = vec![0u8; MAX_HEADER_BYTES];
             let n = FileExt::read_at(&*file, &mut buf, 0).map_err(|e| e.to_string())?;
+            // qcow2-rs only maps clusters here: it is not told of a backing
+            // file (tpmstate follows it itself), and a version 2 header ends
+            // at byte 72 (qcow2-rs would read a v3 header length at 100).
+            buf[8..20].fill(0);
+            if buf[4..8] == 2u32.to_be_bytes() {
+                buf[72..].fill(0);
+            }
             let header = qcow2_rs::meta::Qcow2Header::from_buf(&buf[..n.max(512).min(buf.len())])
                 .map_err(|e| e.to_string())?;
             let params = Qcow2DevParams::new(9, None, None, true, false);
@@ -937,14 +1016,22 @@ fn shared_file_system(file: &File) -> bool {
         .map_or(true, |s| SHARED_FS_MAGIC.contains(&s.filesystem_type().0))
 }
 
-/// Drops this host's cached pages of `len` bytes of `file` at `at` (0: to
-/// the end), so the next read asks the file system (on FUSE, the server).
+/// Drops this host's cached pages holding `len` bytes of `file` at `at`
+/// (0: to the end), so the next read asks the file system (on FUSE, the
+/// server). The kernel drops only whole pages inside the range it is
+/// given, so the range is widened to page boundaries first.
 fn drop_cached(file: &File, at: u64, len: u64) -> std::io::Result<()> {
     use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
     use std::os::fd::AsRawFd;
+    let page = direct::PAGE as u64;
+    let start = at - at % page;
+    let len = match len {
+        0 => 0,
+        n => (at + n).next_multiple_of(page) - start,
+    };
     posix_fadvise(
         file.as_raw_fd(),
-        at as i64,
+        start as i64,
         len as i64,
         PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     )
@@ -1059,7 +1146,11 @@ impl Disk for Qcow2Disk {
                     _ => None,
                 }
             };
-            if let Some(host) = single {
+            // On shared storage every write goes through the descriptor
+            // that holds the lock: a file system that revokes a lost lock
+            // (GlusterFS's strict locks) then refuses the write, where a
+            // second, unlocked descriptor would still be let through.
+            if let Some(host) = single.filter(|_| !self.shared_fs) {
                 if direct::aligned(data, host)
                     && self
                         .direct
@@ -1092,10 +1183,11 @@ impl Disk for Qcow2Disk {
     }
 
     fn forget_cached(&self) -> Result<(), ImageError> {
-        if self.shared_fs {
-            drop_cached(&self.file, 0, 0).map_err(io_err(&self.path, "posix_fadvise"))?;
-        }
-        Ok(())
+        self.forget_cached_all()
+    }
+
+    fn reopen(&mut self) -> Result<(), ImageError> {
+        Qcow2Disk::reopen(self)
     }
 
     fn sync(&mut self) -> Result<(), ImageError> {

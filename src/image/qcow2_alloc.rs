@@ -223,20 +223,28 @@ impl<'h, 'r, 'a> Planner<'h, 'r, 'a> {
     }
 
     fn hold(&mut self, c: u64) -> Result<(), Stop> {
+        self.hold_n(c, 1)
+    }
+
+    fn hold_n(&mut self, c: u64, n: u32) -> Result<(), Stop> {
         if c as usize >= self.counts.len() {
             self.counts.resize(c as usize + 1, 0);
         }
         let count = &mut self.counts[c as usize];
-        match count.checked_add(1) {
-            Some(n) => *count = n,
+        match count.checked_add(n) {
+            Some(sum) => *count = sum,
             None => return unsupported(format!("cluster {c} would have too many references")),
         }
         Ok(())
     }
 
     fn release(&mut self, c: u64) -> Result<(), Stop> {
+        self.release_n(c, 1)
+    }
+
+    fn release_n(&mut self, c: u64, n: u32) -> Result<(), Stop> {
         match self.counts.get_mut(c as usize) {
-            Some(n) if *n > 0 => *n -= 1,
+            Some(count) if *count >= n => *count -= n,
             _ => return corrupt(format!("cluster {c} released more often than referenced")),
         }
         Ok(())
@@ -299,20 +307,29 @@ impl<'h, 'r, 'a> Planner<'h, 'r, 'a> {
         Ok(first * self.cs)
     }
 
-    /// Adds `delta` (+1 or -1) to every L2 table and data cluster the L1
-    /// entries `l1` reach: one L1 table more, or one less.
+    /// Adds one reference to every L2 table and data cluster the L1 entries
+    /// `l1` reach (`add`), or takes one away: one L1 table more, or one
+    /// less. Each L2 table is read once however often `l1` names it.
     fn reach(&mut self, l1: &[u64], add: bool) -> Result<(), Stop> {
         let per_l2 = (self.cs / 8) as usize;
-        let change = |p: &mut Self, c: u64| if add { p.hold(c) } else { p.release(c) };
+        let change = |p: &mut Self, c: u64, n: u32| match add {
+            true => p.hold_n(c, n),
+            false => p.release_n(c, n),
+        };
+        let mut named: BTreeMap<u64, u32> = BTreeMap::new();
         for l2_at in l1.iter().map(|e| e & TABLE_OFFSET_MASK).filter(|&o| o != 0) {
-            change(self, l2_at / self.cs)?;
-            for entry in self.read_entries(l2_at, per_l2)? {
+            *named.entry(l2_at).or_insert(0) += 1;
+        }
+        for (l2_at, times) in named {
+            let entries = self.read_entries(l2_at, per_l2)?;
+            change(self, l2_at / self.cs, times)?;
+            for entry in entries {
                 if entry & L2_COMPRESSED != 0 {
                     return unsupported("the image has compressed clusters".into());
                 }
                 let host = entry & TABLE_OFFSET_MASK;
                 if host != 0 {
-                    change(self, host / self.cs)?;
+                    change(self, host / self.cs, times)?;
                 }
             }
         }

@@ -102,10 +102,6 @@ pub(crate) struct Survey {
     pub snapshots: Vec<SnapshotEntry>,
 }
 
-/// L2 tables a survey reads at most (one read per L1 entry, per snapshot):
-/// bounds the work a hostile snapshot table can cause.
-const MAX_L2_VISITS: u32 = 1 << 17;
-
 /// Marks what the image references and compares it with the refcounts; `Err`
 /// says why the image is not fully understood.
 pub(crate) fn survey(
@@ -129,7 +125,7 @@ pub(crate) fn survey(
         cs,
         counts: vec![0; clusters as usize],
         kinds: vec![Use::Free; clusters as usize],
-        visits: 0,
+        l2_reach: Default::default(),
     };
     let snapshots = match referenced_by(h, file_len, &mut refs, read)? {
         Ok(snapshots) => snapshots,
@@ -184,13 +180,16 @@ fn referenced_by(
             return corrupt(why);
         }
     }
-    if let Err(doubt) = refs.walk_l1(h.l1_table_offset, h.l1_size, read)? {
+    if let Err(doubt) = refs.walk_l1(h.l1_table_offset, h.l1_size, true, read)? {
         return Ok(Err(doubt));
     }
     for s in &snapshots {
-        if let Err(doubt) = refs.walk_l1(s.l1_table_offset, s.l1_size, read)? {
+        if let Err(doubt) = refs.walk_l1(s.l1_table_offset, s.l1_size, false, read)? {
             return Ok(Err(doubt));
         }
+    }
+    if let Err(doubt) = refs.walk_l2s(read)? {
+        return Ok(Err(doubt));
     }
     Ok(Ok(snapshots))
 }
@@ -255,7 +254,8 @@ struct References {
     cs: u64,
     counts: Vec<u32>,
     kinds: Vec<Use>,
-    visits: u32,
+    /// L1 entries naming each L2 table, over every L1 table walked so far.
+    l2_reach: std::collections::BTreeMap<u64, u32>,
 }
 
 impl References {
@@ -286,24 +286,30 @@ impl References {
 
     /// Counts one more reference to the L2 table or data cluster at `start`.
     fn add(&mut self, start: u64, kind: Use) -> Result<(), String> {
+        self.add_times(start, kind, 1)
+    }
+
+    /// Counts `times` more references to the L2 table or data cluster at `start`.
+    fn add_times(&mut self, start: u64, kind: Use, times: u32) -> Result<(), String> {
         for c in self.clusters(start, self.cs)? {
             let seen = &mut self.kinds[c as usize];
             if *seen != Use::Free && *seen != kind {
                 return Err(format!("cluster {c} is used as two kinds of cluster"));
             }
             *seen = kind;
-            self.counts[c as usize] = self.counts[c as usize].saturating_add(1);
+            self.counts[c as usize] = self.counts[c as usize].saturating_add(times);
         }
         Ok(())
     }
 
-    /// Counts what the L1 table at `offset` reaches: the table itself, its
-    /// L2 tables and their data clusters. The active image's L1 table may
-    /// share no cluster; a snapshot's L1 table is its own too.
+    /// Counts the L1 table at `offset` and the L2 tables it names (once
+    /// per entry); their data clusters are counted by [`References::walk_l2s`].
+    /// The active L1 table may name an L2 table only once.
     fn walk_l1(
         &mut self,
         offset: u64,
         size: u32,
+        active: bool,
         read: &mut ReadAt<'_>,
     ) -> std::io::Result<Result<(), Doubt>> {
         let corrupt = |why: String| Ok(Err(Doubt::Corrupt(why)));
@@ -315,15 +321,27 @@ impl References {
         }
         let mut l1 = vec![0u8; size as usize * 8];
         read(offset, &mut l1)?;
-        let mut l2 = vec![0u8; self.cs as usize];
+        let mut seen = std::collections::HashSet::new();
         for l2_at in table_offsets(&l1, TABLE_OFFSET_MASK) {
-            self.visits += 1;
-            if self.visits > MAX_L2_VISITS {
-                return Ok(Err(Doubt::Unsupported("too many L2 tables to scan".into())));
+            if active && !seen.insert(l2_at) {
+                return corrupt(format!(
+                    "the active L1 table names L2 table {l2_at:#x} twice"
+                ));
             }
             if let Err(why) = self.add(l2_at, Use::L2) {
                 return corrupt(why);
             }
+            *self.l2_reach.entry(l2_at).or_insert(0) += 1;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Reads each L2 table the L1 tables named, once, and counts its data
+    /// clusters once per L1 entry that reaches it (so a table shared by many
+    /// snapshots costs one read, whatever a hostile image repeats).
+    fn walk_l2s(&mut self, read: &mut ReadAt<'_>) -> std::io::Result<Result<(), Doubt>> {
+        let mut l2 = vec![0u8; self.cs as usize];
+        for (l2_at, reach) in std::mem::take(&mut self.l2_reach) {
             read(l2_at, &mut l2)?;
             for entry in entries(&l2) {
                 if entry & L2_COMPRESSED != 0 {
@@ -333,8 +351,8 @@ impl References {
                 }
                 let data_at = entry & TABLE_OFFSET_MASK;
                 if data_at != 0 {
-                    if let Err(why) = self.add(data_at, Use::Data) {
-                        return corrupt(why);
+                    if let Err(why) = self.add_times(data_at, Use::Data, reach) {
+                        return Ok(Err(Doubt::Corrupt(why)));
                     }
                 }
             }

@@ -112,18 +112,19 @@ impl Released {
     /// Takes the writer lock back, waiting up to `timeout`, then checks that
     /// the image still holds this handle's generation, intact: `Ok` gives
     /// the writer back; otherwise see [`ReclaimError`].
-    pub fn reclaim(self, timeout: Duration) -> Result<Store, ReclaimError> {
+    pub fn reclaim(mut self, timeout: Duration) -> Result<Store, ReclaimError> {
         let guard = match self.lock.acquire(LockMode::Writer, Some(timeout)) {
             Ok(guard) => guard,
             Err(e) => return Err(ReclaimError::StillReleased(Box::new(self), e.into())),
         };
         let ours = self.view.generation();
         let path = self.view.path.clone();
-        // What this host cached while released may predate another host's commits.
+        // While released, anything may have changed: another host's
+        // commits behind this host's cache, a snapshot that moved the area.
         let on_disk = self
             .view
             .disk
-            .forget_cached()
+            .reopen()
             .map_err(StoreError::from)
             .and_then(|()| self.view.disk_generation());
         if let Ok(found) = on_disk {

@@ -11,7 +11,7 @@
 //! with the exclusive lock (the VM off).
 
 use super::{open_file, Store, StoreError, StoreView};
-use crate::image::{ImageError, Qcow2Disk, SnapshotEntry, SnapshotOp};
+use crate::image::{Qcow2Disk, SnapshotEntry, SnapshotOp};
 use crate::lock::{ImageLock, LockMode, Locking};
 use std::path::Path;
 
@@ -41,17 +41,11 @@ impl Store {
                 path: self.view.path.clone(),
             });
         }
-        match self.view.disk.change_snapshot(op) {
-            Ok(()) => Ok(()),
-            // Refused before anything was written.
-            Err(e @ ImageError::Snapshot { .. }) => Err(e.into()),
-            Err(e) => {
-                // Maybe after the header switch: the in-memory map may be
-                // stale, so no commit may use it.
-                self.poisoned = true;
-                Err(e.into())
-            }
-        }
+        // A change that fails after its header switch leaves the disk
+        // refusing writes (its map may be stale), so the next commit fails
+        // and poisons the handle; one refused or failed before the switch
+        // leaves the image and the handle as they were.
+        Ok(self.view.disk.change_snapshot(op)?)
     }
 
     /// Makes the internal snapshot `name` the image's active state, under

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod emu;
+pub mod gluster;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
