@@ -39,6 +39,7 @@ fn main() {
     let mut store = Store::open(&image, OpenOptions::default()).unwrap();
     let raw = std::fs::OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(bed.a.join("raw"))
