@@ -53,6 +53,30 @@ impl ErrorKind {
     }
 }
 
+impl ErrorKind {
+    /// The class whose exit code is `code` (for an exit code passed on by
+    /// another process, such as the emulator's answer to `tpmstate
+    /// snapshot`); `None` for 0 and codes no class has.
+    pub fn from_exit_code(code: u8) -> Option<ErrorKind> {
+        use ErrorKind::*;
+        [
+            Usage,
+            NotAStore,
+            Corrupt,
+            KeyMissing,
+            WrongKey,
+            Locked,
+            Unsupported,
+            Io,
+            NoSpace,
+            Internal,
+            Rollback,
+        ]
+        .into_iter()
+        .find(|k| k.exit_code() == code)
+    }
+}
+
 /// An error's message followed by its causes', joined by `: `, each once
 /// (the modules keep causes in `source()`, never in the message).
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -64,4 +88,31 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_class_comes_back_from_its_exit_code() {
+        use ErrorKind::*;
+        for k in [
+            Usage,
+            NotAStore,
+            Corrupt,
+            KeyMissing,
+            WrongKey,
+            Locked,
+            Unsupported,
+            Io,
+            NoSpace,
+            Internal,
+            Rollback,
+        ] {
+            assert_eq!(ErrorKind::from_exit_code(k.exit_code()), Some(k));
+        }
+        assert_eq!(ErrorKind::from_exit_code(0), None);
+        assert_eq!(ErrorKind::from_exit_code(12), None);
+    }
 }

@@ -57,18 +57,7 @@ fn templates(d: &Path) -> [PathBuf; 4] {
     let (code, _, err) = qemu_img(&["snapshot", "-c", "s1", path_str(&snapped)]);
     assert_eq!(code, 0, "{err}");
     let overlay = d.join("overlay.qcow2");
-    let (code, _, err) = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "filled.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&overlay),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    qemu_img_overlay("filled.qcow2", &overlay, "");
     [blank, filled, snapped, overlay]
 }
 

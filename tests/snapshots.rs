@@ -145,18 +145,7 @@ fn base_and_overlay(dir: &Path, k: &[&str]) -> (PathBuf, PathBuf) {
     assert_eq!(cli(&create).0, 0);
     put(&base, b"base-state", k);
     let overlay = dir.join("overlay.qcow2");
-    let (code, _, err) = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&overlay),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    qemu_img_overlay("base.qcow2", &overlay, "");
     (base, overlay)
 }
 
@@ -536,21 +525,7 @@ fn version_2_overlays_and_a_chain_of_two_open_and_copy_up() {
     for (name, compat) in [("mid.qcow2", "0.10"), ("top.qcow2", "1.1")] {
         let image = d.join(name);
         let below_name = below.file_name().unwrap().to_str().unwrap().to_string();
-        let opts = format!("compat={compat}");
-        let (code, _, err) = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opts,
-            "-b",
-            &below_name,
-            "-F",
-            "qcow2",
-            path_str(&image),
-        ]);
-        assert_eq!(code, 0, "{err}");
+        qemu_img_overlay(&below_name, &image, &format!("compat={compat}"));
         assert_eq!(get(&image, &[]), b"base-state", "{name} reads through");
         below = image;
     }
@@ -586,20 +561,7 @@ fn a_copy_up_keeps_backing_data_past_the_store_area() {
     );
     assert_eq!(code, 0, "{out}{err}");
     let overlay = dir.path().join("overlay.qcow2");
-    let (code, _, err) = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=64k",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&overlay),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    qemu_img_overlay("base.qcow2", &overlay, "cluster_size=64k");
     put(&overlay, b"overlay-state", &[]);
     let (code, out, err) = decode(
         std::process::Command::new("qemu-io")

@@ -80,34 +80,13 @@ fn through_emulator<T>(
         return Err(error.into());
     };
     if reply.exit != 0 {
-        let kind = kind_of(reply.exit);
+        let kind = ErrorKind::from_exit_code(reply.exit).unwrap_or(ErrorKind::Internal);
         return Err(Failure {
             kind,
             error: reply.message.into(),
         });
     }
     Ok(Done::There(reply))
-}
-
-/// The error class an exit code stands for.
-fn kind_of(code: u8) -> ErrorKind {
-    use ErrorKind::*;
-    [
-        Usage,
-        NotAStore,
-        Corrupt,
-        KeyMissing,
-        WrongKey,
-        Locked,
-        Unsupported,
-        Io,
-        NoSpace,
-        Internal,
-        Rollback,
-    ]
-    .into_iter()
-    .find(|k| k.exit_code() == code)
-    .unwrap_or(Internal)
 }
 
 fn print_list(image: &Path, list: &[SnapshotSummary]) {

@@ -587,17 +587,8 @@ impl Qcow2Disk {
     /// One write of a metadata change.
     fn meta_write(&self, bytes: &[u8], at: u64) -> Result<(), ImageError> {
         #[cfg(any(test, feature = "testing"))]
-        if let Some(fault) = self.injected() {
-            let errno = match fault {
-                MetaFault::Errno(errno) => errno,
-                MetaFault::ShortWrite => {
-                    let _ = self.file.write_all_at(&bytes[..bytes.len() / 2], at);
-                    libc::ENOSPC
-                }
-            };
-            return Err(io_err(&self.path, "write")(
-                std::io::Error::from_raw_os_error(errno),
-            ));
+        if let Some(e) = self.injected_error("write", Some((bytes, at))) {
+            return Err(e);
         }
         self.file
             .write_all_at(bytes, at)
@@ -607,14 +598,8 @@ impl Qcow2Disk {
     /// One read of a metadata change.
     fn meta_read(&self, buf: &mut [u8], at: u64) -> Result<(), ImageError> {
         #[cfg(any(test, feature = "testing"))]
-        if let Some(fault) = self.injected() {
-            let errno = match fault {
-                MetaFault::Errno(errno) => errno,
-                MetaFault::ShortWrite => libc::EIO,
-            };
-            return Err(io_err(&self.path, "read")(
-                std::io::Error::from_raw_os_error(errno),
-            ));
+        if let Some(e) = self.injected_error("read", None) {
+            return Err(e);
         }
         self.file
             .read_exact_at(buf, at)
@@ -624,18 +609,30 @@ impl Qcow2Disk {
     /// The sync of a metadata change.
     fn meta_sync(&self) -> Result<(), ImageError> {
         #[cfg(any(test, feature = "testing"))]
-        if let Some(fault) = self.injected() {
-            let errno = match fault {
-                MetaFault::Errno(errno) => errno,
-                MetaFault::ShortWrite => libc::EIO,
-            };
-            return Err(io_err(&self.path, "fdatasync")(
-                std::io::Error::from_raw_os_error(errno),
-            ));
+        if let Some(e) = self.injected_error("fdatasync", None) {
+            return Err(e);
         }
         self.file
             .sync_data()
             .map_err(io_err(&self.path, "fdatasync"))
+    }
+
+    /// Counts one call (`op`; for a write, its bytes and offset) and
+    /// returns the error injected at it, if any, after putting down the
+    /// first half of a write cut short.
+    #[cfg(any(test, feature = "testing"))]
+    fn injected_error(&self, op: &'static str, write: Option<(&[u8], u64)>) -> Option<ImageError> {
+        let errno = match (self.injected()?, write) {
+            (MetaFault::Errno(errno), _) => errno,
+            (MetaFault::ShortWrite, Some((bytes, at))) => {
+                let _ = self.file.write_all_at(&bytes[..bytes.len() / 2], at);
+                libc::ENOSPC
+            }
+            (MetaFault::ShortWrite, None) => libc::EIO,
+        };
+        Some(io_err(&self.path, op)(std::io::Error::from_raw_os_error(
+            errno,
+        )))
     }
 
     /// Counts one metadata call; the fault to inject at it, if any.
@@ -1097,9 +1094,8 @@ fn read_header(path: &Path, file: &File) -> Result<Qcow2Header, ImageError> {
 impl Disk for Qcow2Disk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         #[cfg(any(test, feature = "testing"))]
-        if self.injected().is_some() {
-            let eio = std::io::Error::from_raw_os_error(libc::EIO);
-            return Err(io_err(&self.path, "read")(eio));
+        if let Some(e) = self.injected_error("read", None) {
+            return Err(e);
         }
         let len = buf.len();
         for (host, pos, n) in self.host_ranges(offset, len)? {

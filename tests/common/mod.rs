@@ -50,6 +50,19 @@ pub fn qemu_img_create(image: &Path, opts: &str, size: &str) {
     assert_eq!(code, 0, "{opts}: {err}");
 }
 
+/// `qemu-img create -f qcow2 [-o OPTS] -b BACKING -F qcow2 OVERLAY`, as
+/// libvirt makes an external snapshot (`backing` as written in the header:
+/// relative to the overlay's directory, or absolute).
+pub fn qemu_img_overlay(backing: &str, overlay: &Path, opts: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend(["-b", backing, "-F", "qcow2", overlay.to_str().unwrap()]);
+    let (code, out, err) = qemu_img(&args);
+    assert_eq!(code, 0, "qemu-img {args:?}: {out}{err}");
+}
+
 /// Asserts `qemu-img check` finds no errors and no leaks.
 pub fn assert_qemu_check_clean(image: &Path) {
     let (code, out, err) = qemu_img(&["check", image.to_str().unwrap()]);
