@@ -54,26 +54,26 @@ impl ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every class, in exit-code order.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::Usage,
+        ErrorKind::NotAStore,
+        ErrorKind::Corrupt,
+        ErrorKind::KeyMissing,
+        ErrorKind::WrongKey,
+        ErrorKind::Locked,
+        ErrorKind::Unsupported,
+        ErrorKind::Io,
+        ErrorKind::NoSpace,
+        ErrorKind::Internal,
+        ErrorKind::Rollback,
+    ];
+
     /// The class whose exit code is `code` (for an exit code passed on by
     /// another process, such as the emulator's answer to `tpmstate
     /// snapshot`); `None` for 0 and codes no class has.
     pub fn from_exit_code(code: u8) -> Option<ErrorKind> {
-        use ErrorKind::*;
-        [
-            Usage,
-            NotAStore,
-            Corrupt,
-            KeyMissing,
-            WrongKey,
-            Locked,
-            Unsupported,
-            Io,
-            NoSpace,
-            Internal,
-            Rollback,
-        ]
-        .into_iter()
-        .find(|k| k.exit_code() == code)
+        ErrorKind::ALL.into_iter().find(|k| k.exit_code() == code)
     }
 }
 
@@ -96,20 +96,7 @@ mod tests {
 
     #[test]
     fn every_class_comes_back_from_its_exit_code() {
-        use ErrorKind::*;
-        for k in [
-            Usage,
-            NotAStore,
-            Corrupt,
-            KeyMissing,
-            WrongKey,
-            Locked,
-            Unsupported,
-            Io,
-            NoSpace,
-            Internal,
-            Rollback,
-        ] {
+        for k in ErrorKind::ALL {
             assert_eq!(ErrorKind::from_exit_code(k.exit_code()), Some(k));
         }
         assert_eq!(ErrorKind::from_exit_code(0), None);
