@@ -213,18 +213,38 @@ fn exchange(
     })
 }
 
+/// What serving one connection came to.
+#[derive(Debug)]
+pub enum Served {
+    /// No connection was waiting.
+    Nothing,
+    /// A request was answered.
+    Answered,
+    /// The connection failed: the client said nothing in time, closed
+    /// early, or did not take the reply. The listener is fine.
+    Failed(std::io::Error),
+}
+
 /// Serves one connection waiting on `listener`: checks the peer is this
 /// process's user or root, reads its request, and sends what `handle`
-/// answers. `Ok(false)`: no connection was waiting.
+/// answers. `Err`: accepting failed (the listener's trouble).
 pub fn serve_one(
     listener: &UnixListener,
     handle: impl FnOnce(Request) -> Reply,
-) -> std::io::Result<bool> {
-    let mut conn = match listener.accept() {
+) -> std::io::Result<Served> {
+    let conn = match listener.accept() {
         Ok((c, _)) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Served::Nothing),
         Err(e) => return Err(e),
     };
+    Ok(match answer(conn, handle) {
+        Ok(()) => Served::Answered,
+        Err(e) => Served::Failed(e),
+    })
+}
+
+/// Reads the request on `conn` and sends what `handle` answers.
+fn answer(mut conn: UnixStream, handle: impl FnOnce(Request) -> Reply) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_write_timeout(Some(SERVE_TIMEOUT))?;
     let creds = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)?;
@@ -245,8 +265,7 @@ pub fn serve_one(
         }
     };
     let bytes = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
-    conn.write_all(&bytes)?;
-    Ok(true)
+    conn.write_all(&bytes)
 }
 
 /// Reads until the other side shuts its end (at most [`MAX_MESSAGE`]
@@ -261,9 +280,14 @@ fn read_message(conn: &mut UnixStream, within: Duration) -> std::io::Result<Vec<
             return Err(std::io::ErrorKind::TimedOut.into());
         }
         conn.set_read_timeout(Some(left))?;
-        match conn.read(&mut chunk)? {
-            0 => return Ok(buf),
-            n => buf.extend_from_slice(&chunk[..n]),
+        match conn.read(&mut chunk) {
+            Ok(0) => return Ok(buf),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // A socket read that times out reports EAGAIN.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -296,14 +320,16 @@ mod tests {
                 )
             })
         };
-        let mut served = false;
-        while !served {
-            served = serve_one(&listener, |r| Reply {
+        loop {
+            let served = serve_one(&listener, |r| Reply {
                 exit: 0,
                 message: format!("{r:?}"),
                 snapshots: Vec::new(),
             })
             .unwrap();
+            if let Served::Answered = served {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         let reply = asker.join().unwrap().unwrap().unwrap();
@@ -323,8 +349,11 @@ mod tests {
         let _silent =
             UnixStream::connect_addr(&address(&image, std::process::id()).unwrap()).unwrap();
         let started = std::time::Instant::now();
-        let served = serve_one(&listener, |_| Reply::default());
-        assert!(served.is_err(), "{served:?}");
+        let served = serve_one(&listener, |_| Reply::default()).unwrap();
+        match served {
+            Served::Failed(e) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut),
+            other => panic!("{other:?}"),
+        }
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

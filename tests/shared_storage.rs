@@ -60,6 +60,55 @@ fn a_second_writer_that_missed_a_commit_is_refused_before_it_writes() {
     );
 }
 
+/// What another writer does to the image while this one believes it holds
+/// it: commits a blob, takes a snapshot (which moves the area's clusters),
+/// or formats a new store. This writer's next commit, even one that must
+/// first grow the area, is refused before anything is written.
+#[test]
+fn a_writer_that_missed_any_change_is_refused_before_it_writes_even_a_growth() {
+    type Change = fn(&Path, &mut Store);
+    let changes: [(&str, Change); 3] = [
+        ("a commit", |_, other| {
+            other.put("permall", b"from the other").unwrap();
+        }),
+        ("a snapshot", |_, other| {
+            other.create_snapshot("s1").unwrap();
+            other.put("permall", b"after the snapshot").unwrap();
+        }),
+        ("a new store", |image, _| {
+            let (code, _, err) = cli(&["format", path_str(image), "--force", "--locking", "off"]);
+            assert_eq!(code, 0, "{err}");
+        }),
+    ];
+    for (what, change) in changes {
+        let dir = scratch();
+        let image = dir.path().join("nvram.qcow2");
+        qemu_img_create(&image, "cluster_size=64k", "16M");
+        assert_eq!(cli(&["format", path_str(&image), "--area", "1M"]).0, 0);
+        let mut a = writer(&image, Locking::Off);
+        a.put("permall", b"from a").unwrap();
+        {
+            let mut other = writer(&image, Locking::Off);
+            change(&image, &mut other);
+        }
+        let before = sha(&image);
+        // 2 MiB: more than the 1 MiB area, so the commit must grow it first.
+        let err = a.put("big", &vec![7u8; 2 << 20]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Locked, "{what}: {err}");
+        assert!(
+            err.to_string().contains("image changed under us"),
+            "{what}: {err}"
+        );
+        assert_eq!(
+            sha(&image),
+            before,
+            "{what}: nothing was written, not even a growth"
+        );
+        drop(a);
+        assert_qemu_check_clean(&image);
+    }
+}
+
 use common::gluster::{Bed, OPTIONS};
 use std::time::{Duration, Instant};
 use tpmstate::migration::{self, ClaimOptions, Incoming};

@@ -8,7 +8,7 @@ use crate::log::Log;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
-use tpmstate::snapshot_ctl::{self, Reply, Request, SnapshotSummary};
+use tpmstate::snapshot_ctl::{self, Reply, Request, Served, SnapshotSummary};
 use tpmstate::ErrorKind;
 
 /// How often a listener that could not be bound (another process listens
@@ -54,9 +54,14 @@ impl SnapshotSocket {
         let Some(listener) = &self.listener else {
             return;
         };
-        if let Err(e) = snapshot_ctl::serve_one(listener, |r| answer(image, r, log)) {
-            log.error(&format!("{}: snapshot socket: {e}", image.path().display()));
-            if e.kind() != std::io::ErrorKind::TimedOut {
+        match snapshot_ctl::serve_one(listener, |r| answer(image, r, log)) {
+            Ok(Served::Nothing | Served::Answered) => {}
+            Ok(Served::Failed(e)) => log.error(&format!(
+                "{}: snapshot socket: a client: {e}",
+                image.path().display()
+            )),
+            Err(e) => {
+                log.error(&format!("{}: snapshot socket: {e}", image.path().display()));
                 // accept() itself failed (out of descriptors?): a listener
                 // left readable would wake the loop at once, again and
                 // again. Listen afresh a second later.

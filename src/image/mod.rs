@@ -58,10 +58,11 @@ pub trait Disk: Send + Sync {
     fn on_shared_storage(&self) -> bool {
         false
     }
-    /// Drops what this host caches of the image, so that the reads after a
-    /// lock was taken see what other hosts wrote before it.
-    fn forget_cached(&self) -> Result<(), ImageError> {
-        Ok(())
+    /// Whether the image's qcow2 tables are no longer where this disk
+    /// mapped them (read past a shared file system's cache): another
+    /// writer changed the image's structure.
+    fn layout_changed(&self) -> Result<bool, ImageError> {
+        Ok(false)
     }
     /// Bytes that are allocated and writable in place.
     fn size(&self) -> u64;

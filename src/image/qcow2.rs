@@ -246,9 +246,18 @@ impl Qcow2Disk {
     /// (a snapshot taken, the area copied elsewhere, another host's writes).
     pub fn reopen(&mut self) -> Result<(), ImageError> {
         self.forget_cached_all()?;
-        self.header = read_header(&self.path, &self.file)?;
         self.own = false;
-        self.remap()
+        // Until the new map is complete, the old one may name clusters that
+        // are not the image's any more: no write may use it.
+        self.broken = true;
+        self.header = read_header(&self.path, &self.file)?;
+        self.backing = match &self.header.backing {
+            None => None,
+            Some(b) => Some(Box::new(open_backing(&self.path, b, 0)?)),
+        };
+        self.remap()?;
+        self.broken = false;
+        Ok(())
     }
 
     /// The backing files of this overlay, nearest first, with their
@@ -991,8 +1000,8 @@ impl Qcow2Disk {
 
 /// File systems whose page cache other hosts' writes do not invalidate:
 /// FUSE (GlusterFS, ...), NFS, SMB/CIFS, CephFS, GFS2, OCFS2, 9p, AFS,
-/// Lustre, OrangeFS (`statfs(2)` magic numbers).
-const SHARED_FS_MAGIC: [libc::__fsword_t; 11] = [
+/// Lustre, OrangeFS, GPFS, kAFS (`statfs(2)` magic numbers).
+const SHARED_FS_MAGIC: [libc::__fsword_t; 13] = [
     0x6573_5546,
     0x6969,
     0xfe53_4d42,
@@ -1004,6 +1013,8 @@ const SHARED_FS_MAGIC: [libc::__fsword_t; 11] = [
     0x5346_414f,
     0x0bd0_0bd0,
     0x1366_1366,
+    0x4750_4653,
+    0x6b41_4653,
 ];
 
 /// Whether `file` lives on a file system in [`SHARED_FS_MAGIC`] (a failed
@@ -1178,8 +1189,37 @@ impl Disk for Qcow2Disk {
         self.shared_fs
     }
 
-    fn forget_cached(&self) -> Result<(), ImageError> {
-        self.forget_cached_all()
+    fn layout_changed(&self) -> Result<bool, ImageError> {
+        // The fields every metadata change switches (and the virtual
+        // size), from the first sector: no change leaves them alone.
+        let mut now = [0u8; 72];
+        if self.shared_fs {
+            drop_cached(&self.file, 0, now.len() as u64)
+                .map_err(io_err(&self.path, "posix_fadvise"))?;
+        }
+        self.file
+            .read_exact_at(&mut now, 0)
+            .map_err(io_err(&self.path, "read"))?;
+        let h = &self.header;
+        let be64 = |at: usize| u64::from_be_bytes(now[at..at + 8].try_into().unwrap_or([0; 8]));
+        let be32 = |at: usize| u32::from_be_bytes(now[at..at + 4].try_into().unwrap_or([0; 4]));
+        Ok((
+            be64(24),
+            be32(36),
+            be64(40),
+            be64(48),
+            be32(56),
+            be32(60),
+            be64(64),
+        ) != (
+            h.size,
+            h.l1_size,
+            h.l1_table_offset,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            h.nb_snapshots,
+            h.snapshots_offset,
+        ))
     }
 
     fn reopen(&mut self) -> Result<(), ImageError> {

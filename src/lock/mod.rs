@@ -357,10 +357,11 @@ impl ImageLock {
         }
     }
 
-    /// Whether acquisitions lock the file (false with `locking=off` and for
-    /// a detached lock, which only count).
-    pub fn locks_file(&self) -> bool {
-        self.inner.file.is_some() && self.inner.flavour.is_some()
+    /// Whether acquisitions take OFD locks on the file: locks no other
+    /// descriptor's close can drop (false for POSIX locks, with
+    /// `locking=off`, and for a detached lock, which only counts).
+    pub fn has_ofd_locks(&self) -> bool {
+        self.inner.file.is_some() && self.inner.flavour == Some(Flavour::Ofd)
     }
 
     /// The strongest mode currently held, if any.

@@ -198,6 +198,17 @@ impl<'s, 'd> Transaction<'s, 'd> {
         if rekey.is_none() && store.is_encrypted() && store.view.key.is_none() {
             return Err(store.key_missing());
         }
+        // Before anything of this commit is written (a pending scrub, a
+        // compaction, an area growth, the commit itself). A local file
+        // system's OFD locks cannot be lost under their holder: the check
+        // is for shared storage, POSIX locks and running without locks.
+        let trusted = store.lock.lock.has_ofd_locks() && !store.view.disk.on_shared_storage();
+        if !trusted {
+            if let Err(e) = check_unchanged(&store.view) {
+                store.poisoned = true;
+                return Err(e);
+            }
+        }
         if store.scrub_pending && rekey.is_none() {
             // Before this commit can overwrite the other slot, which marks
             // an unfinished scrub on disk. A failure stays pending: it is
@@ -237,18 +248,6 @@ impl<'s, 'd> Transaction<'s, 'd> {
                 return Err(e);
             }
         };
-        // A local file system's locks cannot be lost under a holder: the
-        // check is for shared storage and for running without locks.
-        let trusted = store.lock.lock.locks_file() && !store.view.disk.on_shared_storage();
-        let checked = match trusted {
-            true => Ok(()),
-            false => check_unchanged(&store.view),
-        };
-        if let Err(e) = checked {
-            store.write_buf = writes.into_buffer();
-            store.poisoned = true;
-            return Err(e);
-        }
         write(store, writes)?;
         let generation = plan.generation;
         let skipped = std::mem::take(&mut store.view.skipped);
@@ -613,14 +612,24 @@ fn successor(view: &StoreView, plan: &Plan, layout: &Layout, area: u64, dir: Ext
         .unwrap_or(0)
 }
 
-/// Before a commit's writes, on shared storage or without locks: confirms
-/// that nobody committed after the
+/// Before a commit writes anything, on shared storage or without reliable
+/// locks: confirms that the image's qcow2 tables are where this writer
+/// left them and that nobody committed after the
 /// generation this handle holds. Any successor of it sits in a header slot
 /// or where its header's `next` points, so those three places are read,
 /// past a shared file system's stale cache; one holding a newer generation
 /// of this store that this handle did not skip at open means another
 /// process wrote the image while this one thought it held the lock.
 fn check_unchanged(view: &StoreView) -> Result<(), StoreError> {
+    let changed = |what: String| StoreError::ImageChanged {
+        path: view.path.clone(),
+        what,
+    };
+    if view.disk.layout_changed()? {
+        // Its qcow2 tables moved (a snapshot taken, the area copied): this
+        // writer's map of the area may name clusters no longer the image's.
+        return Err(changed("its qcow2 tables were rewritten".into()));
+    }
     let current = &view.current.slot;
     let next = Some(current.next).filter(|&n| n != 0 && !SLOT_OFFSETS.contains(&n));
     for at in SLOT_OFFSETS.into_iter().chain(next) {
@@ -636,12 +645,16 @@ fn check_unchanged(view: &StoreView) -> Result<(), StoreError> {
             .skipped
             .iter()
             .any(|s| s.header_offset == at && s.generation == Some(found.generation));
+        if found.store_id != current.store_id && SLOT_OFFSETS.contains(&at) {
+            return Err(changed(
+                "a header slot holds another store (formatted anew?)".into(),
+            ));
+        }
         if found.store_id == current.store_id && found.generation > current.generation && !skipped {
-            return Err(StoreError::ImageChanged {
-                path: view.path.clone(),
-                found: found.generation,
-                ours: current.generation,
-            });
+            return Err(changed(format!(
+                "generation {} is on disk, this writer has {}",
+                found.generation, current.generation
+            )));
         }
     }
     Ok(())

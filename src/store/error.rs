@@ -151,14 +151,12 @@ pub enum StoreError {
     /// another process committed while this one held the writer lock, which
     /// means the lock was lost (a shared file system's lease expired, or
     /// locking is off). Nothing was written and the handle is poisoned.
-    #[error("{}: image changed under us: generation {found} is on disk, this writer has {ours} (lock lost?); nothing was written", path.display())]
+    #[error("{}: image changed under us: {what} (lock lost?); nothing was written", path.display())]
     ImageChanged {
         /// The image.
         path: PathBuf,
-        /// The newer generation found.
-        found: u64,
-        /// The writer's generation.
-        ours: u64,
+        /// What changed.
+        what: String,
     },
     /// While released, the handle's generation stopped verifying on disk.
     #[error("{}: the image was damaged while released (rewrite every blob to repair it): generation {ours} no longer verifies{}", path.display(), newest.map(|g| format!("; the newest intact one is {g}")).unwrap_or_default())]
