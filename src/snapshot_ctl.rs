@@ -123,6 +123,15 @@ impl CtlError {
     }
 }
 
+/// A maker of [`CtlError::Io`] for `op` on the image at `image`.
+fn io_error<'a>(image: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CtlError + 'a {
+    move |source| CtlError::Io {
+        path: image.to_path_buf(),
+        op,
+        source,
+    }
+}
+
 /// The socket address process `pid` listens on for the image at `image`.
 fn address(image: &Path, pid: u32) -> std::io::Result<SocketAddr> {
     let m = std::fs::metadata(image)?;
@@ -141,13 +150,7 @@ pub fn listen(image: &Path) -> std::io::Result<UnixListener> {
 /// Asks the process that holds the image at `image` and listens for it;
 /// `Ok(None)` when no holder listens.
 pub fn ask(image: &Path, request: &Request) -> Result<Option<Reply>, CtlError> {
-    let io = |op| {
-        move |source| CtlError::Io {
-            path: image.to_path_buf(),
-            op,
-            source,
-        }
-    };
+    let io = |op| io_error(image, op);
     let mut pids: Vec<u32> = crate::lock::holders_of(image)
         .map_err(|e| CtlError::Protocol {
             path: image.to_path_buf(),
@@ -180,13 +183,7 @@ fn exchange(
     pid: u32,
     request: &Request,
 ) -> Result<Reply, CtlError> {
-    let io = |op| {
-        move |source| CtlError::Io {
-            path: image.to_path_buf(),
-            op,
-            source,
-        }
-    };
+    let io = |op| io_error(image, op);
     let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| io("getsockopt")(e.into()))?;
     if u32::try_from(peer.pid()).ok() != Some(pid) {

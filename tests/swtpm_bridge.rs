@@ -142,19 +142,9 @@ fn round_trip(case: Case) {
         std::fs::create_dir(d.join("swtpm")).unwrap();
     }
     if let Some(setup) = &case.setup {
-        let out = Command::new("swtpm_setup")
-            .args([
-                "--tpm2",
-                "--tpmstate",
-                &state,
-                "--createek",
-                "--create-ek-cert",
-            ])
-            .args(["--create-platform-cert", "--overwrite"])
-            .args(setup)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "swtpm_setup: {out:?}");
+        let mut args = vec!["--create-ek-cert", "--create-platform-cert", "--overwrite"];
+        args.extend(setup.iter().map(String::as_str));
+        swtpm_setup(Path::new(&state), &args);
     }
     let swtpm = start_swtpm(&state, &case.swtpm_key);
     populate(&swtpm, d);
@@ -314,12 +304,7 @@ fn every_corruption_of_a_swtpm_file_has_its_own_error_and_creates_nothing() {
     let wrong = write(d, "wrong.hex", b"ffeeddccbbaa99887766554433221100");
     let good = d.join("good");
     std::fs::create_dir(&good).unwrap();
-    let out = Command::new("swtpm_setup")
-        .args(["--tpm2", "--tpmstate", path_str(&good), "--createek"])
-        .args(["--keyfile", &key, "--overwrite"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "swtpm_setup: {out:?}");
+    swtpm_setup(&good, &["--keyfile", &key, "--overwrite"]);
     let permall = std::fs::read(good.join("tpm2-00.permall")).unwrap();
     let len = permall.len();
     // The TLVs of swtpm's encrypted state file: header 10, TLV2 (data)
@@ -413,6 +398,16 @@ fn every_corruption_of_a_swtpm_file_has_its_own_error_and_creates_nothing() {
     assert!(!image.exists());
 }
 
+/// `swtpm_setup --tpm2 --tpmstate STATE --createek` with `extra`; asserts success.
+fn swtpm_setup(state: &Path, extra: &[&str]) {
+    let out = Command::new("swtpm_setup")
+        .args(["--tpm2", "--tpmstate", path_str(state), "--createek"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "swtpm_setup: {out:?}");
+}
+
 #[test]
 fn an_import_never_replaces_an_existing_image_and_an_export_no_swtpm_files() {
     if !swtpm_setup_prerequisites() {
@@ -422,17 +417,7 @@ fn an_import_never_replaces_an_existing_image_and_an_export_no_swtpm_files() {
     let d = dir.path();
     let state = d.join("swtpm");
     std::fs::create_dir(&state).unwrap();
-    let out = Command::new("swtpm_setup")
-        .args([
-            "--tpm2",
-            "--tpmstate",
-            path_str(&state),
-            "--createek",
-            "--overwrite",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "swtpm_setup: {out:?}");
+    swtpm_setup(&state, &["--overwrite"]);
     let image = d.join("tpm.qcow2");
     std::fs::write(&image, b"something precious").unwrap();
     let (got, _, err) = cli(&["import-swtpm", path_str(&state), path_str(&image)]);
